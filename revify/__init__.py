@@ -1,0 +1,14 @@
+"""revify: turn residual networks into reversible networks that train in less memory."""
+from .blocks import ResidualBlock, find_blocks
+from .checkpoint import Checkpointed
+from .modes import exact_backward
+from .plan import Plan
+from .reversible import CouplingBlock, ReversibleStage
+from .trace import TraceError
+from .transform import NoResidualBlocks, RevifiedModel, transform
+
+__version__ = "0.1.0"
+
+__all__ = ["transform", "exact_backward", "RevifiedModel", "Plan", "ReversibleStage",
+           "CouplingBlock", "Checkpointed", "ResidualBlock", "find_blocks", "TraceError",
+           "NoResidualBlocks", "__version__"]

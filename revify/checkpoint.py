@@ -1,0 +1,32 @@
+"""Non-invertible layers (stem, downsampling blocks, head): activation checkpointing.
+
+Plain `torch.utils.checkpoint` re-runs BatchNorm in training mode during the recompute and so
+updates running statistics twice per step; here the recompute runs with statistics frozen.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .modes import exact_backward_enabled, frozen_buffers
+
+
+class Checkpointed(nn.Module):
+    """Runs `module` storing only its inputs; the backward recomputes it once."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        if exact_backward_enabled() or not torch.is_grad_enabled():
+            return self.module(*args)
+        # Non-reentrant checkpoint restores the RNG state for the recompute (same dropout masks)
+        # and returns gradients through the autograd engine (DDP hooks fire as usual).
+        return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts)
+
+    def _contexts(self):
+        return nullcontext(), frozen_buffers(self.module)

@@ -1,0 +1,80 @@
+"""Switches and context managers shared by reversible stages and checkpointed layers."""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+_local = threading.local()
+
+
+@contextmanager
+def exact_backward():
+    """Run revified models with plain autograd: store activations, rebuild nothing.
+
+    The reference the reversible backward is tested against, and a debugging aid: inside this
+    block a revified model computes the same function with ordinary autograd.
+    """
+    previous = getattr(_local, "exact", False)
+    _local.exact = True
+    try:
+        yield
+    finally:
+        _local.exact = previous
+
+
+def exact_backward_enabled() -> bool:
+    return getattr(_local, "exact", False)
+
+
+@contextmanager
+def frozen_buffers(module: nn.Module):
+    """Recompute without net effect on buffers: running statistics were updated in the forward.
+
+    The recompute runs the very same ops as the forward (a checkpoint matches saved tensors by
+    position, so BatchNorm must not switch to a different kernel), then the buffers of training
+    modules are put back. Writing through `.data` leaves version counters alone, so tensors the
+    recompute saved for the backward stay valid.
+    """
+    saved = [(b, b.detach().clone()) for m in module.modules() if m.training
+             for b in m.buffers(recurse=False) if b is not None]
+    try:
+        yield
+    finally:
+        for buf, value in saved:
+            buf.data.copy_(value)
+
+
+def capture_rng(device: torch.device):
+    """The RNG state a recomputation must start from to draw the same dropout masks."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextmanager
+def replay_rng(state, device: torch.device):
+    """Run with the captured RNG state, leaving the global RNG as it was afterwards."""
+    if state is None:
+        yield
+        return
+    cpu, cuda = state
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+def capture_autocast(device: torch.device):
+    kind = device.type
+    return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+
+
+@contextmanager
+def replay_autocast(state):
+    kind, enabled, dtype = state
+    with torch.autocast(kind, dtype=dtype, enabled=enabled):
+        yield

@@ -1,0 +1,277 @@
+"""Step 3 of the pipeline: decide what becomes of every residual block.
+
+The plan is plain data (names, numbers, reasons). The rewrite executes it and the report prints
+it, so what is printed is what was done.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import fx
+
+from .blocks import ResidualBlock
+from .channels import BranchChannels, Unresizable, analyze_branch
+from .resize import resizer_for
+
+Action = Literal["reversible", "checkpointed", "stored"]
+
+
+@dataclass
+class Options:
+    width: float | Literal["match"] = "match"   # internal width multiplier, or match parameters
+    checkpoint: Literal["non_invertible", "none"] = "non_invertible"
+    reversible: bool = True                      # False: per-block checkpointing only (a baseline)
+    channel_dim: int = 1
+    param_tolerance: float = 0.10                # "match" keeps each stage within this fraction
+
+    def __post_init__(self):
+        if self.checkpoint not in ("non_invertible", "none"):
+            raise ValueError(f"checkpoint must be 'non_invertible' or 'none', not {self.checkpoint!r}.")
+        if self.width != "match" and not (isinstance(self.width, (int, float)) and self.width > 0):
+            raise ValueError(f"width must be 'match' or a positive number, not {self.width!r}.")
+
+
+@dataclass
+class BlockPlan:
+    name: str
+    block: ResidualBlock
+    shape: tuple[int, ...]                     # output shape at the example input
+    action: Action = "checkpointed"
+    reason: str = ""
+    stage: int | None = None
+    pre_op: str | None = None                  # activation the branches apply first (see README)
+    channels: dict[str, int] = field(default_factory=dict)  # branch node -> new channel count
+    stream: list[str] = field(default_factory=list)        # branch nodes on the coupled stream
+    params_before: int = 0
+    params_after: int = 0
+
+
+@dataclass
+class StagePlan:
+    name: str
+    blocks: list[str]
+    entry: str                                 # node feeding the stage
+    output: str                                # node whose value the stage replaces (last add)
+    channels: int                              # stream channels C (each half holds C/2)
+    width: float                               # internal widths relative to the original
+    params_before: int = 0
+    params_after: int = 0
+
+
+@dataclass
+class SegmentPlan:
+    name: str
+    kind: Literal["stem", "block", "stage", "head", "glue"]
+    action: Action
+    nodes: list[str]
+    blocks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    model: str
+    options: Options
+    blocks: list[BlockPlan]
+    stages: list[StagePlan]
+    segments: list[SegmentPlan]
+    params_before: int
+    params_after: int = 0
+
+    def __str__(self) -> str:
+        from .report import format_plan
+        return format_plan(self)
+
+    def block(self, name: str) -> BlockPlan:
+        return next(b for b in self.blocks if b.name == name)
+
+
+# ----------------------------------------------------------------------------- blocks
+def _why_not_invertible(gm: fx.GraphModule, block: ResidualBlock, dim: int) -> str | None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    entry_shape, out_shape = nodes[block.entry].meta.get("shape"), nodes[block.add].meta.get("shape")
+    if not block.identity_shortcut:
+        layers = [nodes[n].target for n in block.shortcut if nodes[n].op == "call_module"]
+        what = f"projection shortcut ({', '.join(map(str, layers))})" if layers else \
+            f"shortcut transforms x ({', '.join(block.shortcut)})"
+        return f"{what}: not invertible"
+    if entry_shape != out_shape:
+        return f"changes shape {_fmt(entry_shape)} -> {_fmt(out_shape)}"
+    if entry_shape is None or len(entry_shape) <= dim:
+        return "input is not a channel-first tensor"
+    if entry_shape[dim] % 2:
+        return f"{entry_shape[dim]} channels cannot be split into equal halves"
+    return None
+
+
+def _fmt(shape) -> str:
+    return "x".join(map(str, shape[1:])) if shape else "?"
+
+
+def _module_params(gm: fx.GraphModule, names: list[str]) -> int:
+    """Parameters of the modules the given nodes call, each module counted once."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    targets = {nodes[n].target for n in names if nodes[n].op == "call_module"}
+    return sum(p.numel() for t in targets for p in gm.get_submodule(t).parameters())
+
+
+def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int]) -> int:
+    """Parameters of one half-width branch (F or G) at the given widths, built on the meta device."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    total, seen = 0, set()
+    for name in block.block.branch:
+        node = nodes[name]
+        if node.op != "call_module" or node.target in seen:
+            continue
+        seen.add(node.target)
+        module = gm.get_submodule(node.target)
+        cin = widths[node.all_input_nodes[0].name]
+        new = resizer_for(module).build(module, cin, widths[name], torch.device("meta"))
+        total += sum(p.numel() for p in new.parameters())
+    return total
+
+
+def _plan_block(gm, block: ResidualBlock, options: Options) -> tuple[BlockPlan, BranchChannels | None]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    plan = BlockPlan(name=block.name, block=block, shape=nodes[block.output].meta.get("shape"),
+                     params_before=_module_params(gm, list(block.branch + block.shortcut)))
+    plan.params_after = plan.params_before
+    plan.reason = _why_not_invertible(gm, block, options.channel_dim) or ""
+    if not options.reversible:
+        plan.reason = "per-block checkpointing requested (reversible=False)"
+    if plan.reason:
+        return plan, None
+    try:
+        analysis = analyze_branch(gm, block.entry, list(block.branch), block.branch_output,
+                                  options.channel_dim)
+        analysis.widths(plan.shape[options.channel_dim] // 2, 1.0)
+    except Unresizable as exc:
+        plan.reason = f"branch cannot be halved: {exc}"
+        return plan, None
+    return plan, analysis
+
+
+# ----------------------------------------------------------------------------- stages
+def _chain(gm, candidates: list[BlockPlan]) -> list[list[BlockPlan]]:
+    """Group consecutive reversible candidates whose intermediate outputs feed nothing else."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    runs: list[list[BlockPlan]] = []
+    for bp in candidates:
+        prev = runs[-1][-1] if runs else None
+        if prev is not None and bp.block.entry == prev.block.output:
+            owned = set(bp.block.nodes)
+            if all(u.name in owned for u in nodes[prev.block.output].users):
+                runs[-1].append(bp)
+                continue
+        runs.append([bp])
+    return runs
+
+
+def _solve_width(gm, run: list[BlockPlan], analyses, options: Options) -> tuple[float, int]:
+    """The internal-width multiplier for a stage, and the stage's parameters at that width."""
+    half = run[0].shape[options.channel_dim] // 2
+
+    def params_at(scale: float) -> int:
+        return sum(2 * _resized_params(gm, bp, analyses[bp.name].widths(half, scale)) for bp in run)
+
+    if options.width != "match":
+        return float(options.width), params_at(float(options.width))
+    target = sum(bp.params_before for bp in run)
+    lo, hi = math.log(1 / 16), math.log(16)
+    for _ in range(30):  # params grow with the width: bisect on log-scale
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if params_at(math.exp(mid)) < target else (lo, mid)
+    candidates = [math.exp(lo), math.exp(hi)]
+    best = min(candidates, key=lambda s: abs(params_at(s) - target))
+    return round(best, 4), params_at(best)
+
+
+def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -> list[StagePlan]:
+    stages = []
+    candidates = [bp for bp in block_plans if bp.name in analyses]
+    for run in _chain(gm, candidates):
+        width, params = _solve_width(gm, run, analyses, options)
+        half = run[0].shape[options.channel_dim] // 2
+        index = len(stages)
+        for k, bp in enumerate(run):
+            bp.action, bp.stage = "reversible", index
+            bp.pre_op = run[k - 1].block.post_op if k else None
+            analysis = analyses[bp.name]
+            bp.channels = analysis.widths(half, width)
+            bp.stream = [n for n, c in analysis.node_class.items() if c == analysis.stream]
+            if bp.pre_op:
+                bp.channels[bp.pre_op] = half
+                bp.stream.append(bp.pre_op)
+            bp.params_after = 2 * _resized_params(gm, bp, bp.channels)
+        name = run[0].name if len(run) == 1 else f"{run[0].name}..{run[-1].name}"
+        stages.append(StagePlan(name=name, blocks=[bp.name for bp in run], entry=run[0].block.entry,
+                                output=run[-1].block.add, channels=2 * half, width=width,
+                                params_before=sum(bp.params_before for bp in run), params_after=params))
+    return stages
+
+
+# ----------------------------------------------------------------------------- segments
+def _plan_segments(gm, block_plans: list[BlockPlan], stages: list[StagePlan],
+                   options: Options) -> list[SegmentPlan]:
+    """Cut the graph into the units the rewrite wraps: stem, blocks, stages and head.
+
+    Loose nodes between units join the unit after them (so a stage's exit activation is
+    recomputed by the next checkpointed block instead of being stored twice); those before the
+    first block form the stem and those after the last block the head.
+    """
+    owner: dict[str, tuple[str, str]] = {}
+    for bp in block_plans:
+        key = ("stage", stages[bp.stage].name) if bp.stage is not None else ("block", bp.name)
+        for n in bp.block.nodes:
+            owner[n] = key
+        if bp.stage is not None and bp.block.post_op:
+            owner.pop(bp.block.post_op)  # re-owned below if the next block of the stage uses it
+    for bp in block_plans:
+        if bp.pre_op:
+            owner[bp.pre_op] = ("stage", stages[bp.stage].name)
+    stored = "checkpointed" if options.checkpoint == "non_invertible" else "stored"
+    segments: list[SegmentPlan] = []
+    loose: list[str] = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        key = owner.get(node.name)
+        if key is None:
+            loose.append(node.name)
+            continue
+        last = segments[-1] if segments else None
+        if last is not None and (last.kind, last.name) == key and not loose:
+            last.nodes.append(node.name)
+            continue
+        if loose and (key[0] == "stage" or not segments):
+            segments.append(SegmentPlan("stem" if not segments else f"glue{len(segments)}",
+                                        "stem" if not segments else "glue", stored, loose))
+            loose = []
+        action = "reversible" if key[0] == "stage" else stored
+        segments.append(SegmentPlan(key[1], key[0], action, loose + [node.name]))
+        loose = []
+    if loose:
+        segments.append(SegmentPlan("head", "head", stored, loose))
+    for seg in segments:
+        seg.blocks = [bp.name for bp in block_plans if bp.block.add in seg.nodes]
+    return segments
+
+
+def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options) -> Plan:
+    block_plans, analyses = [], {}
+    for block in blocks:
+        bp, analysis = _plan_block(gm, block, options)
+        block_plans.append(bp)
+        if analysis is not None:
+            analyses[bp.name] = analysis
+    stages = _plan_stages(gm, block_plans, analyses, options)
+    for bp in block_plans:
+        if bp.action != "reversible" and options.checkpoint == "none":
+            bp.action = "stored"
+    segments = _plan_segments(gm, block_plans, stages, options)
+    params_before = sum(p.numel() for p in gm.parameters())
+    changed = sum(s.params_after - s.params_before for s in stages)
+    return Plan(model=gm.__class__.__name__, options=options, blocks=block_plans, stages=stages,
+                segments=segments, params_before=params_before, params_after=params_before + changed)

@@ -1,0 +1,147 @@
+"""A registry that says how to rebuild a module at other channel counts.
+
+Each entry answers three questions about a module type: does its output follow its input's
+channels (a BatchNorm does, a Conv mixes them), what channel counts must be multiples of (the
+groups of a grouped conv), and how to build a fresh copy at new counts. Modules holding no
+parameters or buffers (activations, pooling, dropout) work at any width and need no entry; a
+module type that holds parameters and has no entry makes its block non-reversible.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Resizer:
+    ties: Callable[[nn.Module], bool]              # output channels follow input channels
+    divisor: Callable[[nn.Module], int]            # channel counts must be multiples of this
+    build: Callable[[nn.Module, int, int, torch.device | None], nn.Module]
+
+
+RESIZERS: dict[type, Resizer] = {}
+
+
+def register_resizer(*types: type, ties, divisor=lambda m: 1):
+    def wrap(build):
+        for t in types:
+            RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build)
+        return build
+    return wrap
+
+
+def _holds_state(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters(recurse=True)) or any(True for _ in m.buffers(recurse=True))
+
+
+_STATELESS = Resizer(ties=lambda m: True, divisor=lambda m: 1,
+                     build=lambda m, cin, cout, device: _stateless_copy(m))
+
+
+def resizer_for(module: nn.Module) -> Resizer | None:
+    """The registered resizer (looked up along the class hierarchy), or None if unknown."""
+    for cls in type(module).__mro__:
+        if cls in RESIZERS:
+            return RESIZERS[cls]
+    return None if _holds_state(module) else _STATELESS
+
+
+def _stateless_copy(m: nn.Module) -> nn.Module:
+    return copy.deepcopy(m)
+
+
+def clone_with(m: nn.Module, attrs: dict, shapes: dict[str, tuple], device=None) -> nn.Module:
+    """A fresh copy of `m` with attributes replaced and tensors re-created at new shapes.
+
+    Copying (rather than calling the constructor) keeps subclasses (timm's StdConv2d, Conv2dSame)
+    and their extra attributes intact; `reset_parameters` then initialises the new tensors.
+    """
+    new = copy.copy(m)
+    new._parameters, new._buffers, new._modules = dict(m._parameters), dict(m._buffers), dict(m._modules)
+    new.__dict__.update(attrs)
+    for name, shape in shapes.items():
+        old = getattr(m, name)
+        if old is None:
+            continue
+        fresh = torch.empty(shape, dtype=old.dtype, device=device or old.device)
+        if name in m._parameters:
+            new._parameters[name] = nn.Parameter(fresh, requires_grad=old.requires_grad)
+        else:
+            new._buffers[name] = fresh
+    for name, buf in m._buffers.items():  # scalar buffers (num_batches_tracked) are copied as is
+        if name not in shapes and buf is not None:
+            new._buffers[name] = buf.detach().clone().to(device or buf.device)
+    new.reset_parameters()
+    return new
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+@register_resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d, ties=_is_depthwise,
+                  divisor=lambda m: 1 if _is_depthwise(m) else m.groups)
+def _resize_conv(m, cin, cout, device=None):
+    groups = cin if _is_depthwise(m) else m.groups
+    k = tuple(m.weight.shape[2:])
+    return clone_with(m, dict(in_channels=cin, out_channels=cout, groups=groups),
+                      dict(weight=(cout, cin // groups, *k), bias=(cout,)), device)
+
+
+@register_resizer(nn.Linear, ties=lambda m: False)
+def _resize_linear(m, cin, cout, device=None):
+    return clone_with(m, dict(in_features=cin, out_features=cout),
+                      dict(weight=(cout, cin), bias=(cout,)), device)
+
+
+@register_resizer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, ties=lambda m: True)
+def _resize_batchnorm(m, cin, cout, device=None):
+    per_channel = dict(weight=(cin,), bias=(cin,), running_mean=(cin,), running_var=(cin,))
+    return clone_with(m, dict(num_features=cin), per_channel, device)
+
+
+@register_resizer(nn.GroupNorm, ties=lambda m: True, divisor=lambda m: m.num_groups)
+def _resize_groupnorm(m, cin, cout, device=None):
+    return clone_with(m, dict(num_channels=cin), dict(weight=(cin,), bias=(cin,)), device)
+
+
+@register_resizer(nn.PReLU, ties=lambda m: True)
+def _resize_prelu(m, cin, cout, device=None):
+    if m.num_parameters == 1:
+        return copy.deepcopy(m)
+    return clone_with(m, dict(num_parameters=cin), dict(weight=(cin,)), device)
+
+
+def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) -> int:
+    """Copy the overlapping slice of `old`'s tensors into `new`; returns how many were copied.
+
+    Dim 0 of every tensor runs over output channels and dim 1 of a weight over input channels
+    (per group), true of every module in the registry. The offsets pick which half of the
+    original's coupled channels this copy takes (0 for F, C/2 for G).
+    """
+    copied = 0
+    old_tensors = dict(old.named_parameters(recurse=False)) | dict(old.named_buffers(recurse=False))
+    for name, t in list(new.named_parameters(recurse=False)) + list(new.named_buffers(recurse=False)):
+        src = old_tensors.get(name)
+        if src is None or src.dim() != t.dim() or t.device.type == "meta":
+            continue
+        if t.dim() == 0:
+            t.data.copy_(src)
+            copied += 1
+            continue
+        offsets = [out_offset] + [in_offset if d == 1 and getattr(old, "groups", 1) == 1 else 0
+                                  for d in range(1, t.dim())]
+        if any(o >= s for o, s in zip(offsets, src.shape)):
+            continue
+        lengths = [min(n, s - o) for n, s, o in zip(t.shape, src.shape, offsets)]
+        dst_idx = tuple(slice(0, n) for n in lengths)
+        src_idx = tuple(slice(o, o + n) for o, n in zip(offsets, lengths))
+        with torch.no_grad():
+            t[dst_idx] = src[src_idx].to(t.dtype)
+        copied += 1
+    return copied

@@ -1,0 +1,150 @@
+"""Reversible stages: additive coupling with a backward that rebuilds activations.
+
+    y1 = x1 + F(x2)        x2 = y2 - G(y1)
+    y2 = x2 + G(y1)        x1 = y1 - F(x2)
+
+A stage is one autograd Function that saves only its output. Its backward walks the blocks in
+reverse; per block it recomputes G(y1) once, using the value both to rebuild x2 and to
+backpropagate through G, then does the same for F: one extra forward per block.
+
+Exact reconstruction. Subtracting F(x2) from a rounded sum does not give x1 back exactly, and
+the error compounds over a deep stage. With `exact=True` (the default) the coupled stream is
+carried in float64 while F and G run in the activation dtype: a sum of float32 (or bf16) values
+is exact in float64, so `y - F(x2)` returns x1 to the bit. The stage output is returned in the
+activation dtype (`hi`) and the float64 remainder is saved as a second activation-dtype tensor
+(`lo`, hi + lo = y to about 2^-48), so the saved state is two tensors the size of the output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
+                    replay_autocast, replay_rng)
+
+
+class CouplingBlock(nn.Module):
+    """One reversible block: F and G are the original branch rebuilt at half the channels."""
+
+    def __init__(self, f: nn.Module, g: nn.Module):
+        super().__init__()
+        self.f, self.g = f, g
+
+
+def _apply(fn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fn on the stream value `x`, run in the activation dtype, returned in the stream's dtype."""
+    return fn(x.to(dtype)).to(x.dtype)
+
+
+def stream_dtype(dtype: torch.dtype, device: torch.device, exact: bool) -> torch.dtype:
+    if not exact or dtype == torch.float64 or device.type == "mps":  # MPS has no float64
+        return dtype
+    return torch.float64
+
+
+class ReversibleStage(nn.Module):
+    """A run of coupling blocks: split once at entry, concatenate once at exit."""
+
+    def __init__(self, blocks: list[CouplingBlock], dim: int = 1, exact: bool = True):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.dim = dim
+        self.exact = exact
+
+    def forward(self, x):
+        params = list(self.parameters())
+        needs_grad = x.requires_grad or any(p.requires_grad for p in params)
+        if exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
+            return self.forward_plain(x)
+        return _ReversibleStageFunction.apply(self, x, *params)
+
+    def couple(self, x):
+        """The coupled stream (float64 when exact) after every block, from the stage input."""
+        x1, x2 = x.to(stream_dtype(x.dtype, x.device, self.exact)).chunk(2, self.dim)
+        for block in self.blocks:
+            x1 = x1 + _apply(block.f, x2, x.dtype)
+            x2 = x2 + _apply(block.g, x1, x.dtype)
+        return torch.cat([x1, x2], self.dim)
+
+    def forward_plain(self, x):
+        return self.couple(x).to(x.dtype)
+
+    def inverse(self, y, dtype: torch.dtype | None = None):
+        """The stage input rebuilt from the coupled stream `y` (run blocks backwards)."""
+        dtype = dtype or y.dtype
+        y1, y2 = y.chunk(2, self.dim)
+        for block in reversed(self.blocks):
+            y2 = y2 - _apply(block.g, y1, dtype)
+            y1 = y1 - _apply(block.f, y2, dtype)
+        return torch.cat([y1, y2], self.dim)
+
+
+def _recompute(fn, stream, dtype, grad_out, params, rng, device):
+    """Run fn on a stream value once with autograd and backpropagate grad_out through it.
+
+    Returns fn's value in the stream dtype (it rebuilds the other half) and the gradients with
+    respect to fn's input and to `params`. Gradients along the stream stay in the stream dtype,
+    exactly as autograd would carry them through `forward_plain`.
+    """
+    with torch.enable_grad(), replay_rng(rng, device):
+        inp = stream.to(dtype).detach().requires_grad_(True)
+        out = fn(inp)
+    grads = torch.autograd.grad(out, [inp, *params], grad_out.to(out.dtype), allow_unused=True)
+    d_inp = grads[0] if grads[0] is not None else torch.zeros_like(inp)
+    return out.detach().to(stream.dtype), d_inp.to(stream.dtype), grads[1:]
+
+
+class _ReversibleStageFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stage: ReversibleStage, x, *params):
+        device = x.device
+        ctx.stage, ctx.dtype = stage, x.dtype
+        ctx.autocast = capture_autocast(device)
+        ctx.rng = []
+        x1, x2 = x.to(stream_dtype(x.dtype, device, stage.exact)).chunk(2, stage.dim)
+        for block in stage.blocks:
+            rng_f = capture_rng(device) if block.training else None
+            x1 = x1 + _apply(block.f, x2, x.dtype)
+            rng_g = capture_rng(device) if block.training else None
+            x2 = x2 + _apply(block.g, x1, x.dtype)
+            ctx.rng.append((rng_f, rng_g))
+        y = torch.cat([x1, x2], stage.dim)
+        del x1, x2
+        hi = y.to(x.dtype)
+        lo = (y - hi).to(x.dtype) if y.dtype != x.dtype else None
+        ctx.save_for_backward(hi, lo)
+        return hi
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        hi, lo = ctx.saved_tensors
+        stage, dim, device, dtype = ctx.stage, ctx.stage.dim, hi.device, ctx.dtype
+        y = hi if lo is None else hi.to(torch.float64) + lo.to(torch.float64)
+        params = list(stage.parameters())
+        trainable = {id(p) for p, need in zip(params, ctx.needs_input_grad[2:]) if need}
+        grads: dict[int, torch.Tensor] = {}
+
+        def backprop(fn, stream, grad_out, rng):
+            fn_params = [p for p in fn.parameters() if id(p) in trainable]
+            value, d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng, device)
+            for p, g in zip(fn_params, d_params):
+                if g is not None:
+                    grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
+            return value, d_inp
+
+        y1, y2 = y.chunk(2, dim)
+        dy1, dy2 = dy.to(y.dtype).chunk(2, dim)
+        with replay_autocast(ctx.autocast), frozen_buffers(stage):
+            for block, (rng_f, rng_g) in zip(reversed(stage.blocks), reversed(ctx.rng)):
+                g_y1, d_y1 = backprop(block.g, y1, dy2, rng_g)
+                y2 = y2 - g_y1                       # x2, rebuilt
+                dy1 = dy1 + d_y1                     # total gradient reaching y1
+                f_x2, d_x2 = backprop(block.f, y2, dy1, rng_f)
+                y1 = y1 - f_x2                       # x1, rebuilt
+                dy2 = dy2 + d_x2                     # gradient reaching x2
+                del g_y1, f_x2
+        dx = torch.cat([dy1, dy2], dim).to(dtype) if ctx.needs_input_grad[1] else None
+        ctx.rng = None
+        return (None, dx, *[grads.get(id(p)) for p in params])

@@ -1,0 +1,154 @@
+"""Step 4 of the pipeline: execute a plan on the traced graph.
+
+Each reversible stage's nodes are replaced by one `ReversibleStage` call whose couplings are the
+blocks' branches rebuilt at half width; each checkpointed segment is outlined into its own
+GraphModule and wrapped in `Checkpointed`.
+"""
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .checkpoint import Checkpointed
+from .plan import BlockPlan, Plan, StagePlan
+from .resize import carry_over, resizer_for
+from .reversible import CouplingBlock, ReversibleStage
+
+
+def _attr_name(gm: fx.GraphModule, label: str) -> str:
+    base = "".join(c if c.isalnum() else "_" for c in label).strip("_") or "segment"
+    name, k = base, 1
+    while hasattr(gm, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _out_of_place(node: fx.Node, module: nn.Module | None) -> None:
+    """Make an op that reads the branch input non-mutating: that input is the coupled stream."""
+    if module is not None and getattr(module, "inplace", False):
+        module.inplace = False
+    if node.kwargs.get("inplace"):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        node.target = node.target[:-1]
+
+
+def _protect(gm: fx.GraphModule, value: fx.Node) -> None:
+    """Make every op that reads `value` non-mutating: a checkpoint or reversible stage stores it."""
+    for user in value.users:
+        module = gm.get_submodule(user.target) if user.op == "call_module" else None
+        _out_of_place(user, module)
+
+
+def _local_name(target: str, prefix: str) -> str:
+    local = target[len(prefix) + 1:] if target.startswith(prefix + ".") else target
+    return local.replace(".", "_")
+
+
+def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.GraphModule:
+    """The block's branch as a standalone module at the plan's channel counts.
+
+    `stream_offset` picks which half of the original's stream channels the copied weights come
+    from: 0 for F, C/2 for G.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    block = bp.block
+    graph, root = fx.Graph(), nn.Module()
+    env: dict[str, fx.Node] = {}
+    built: dict[str, str] = {}   # original target -> local name (shared modules built once)
+
+    def copy_module(node: fx.Node, local: str, source: str) -> str:
+        """Build the resized copy of a call_module node's module; `source` is its input node."""
+        if node.target not in built:
+            module = gm.get_submodule(node.target)
+            new = resizer_for(module).build(module, bp.channels[source], bp.channels[node.name], None)
+            carry_over(new, module, stream_offset if source in bp.stream else 0,
+                       stream_offset if node.name in bp.stream else 0)
+            root.add_module(local, new)
+            built[node.target] = local
+        return built[node.target]
+
+    x = graph.placeholder("x")
+    env[block.entry] = x
+    if bp.pre_op:  # the previous block's post-add activation, moved into the branch
+        pre = nodes[bp.pre_op]
+        new = graph.node_copy(pre, lambda n: x)
+        if pre.op == "call_module":
+            new.target = copy_module(pre, "pre_act", bp.pre_op)
+        _out_of_place(new, root.get_submodule(new.target) if pre.op == "call_module" else None)
+        env[block.entry] = new
+    for name in block.branch:
+        node = nodes[name]
+        new = graph.node_copy(node, lambda n: env[n.name])
+        if node.op == "call_module":
+            new.target = copy_module(node, _local_name(node.target, bp.name),
+                                     node.all_input_nodes[0].name)
+        if env[block.entry] in new.all_input_nodes:
+            _out_of_place(new, root.get_submodule(new.target) if node.op == "call_module" else None)
+        env[name] = new
+    graph.output(env[block.branch_output])
+    return fx.GraphModule(root, graph, class_name="Branch")
+
+
+def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    block_plans = [plan.block(name) for name in stage.blocks]
+    half = stage.channels // 2
+    couplings = [CouplingBlock(build_branch(gm, bp, 0), build_branch(gm, bp, half)) for bp in block_plans]
+    attr = _attr_name(gm, stage.name)
+    gm.add_submodule(attr, ReversibleStage(couplings, dim))
+    output = nodes[stage.output]
+    with gm.graph.inserting_before(output):
+        call = gm.graph.call_module(attr, (nodes[stage.entry],))
+    output.replace_all_uses_with(call)
+    _protect(gm, call)  # the stage saves its output for the backward
+    exit_op = block_plans[-1].block.post_op
+    inner = [nodes[n] for bp in block_plans for n in bp.block.nodes if n != exit_op]
+    for node in reversed(inner):
+        gm.graph.erase_node(node)
+
+
+def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:
+    """Move a contiguous run of nodes into a submodule and call it (wrapped) in their place."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    members = [nodes[n] for n in names]
+    inside = set(members)
+    inputs = list(dict.fromkeys(i for n in members for i in n.all_input_nodes if i not in inside))
+    outputs = [n for n in members if any(u not in inside for u in n.users)]
+    sub = fx.Graph()
+    env = {i: sub.placeholder(i.name) for i in inputs}
+    for n in members:
+        env[n] = sub.node_copy(n, env.__getitem__)
+    sub.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[o] for o in outputs))
+    module = fx.GraphModule(gm, sub, class_name="Segment")
+    for i in inputs:  # checkpointing stores the inputs: nothing inside may overwrite them
+        _protect(module, env[i])
+    module.recompile()
+    attr = _attr_name(gm, label)
+    gm.add_submodule(attr, wrap(module))
+    with gm.graph.inserting_after(members[-1]):
+        call = gm.graph.call_module(attr, tuple(inputs))
+    if len(outputs) == 1:
+        outputs[0].replace_all_uses_with(call)
+    else:
+        with gm.graph.inserting_after(call):
+            for k, o in enumerate(outputs):
+                o.replace_all_uses_with(gm.graph.call_function(_getitem, (call, k)))
+    for node in reversed(members):
+        gm.graph.erase_node(node)
+
+
+def _getitem(values, k):
+    return values[k]
+
+
+def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """Execute `plan` on `gm` (modified in place and returned)."""
+    for stage in plan.stages:
+        _replace_stage(gm, plan, stage, plan.options.channel_dim)
+    for segment in plan.segments:
+        if segment.action == "checkpointed":
+            _outline(gm, segment.nodes, segment.name, Checkpointed)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
