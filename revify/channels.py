@@ -37,7 +37,7 @@ class BranchChannels:
                     raise Unresizable(f"half the channels ({stream_channels}) is not a multiple of {div}")
                 new[cls] = stream_channels
             else:
-                align = math.lcm(div, 8) if size * scale >= 64 else div
+                align = math.lcm(div, 8) if size * scale >= 32 else div  # 8: tensor-core friendly
                 new[cls] = max(align, round(size * scale / align) * align)
         return {name: new[cls] for name, cls in self.node_class.items()}
 

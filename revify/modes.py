@@ -29,22 +29,30 @@ def exact_backward_enabled() -> bool:
     return getattr(_local, "exact", False)
 
 
-@contextmanager
-def frozen_buffers(module: nn.Module):
+class frozen_buffers:
     """Recompute without net effect on buffers: running statistics were updated in the forward.
 
     The recompute runs the very same ops as the forward (a checkpoint matches saved tensors by
     position, so BatchNorm must not switch to a different kernel), then the buffers of training
     modules are put back. Writing through `.data` leaves version counters alone, so tensors the
-    recompute saved for the backward stay valid.
+    recompute saved for the backward stay valid. Re-enterable: a checkpoint enters the same
+    object once per recompute.
     """
-    saved = [(b, b.detach().clone()) for m in module.modules() if m.training
-             for b in m.buffers(recurse=False) if b is not None]
-    try:
-        yield
-    finally:
-        for buf, value in saved:
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for m in self.module.modules() if m.training
+                      for b in m.buffers(recurse=False) if b is not None]
+        return self
+
+    def __exit__(self, *exc):
+        for buf, value in self.saved:
             buf.data.copy_(value)
+        self.saved = []
+        return False
 
 
 def capture_rng(device: torch.device):

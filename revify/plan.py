@@ -117,8 +117,13 @@ def _module_params(gm: fx.GraphModule, names: list[str]) -> int:
     return sum(p.numel() for t in targets for p in gm.get_submodule(t).parameters())
 
 
-def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int]) -> int:
-    """Parameters of one half-width branch (F or G) at the given widths, built on the meta device."""
+def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int],
+                    cache: dict | None = None) -> int:
+    """Parameters of one half-width branch (F or G) at the given widths, built on the meta device.
+
+    The width search asks for the same (module, widths) many times: `cache` remembers them.
+    """
+    cache = {} if cache is None else cache
     nodes = {n.name: n for n in gm.graph.nodes}
     total, seen = 0, set()
     for name in block.block.branch:
@@ -126,10 +131,12 @@ def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int]
         if node.op != "call_module" or node.target in seen:
             continue
         seen.add(node.target)
-        module = gm.get_submodule(node.target)
-        cin = widths[node.all_input_nodes[0].name]
-        new = resizer_for(module).build(module, cin, widths[name], torch.device("meta"))
-        total += sum(p.numel() for p in new.parameters())
+        key = (node.target, widths[node.all_input_nodes[0].name], widths[name])
+        if key not in cache:
+            module = gm.get_submodule(node.target)
+            new = resizer_for(module).build(module, key[1], key[2], torch.device("meta"))
+            cache[key] = sum(p.numel() for p in new.parameters())
+        total += cache[key]
     return total
 
 
@@ -169,30 +176,31 @@ def _chain(gm, candidates: list[BlockPlan]) -> list[list[BlockPlan]]:
     return runs
 
 
-def _solve_width(gm, run: list[BlockPlan], analyses, options: Options) -> tuple[float, int]:
-    """The internal-width multiplier for a stage, and the stage's parameters at that width."""
+def _solve_width(gm, run: list[BlockPlan], analyses, options: Options) -> float:
+    """The internal-width multiplier for a stage: the user's, or the one matching parameters."""
+    if options.width != "match":
+        return float(options.width)
     half = run[0].shape[options.channel_dim] // 2
+    cache: dict = {}
 
     def params_at(scale: float) -> int:
-        return sum(2 * _resized_params(gm, bp, analyses[bp.name].widths(half, scale)) for bp in run)
+        return sum(2 * _resized_params(gm, bp, analyses[bp.name].widths(half, scale), cache)
+                   for bp in run)
 
-    if options.width != "match":
-        return float(options.width), params_at(float(options.width))
     target = sum(bp.params_before for bp in run)
     lo, hi = math.log(1 / 16), math.log(16)
-    for _ in range(30):  # params grow with the width: bisect on log-scale
+    for _ in range(24):  # parameters grow with the width: bisect on a log scale
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if params_at(math.exp(mid)) < target else (lo, mid)
-    candidates = [math.exp(lo), math.exp(hi)]
-    best = min(candidates, key=lambda s: abs(params_at(s) - target))
-    return round(best, 4), params_at(best)
+    candidates = [round(math.exp(lo), 4), round(math.exp(hi), 4)]
+    return min(candidates, key=lambda s: abs(params_at(s) - target))
 
 
 def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -> list[StagePlan]:
     stages = []
     candidates = [bp for bp in block_plans if bp.name in analyses]
     for run in _chain(gm, candidates):
-        width, params = _solve_width(gm, run, analyses, options)
+        width = _solve_width(gm, run, analyses, options)
         half = run[0].shape[options.channel_dim] // 2
         index = len(stages)
         for k, bp in enumerate(run):
@@ -208,7 +216,8 @@ def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -
         name = run[0].name if len(run) == 1 else f"{run[0].name}..{run[-1].name}"
         stages.append(StagePlan(name=name, blocks=[bp.name for bp in run], entry=run[0].block.entry,
                                 output=run[-1].block.add, channels=2 * half, width=width,
-                                params_before=sum(bp.params_before for bp in run), params_after=params))
+                                params_before=sum(bp.params_before for bp in run),
+                                params_after=sum(bp.params_after for bp in run)))
     return stages
 
 

@@ -33,8 +33,12 @@ class CouplingBlock(nn.Module):
 
 
 def _apply(fn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fn on the stream value `x`, run in the activation dtype, returned in the stream's dtype."""
-    return fn(x.to(dtype)).to(x.dtype)
+    """fn on the stream value `x`, run in the activation dtype.
+
+    The result stays in the activation dtype: adding it to the stream promotes it exactly,
+    without a float64 copy.
+    """
+    return fn(x.to(dtype))
 
 
 def stream_dtype(dtype: torch.dtype, device: torch.device, exact: bool) -> torch.dtype:
@@ -80,22 +84,38 @@ class ReversibleStage(nn.Module):
         return torch.cat([y1, y2], self.dim)
 
 
+def _rebuild_stream(hi, lo, dtype, dim):
+    """The two stream halves, as fresh tensors (the backward updates them in place)."""
+    halves = [h.to(dtype, copy=True) for h in hi.chunk(2, dim)]
+    if lo is not None:
+        for half, rest in zip(halves, lo.chunk(2, dim)):
+            half += rest
+    return halves
+
+
 def _recompute(fn, stream, dtype, grad_out, params, rng, device):
     """Run fn on a stream value once with autograd and backpropagate grad_out through it.
 
-    Returns fn's value in the stream dtype (it rebuilds the other half) and the gradients with
-    respect to fn's input and to `params`. Gradients along the stream stay in the stream dtype,
-    exactly as autograd would carry them through `forward_plain`.
+    Returns fn's value (used to rebuild the other half) and the gradients with respect to fn's
+    input and to `params`.
     """
     with torch.enable_grad(), replay_rng(rng, device):
         inp = stream.to(dtype).detach().requires_grad_(True)
         out = fn(inp)
     grads = torch.autograd.grad(out, [inp, *params], grad_out.to(out.dtype), allow_unused=True)
     d_inp = grads[0] if grads[0] is not None else torch.zeros_like(inp)
-    return out.detach().to(stream.dtype), d_inp.to(stream.dtype), grads[1:]
+    return out.detach(), d_inp, grads[1:]
 
 
 class _ReversibleStageFunction(torch.autograd.Function):
+    """Saves nothing but the stage output; the backward rebuilds every block's input from it.
+
+    The output is kept as a detached alias in `ctx.state` rather than through
+    `save_for_backward`, so the backward can drop it as soon as the stream has been rebuilt
+    (the autograd engine would hold saved tensors until the backward returns). In-place changes
+    to the output between forward and backward are still caught, by the version counter.
+    """
+
     @staticmethod
     def forward(ctx, stage: ReversibleStage, x, *params):
         device = x.device
@@ -113,15 +133,30 @@ class _ReversibleStageFunction(torch.autograd.Function):
         del x1, x2
         hi = y.to(x.dtype)
         lo = (y - hi).to(x.dtype) if y.dtype != x.dtype else None
-        ctx.save_for_backward(hi, lo)
+        ctx.state = [hi.detach(), lo]
+        ctx.version = hi._version
+        ctx.stream_dtype = y.dtype
         return hi
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        hi, lo = ctx.saved_tensors
-        stage, dim, device, dtype = ctx.stage, ctx.stage.dim, hi.device, ctx.dtype
-        y = hi if lo is None else hi.to(torch.float64) + lo.to(torch.float64)
+        stage, dim, dtype = ctx.stage, ctx.stage.dim, ctx.dtype
+        if ctx.state is None:
+            raise RuntimeError("revify: a reversible stage's backward ran twice; the stage output "
+                               "it rebuilds from is released after the first backward.")
+        hi, lo = ctx.state
+        ctx.state = None
+        if hi._version != ctx.version:
+            raise RuntimeError("revify: the output of a reversible stage was modified in place "
+                               "before the backward; the stage rebuilds its activations from it.")
+        device = hi.device
+        # The stream state, as our own tensors: the loop below updates them in place.
+        y1, y2 = _rebuild_stream(hi, lo, ctx.stream_dtype, dim)
+        del hi, lo
+        dy1, dy2 = (d.to(GRAD_STREAM_DTYPE.get(ctx.stream_dtype, d.dtype), copy=True)
+                    for d in dy.chunk(2, dim))
+        del dy
         params = list(stage.parameters())
         trainable = {id(p) for p, need in zip(params, ctx.needs_input_grad[2:]) if need}
         grads: dict[int, torch.Tensor] = {}
@@ -134,17 +169,22 @@ class _ReversibleStageFunction(torch.autograd.Function):
                     grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
             return value, d_inp
 
-        y1, y2 = y.chunk(2, dim)
-        dy1, dy2 = dy.to(y.dtype).chunk(2, dim)
         with replay_autocast(ctx.autocast), frozen_buffers(stage):
             for block, (rng_f, rng_g) in zip(reversed(stage.blocks), reversed(ctx.rng)):
                 g_y1, d_y1 = backprop(block.g, y1, dy2, rng_g)
-                y2 = y2 - g_y1                       # x2, rebuilt
-                dy1 = dy1 + d_y1                     # total gradient reaching y1
+                y2 -= g_y1                           # x2, rebuilt
+                dy1 += d_y1                          # total gradient reaching y1
+                del g_y1, d_y1
                 f_x2, d_x2 = backprop(block.f, y2, dy1, rng_f)
-                y1 = y1 - f_x2                       # x1, rebuilt
-                dy2 = dy2 + d_x2                     # gradient reaching x2
-                del g_y1, f_x2
+                y1 -= f_x2                           # x1, rebuilt
+                dy2 += d_x2                          # gradient reaching x2
+                del f_x2, d_x2
+        del y1, y2
         dx = torch.cat([dy1, dy2], dim).to(dtype) if ctx.needs_input_grad[1] else None
         ctx.rng = None
         return (None, dx, *[grads.get(id(p)) for p in params])
+
+
+# Gradients along an exact (float64) stream are carried in float64 too, as autograd does through
+# `forward_plain`: the reversible backward then matches plain autograd to the last bit.
+GRAD_STREAM_DTYPE = {torch.float64: torch.float64}

@@ -6,6 +6,8 @@ GraphModule and wrapped in `Checkpointed`.
 """
 from __future__ import annotations
 
+import operator
+
 from torch import fx, nn
 
 from .checkpoint import Checkpointed
@@ -14,12 +16,37 @@ from .resize import carry_over, resizer_for
 from .reversible import CouplingBlock, ReversibleStage
 
 
-def _attr_name(gm: fx.GraphModule, label: str) -> str:
-    base = "".join(c if c.isalnum() else "_" for c in label).strip("_") or "segment"
-    name, k = base, 1
-    while hasattr(gm, name):
-        name, k = f"{base}_{k}", k + 1
+def _unit_name(gm: fx.GraphModule, label: str) -> str:
+    """A temporary attribute name; `_finalize` gives units their readable names."""
+    name = f"_revify_unit{len(gm.meta.setdefault('revify_units', {}))}"
+    gm.meta["revify_units"][name] = label
     return name
+
+
+def _readable(label: str, taken: set[str]) -> str:
+    base = "".join(c if c.isalnum() else "_" for c in label).strip("_") or "unit"
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def _finalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh GraphModule holding only what the rewritten graph uses, units named by label."""
+    labels = gm.meta.get("revify_units", {})
+    taken = {n.target.split(".")[0] for n in gm.graph.nodes
+             if n.op in ("call_module", "get_attr") and n.target not in labels}
+    owners = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "get_attr"):
+            continue
+        owner = operator.attrgetter(node.target)(gm)
+        if node.target in labels:
+            node.target = _readable(labels[node.target], taken)
+            node._rename(node.target)
+        owners[node.target] = owner
+    return fx.GraphModule(owners, gm.graph, class_name=type(gm).__name__)
 
 
 def _out_of_place(node: fx.Node, module: nn.Module | None) -> None:
@@ -94,7 +121,7 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -
     block_plans = [plan.block(name) for name in stage.blocks]
     half = stage.channels // 2
     couplings = [CouplingBlock(build_branch(gm, bp, 0), build_branch(gm, bp, half)) for bp in block_plans]
-    attr = _attr_name(gm, stage.name)
+    attr = _unit_name(gm, stage.name)
     gm.add_submodule(attr, ReversibleStage(couplings, dim))
     output = nodes[stage.output]
     with gm.graph.inserting_before(output):
@@ -123,7 +150,7 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:
     for i in inputs:  # checkpointing stores the inputs: nothing inside may overwrite them
         _protect(module, env[i])
     module.recompile()
-    attr = _attr_name(gm, label)
+    attr = _unit_name(gm, label)
     gm.add_submodule(attr, wrap(module))
     with gm.graph.inserting_after(members[-1]):
         call = gm.graph.call_module(attr, tuple(inputs))
@@ -142,13 +169,11 @@ def _getitem(values, k):
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """Execute `plan` on `gm` (modified in place and returned)."""
+    """Execute `plan` on `gm` (whose graph is consumed) and return the rewritten module."""
     for stage in plan.stages:
         _replace_stage(gm, plan, stage, plan.options.channel_dim)
     for segment in plan.segments:
         if segment.action == "checkpointed":
             _outline(gm, segment.nodes, segment.name, Checkpointed)
     gm.graph.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    return gm
+    return _finalize(gm)

@@ -1,0 +1,102 @@
+"""Side-by-side measurement of one training step: original, per-block checkpointing, revify.
+
+Memory is exact live-tensor accounting (revify.memory) on CPU and `max_memory_allocated` on
+CUDA; time is the median of timed steps, the strategies interleaved so that machine noise hits
+all of them alike. Everything is reported as ratios to the original as well.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .memory import measure_step
+from .transform import transform
+
+
+@dataclass
+class BenchResult:
+    name: str
+    step_seconds: float
+    peak_activation_bytes: int
+    peak_bytes: int
+    activation_bytes: int
+    params: int
+
+
+def strategies(model: nn.Module, input_size, **options) -> dict[str, nn.Module]:
+    example = torch.empty(2, *input_size)
+    return {
+        "original": model,
+        "checkpoint": transform(model, example, reversible=False, **options),
+        "revify": transform(model, example, **options),
+    }
+
+
+def _step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def _cuda_peak(model, x, y) -> tuple[int, int]:
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _step(model, x, y)
+    torch.cuda.synchronize()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    peak = torch.cuda.max_memory_allocated() - base
+    return peak, peak - grads
+
+
+def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: int = 3,
+              device: str = "cpu", num_classes: int = 1000, progress=None) -> list[BenchResult]:
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, *input_size, device=device)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
+    models = {k: m.to(device).train() for k, m in models.items()}
+    memory = {}
+    for name, model in models.items():
+        if device == "cuda":
+            _step(model, x, y)  # warm up kernels and the caching allocator
+            memory[name] = _cuda_peak(model, x, y) + (0,)
+        else:
+            stats = measure_step(model, x, y)
+            memory[name] = (stats.peak_bytes, stats.peak_activation_bytes, stats.activation_bytes)
+        if progress:
+            progress(f"memory: {name}")
+    times = {name: [] for name in models}
+    for name, model in models.items():
+        _step(model, x, y)  # warm-up
+    for i in range(steps):
+        for name, model in models.items():  # interleaved: noise hits every strategy alike
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            _step(model, x, y)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+        if progress:
+            progress(f"step {i + 1}/{steps}")
+    return [BenchResult(name, statistics.median(times[name]), memory[name][1], memory[name][0],
+                        memory[name][2], sum(p.numel() for p in models[name].parameters()))
+            for name in models]
+
+
+def format_bench(results: list[BenchResult], fmt: str = "simple") -> str:
+    from tabulate import tabulate
+    base = results[0]
+    mib = 2 ** 20
+    rows = [[r.name, f"{r.step_seconds:.3f}", f"{r.step_seconds / base.step_seconds:.2f}x",
+             f"{r.peak_activation_bytes / mib:.1f}",
+             f"{r.peak_activation_bytes / base.peak_activation_bytes:.2f}x",
+             f"{r.peak_bytes / mib:.1f}", f"{r.peak_bytes / base.peak_bytes:.2f}x",
+             f"{r.params:,}"] for r in results]
+    return tabulate(rows, ["strategy", "step s", "time", "peak act MiB", "act vs orig",
+                           "peak MiB", "peak vs orig", "params"], tablefmt=fmt)

@@ -1,0 +1,107 @@
+"""Exact memory accounting: every tensor storage allocated while tracking, from birth to death.
+
+A TorchDispatchMode sees every op's outputs; a storage is counted once (views share it) and
+released when its Python object dies (PyTorch keeps one Python object per live storage). This
+measures what a training step holds, independent of allocator caching, RSS or timing, and works
+on any device. On CUDA, `torch.cuda.max_memory_allocated` is the figure to compare with.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class LiveTensorTracker(TorchDispatchMode):
+    """Tracks the bytes of live storages created while active.
+
+    Storages that existed before (parameters, the input batch) are not counted. `events` keeps
+    the timeline so peaks can be recomputed leaving chosen storages out (parameter gradients).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[int, int]] = {}  # storage address -> (birth id, bytes)
+        self.current = 0
+        self.peak = 0
+        self.events: list[tuple[int, int]] = []     # (birth id, +bytes at birth / -bytes at death)
+        self.marks: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                self._known(t)  # storages from before (parameters, buffers): never counted
+        out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _known(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.live:
+            self.live[key] = (None, 0)
+            weakref.finalize(storage, self._release, key)
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live or storage.nbytes() == 0 or storage.device.type == "meta":
+            return
+        nbytes = storage.nbytes()
+        birth = len(self.events)  # addresses are reused after a free; births are unique
+        self.live[key] = (birth, nbytes)
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        self.events.append((birth, nbytes))
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key: int) -> None:
+        birth, nbytes = self.live.pop(key, (None, 0))
+        if birth is not None:
+            self.current -= nbytes
+            self.events.append((birth, -nbytes))
+
+    def mark(self, name: str) -> None:
+        """Remember the bytes live now (e.g. after the forward: the activations held)."""
+        self.marks[name] = self.current
+
+    def peak_without(self, tensors) -> int:
+        """The peak had the given (still live) tensors' storages never been counted."""
+        keys = {t.untyped_storage()._cdata for t in tensors if t is not None}
+        skip = {self.live[k][0] for k in keys if k in self.live}
+        current = peak = 0
+        for key, delta in self.events:
+            if key not in skip:
+                current += delta
+                peak = max(peak, current)
+        return peak
+
+
+@dataclass
+class StepMemory:
+    peak_bytes: int              # everything allocated during the step (incl. parameter grads)
+    peak_activation_bytes: int   # the same, leaving out parameter gradients
+    activation_bytes: int        # held between forward and backward (what the backward needs)
+    grad_bytes: int
+    extra: dict = field(default_factory=dict)
+
+
+def measure_step(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor,
+                 loss_fn=torch.nn.functional.cross_entropy) -> StepMemory:
+    """Live-tensor accounting of one forward + backward (gradients are reset first)."""
+    model.zero_grad(set_to_none=True)
+    with LiveTensorTracker() as tracker:
+        loss = loss_fn(model(inputs), target)
+        tracker.mark("forward")
+        loss.backward()
+        del loss
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    grad_bytes = sum(g.untyped_storage().nbytes() for g in grads)
+    return StepMemory(peak_bytes=tracker.peak, peak_activation_bytes=tracker.peak_without(grads),
+                      activation_bytes=tracker.marks["forward"], grad_bytes=grad_bytes)

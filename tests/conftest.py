@@ -1,0 +1,92 @@
+"""Shared helpers: gradients of one training step, relative errors, small test networks."""
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import revify
+
+
+def step_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, exact: bool = False,
+               seed: int = 0) -> dict[str, torch.Tensor]:
+    """Gradients of every parameter and of the input after one cross-entropy step.
+
+    `exact=True` runs the same revified model with plain autograd (the reference).
+    The model's buffers are restored afterwards, so two calls start from the same state.
+    """
+    buffers = copy.deepcopy(dict(model.named_buffers()))
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with revify.exact_backward() if exact else nullcontext():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["<input>"] = x.grad.detach().clone()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
+    return grads
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative error of a against the reference b."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def worst_rel_err(got: dict, ref: dict) -> tuple[float, str]:
+    assert got.keys() == ref.keys()
+    return max((rel_err(got[k], ref[k]), k) for k in ref)
+
+
+class Block(nn.Module):
+    """A user-written post-activation residual block, configurable in the ways people write them."""
+
+    def __init__(self, c, style="plus", act="module", norm="bn", dropout=0.0):
+        super().__init__()
+        norm_layer = {"bn": nn.BatchNorm2d, "gn": lambda c: nn.GroupNorm(2, c)}[norm]
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm_layer(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), norm_layer(c)
+        self.drop = nn.Dropout(dropout)
+        self.relu = nn.ReLU(inplace=True)
+        self.style, self.act = style, act
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.drop(self.bn2(self.conv2(out)))
+        if self.style == "plus":
+            out = out + x
+        elif self.style == "iadd":
+            out += x
+        elif self.style == "torch.add":
+            out = torch.add(x, out)
+        else:
+            out = x.add(out)
+        return F.relu(out) if self.act == "functional" else self.relu(out)
+
+
+class TinyResNet(nn.Module):
+    """stem -> stage of `depth` blocks -> downsample -> stage of `depth` blocks -> head."""
+
+    def __init__(self, depth=2, c=8, num_classes=5, **block_kwargs):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.stage1 = nn.Sequential(*[Block(c, **block_kwargs) for _ in range(depth)])
+        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.stage2 = nn.Sequential(*[Block(2 * c, **block_kwargs) for _ in range(depth)])
+        self.fc = nn.Linear(2 * c, num_classes)
+
+    def forward(self, x):
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture
+def data():
+    torch.manual_seed(0)
+    return torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
