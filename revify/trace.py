@@ -7,12 +7,13 @@ fake tensors, so nothing is allocated and no BatchNorm statistic is touched.
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Iterable
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 
 class TraceError(ValueError):
@@ -26,7 +27,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
-        self.module_stack_names: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
@@ -34,12 +35,13 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        # Remember where we are so a failure can name the module that broke tracing.
-        self.module_stack_names.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self.module_stack_names.pop()
+        except Exception:
+            # Remember the innermost module that failed, to name it in the error.
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
@@ -51,14 +53,15 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many kinds; all mean the same thing to the user
-        where = tracer.module_stack_names[-1] if tracer.module_stack_names else "the top-level forward"
-        where = where or "the top-level forward"
+        where = tracer.failed_in
+        if not where:
+            raise TraceError(f"torch.fx could not trace the forward of {type(model).__name__}: "
+                             f"{_first_line(exc)}. Make the failing code traceable (see torch.fx "
+                             f"limitations) or move it into a submodule and pass it as leaf_modules=.") from exc
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: in module '{where}': "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-            f"Pass leaf_modules=['{where}'] (or its class) to revify.transform to treat it as "
-            f"an opaque layer."
-        ) from exc
+            f"{_first_line(exc)}. Pass leaf_modules=['{where}'] (or its class) to "
+            f"revify.transform to treat it as an opaque layer.") from exc
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
@@ -72,18 +75,41 @@ class _ShapeRecorder(fx.Interpreter):
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
-    """Record `node.meta['shape']` for every tensor-valued node, running on fake tensors.
+    """Record `node.meta['shape']` for every tensor-valued node.
 
-    The module is in eval mode here, so BatchNorm reads its running statistics and writes nothing.
+    Runs on fake tensors (nothing allocated). A leaf module whose control flow depends on values
+    cannot run on fake tensors; then the graph runs once for real, without gradients. The module
+    is in eval mode here, so BatchNorm reads its running statistics and writes nothing.
     """
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fakes = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs)
-        try:
-            _ShapeRecorder(gm).run(*fakes)
-        except Exception as exc:
-            raise TraceError(
-                f"running the traced graph on an example input of shape "
-                f"{[tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]} failed: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                f"Pass example_inputs= (or input_size=) matching what the model expects."
-            ) from exc
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # a shape error is reported below, in one sentence
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            _ShapeRecorder(gm).run(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t
+                                     for t in example_inputs))
+        return
+    except DataDependentOutputException:
+        pass
+    except Exception as exc:
+        raise _shape_error(example_inputs, exc) from exc
+    finally:
+        quiet.setLevel(level)
+    try:
+        with torch.no_grad():
+            _ShapeRecorder(gm).run(*(torch.randn_like(t) if isinstance(t, torch.Tensor) else t
+                                     for t in example_inputs))
+    except Exception as exc:
+        raise _shape_error(example_inputs, exc) from exc
+
+
+def _shape_error(example_inputs, exc: Exception) -> TraceError:
+    shapes = [tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)]
+    return TraceError(f"running the traced graph on an example input of shape {shapes} failed: "
+                      f"{_first_line(exc)}. Pass example_inputs= (or input_size=) matching what "
+                      f"the model expects.")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0].rstrip('.') if text else ''}"

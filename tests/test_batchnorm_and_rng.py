@@ -1,0 +1,87 @@
+"""BatchNorm statistics are updated once per step; recomputation replays the same randomness."""
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import revify
+from conftest import TinyResNet, step_grads, worst_rel_err
+
+
+def _norm_state(model):
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+def test_batchnorm_statistics_updated_exactly_once_per_step():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    rev = revify.transform(model, input_size=(3, 32, 32)).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    before = _norm_state(rev)
+
+    with revify.exact_backward():  # plain autograd: every BatchNorm runs exactly once
+        F.cross_entropy(rev(x), y).backward()
+    once = _norm_state(rev)
+    rev.load_state_dict({**rev.state_dict(), **before})
+
+    F.cross_entropy(rev(x), y).backward()  # reversible stages and checkpoints recompute
+    after = _norm_state(rev)
+
+    counters = [n for n in after if n.endswith("num_batches_tracked")]
+    assert len(counters) > 20
+    assert all(after[n].item() == 1 for n in counters)
+    stages = [n for n in after if "blocks" in n]      # BN inside reversible stages
+    checkpointed = [n for n in after if ".module." in n]  # BN inside checkpointed layers
+    assert stages and checkpointed
+    for name in after:
+        torch.testing.assert_close(after[name], once[name], rtol=0, atol=0, msg=name)
+
+
+def test_plain_checkpoint_would_double_count():
+    """The property above is not vacuous: torch.utils.checkpoint updates twice."""
+    bn = nn.BatchNorm1d(3).train()
+    x = torch.randn(8, 3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(bn, x, use_reentrant=False).sum().backward()
+    assert bn.num_batches_tracked.item() == 2
+
+
+class DropPath(nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1, 1, 1) > self.p).to(x.dtype)
+        return x * keep / (1 - self.p)
+
+
+class DroppyBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
+        self.drop, self.drop_path = nn.Dropout(0.3), DropPath(0.3)
+
+    def forward(self, x):
+        out = self.conv2(self.drop(F.relu(self.conv1(x))))
+        return x + self.drop_path(out)
+
+
+def test_dropout_and_drop_path_replay_the_same_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[DroppyBlock(8) for _ in range(4)],
+                          nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 8 * 8, 5))
+    rev = revify.transform(model, input_size=(3, 8, 8)).train()
+    assert rev.revify_plan.stages[0].blocks == ["1", "2", "3", "4"]
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
+    got = step_grads(rev, x, y, seed=123)
+    rng_after_reversible = torch.rand(4)
+    ref = step_grads(rev, x, y, exact=True, seed=123)
+    rng_after_exact = torch.rand(4)
+    err, where = worst_rel_err(got, ref)
+    assert err <= 1e-5, (where, err)
+    # the recomputation consumed no random numbers and did not reseed the global generator
+    torch.testing.assert_close(rng_after_reversible, rng_after_exact, rtol=0, atol=0)
+    other_seed = step_grads(rev, x, y, exact=True, seed=7)
+    assert worst_rel_err(other_seed, ref)[0] > 1e-3  # masks really are random

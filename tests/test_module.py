@@ -1,0 +1,147 @@
+"""A revified model behaves like any other nn.Module."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import revify
+import revify.checkpoint
+import revify.reversible
+from conftest import TinyResNet, step_grads, worst_rel_err
+
+
+@pytest.fixture
+def model_and_rev():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    return model, revify.transform(model, input_size=(3, 32, 32))
+
+
+def test_original_model_is_left_untouched(model_and_rev):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    before = copy.deepcopy(model.state_dict())
+    modules_before = [type(m) for m in model.modules()]
+    revify.transform(model, input_size=(3, 32, 32))
+    assert model.training
+    assert [type(m) for m in model.modules()] == modules_before
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _count_calls(monkeypatch):
+    calls = {"reversible": 0, "checkpoint": 0}
+    apply, ckpt = revify.reversible._ReversibleStageFunction.apply, revify.checkpoint.checkpoint
+
+    def counting_apply(*a):
+        calls["reversible"] += 1
+        return apply(*a)
+
+    def counting_checkpoint(*a, **k):
+        calls["checkpoint"] += 1
+        return ckpt(*a, **k)
+
+    monkeypatch.setattr(revify.reversible._ReversibleStageFunction, "apply", counting_apply)
+    monkeypatch.setattr(revify.checkpoint, "checkpoint", counting_checkpoint)
+    return calls
+
+
+def test_inference_runs_a_plain_forward(model_and_rev, monkeypatch):
+    _, rev = model_and_rev
+    calls = _count_calls(monkeypatch)
+    x = torch.randn(2, 3, 32, 32)
+    rev.eval()
+    with torch.no_grad():
+        out = rev(x)
+    assert calls == {"reversible": 0, "checkpoint": 0} and out.grad_fn is None
+    with torch.inference_mode():
+        assert torch.equal(rev(x), out)
+    rev.train()
+    loss = rev(x).sum()
+    assert calls["reversible"] == len(rev.revify_plan.stages) and calls["checkpoint"] > 0
+    loss.backward()
+
+
+def test_train_eval_switching(model_and_rev):
+    _, rev = model_and_rev
+    x = torch.randn(4, 3, 32, 32)
+    rev.train()
+    rev(x).sum().backward()  # updates running statistics
+    rev.eval()
+    assert all(not m.training for m in rev.modules())
+    with torch.no_grad():
+        a, b = rev(x), rev(x[:2])
+    torch.testing.assert_close(a[:2], b)  # eval: per-sample, running statistics
+    with torch.no_grad(), revify.exact_backward():
+        torch.testing.assert_close(rev(x), a)
+    rev.train()
+    assert all(m.training for m in rev.modules())
+
+
+def test_double_precision_and_dtype_conversion(model_and_rev):
+    _, rev = model_and_rev
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    rev64 = copy.deepcopy(rev).double().train()
+    got = step_grads(rev64, x.double(), y)
+    ref = step_grads(rev64, x.double(), y, exact=True)
+    assert all(g.dtype == torch.float64 for g in got.values())
+    assert worst_rel_err(got, ref)[0] <= 1e-10
+    rev16 = copy.deepcopy(rev).to(torch.bfloat16).train()
+    out = rev16(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    F.cross_entropy(out.float(), y).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in rev16.parameters())
+
+
+def test_state_dict_round_trip(model_and_rev):
+    model, rev = model_and_rev
+    x = torch.randn(2, 3, 32, 32)
+    rev(x).sum().backward()
+    other = revify.transform(torchvision.models.resnet18(num_classes=10), input_size=(3, 32, 32))
+    other.load_state_dict(rev.state_dict())
+    rev.eval(), other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), rev(x), rtol=0, atol=0)
+
+
+def test_deepcopy_and_torch_save_load(model_and_rev):
+    _, rev = model_and_rev
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    twin = copy.deepcopy(rev)
+    assert twin.revify_plan is not rev.revify_plan and str(twin.revify_plan) == str(rev.revify_plan)
+    assert all(a is not b for a, b in zip(twin.parameters(), rev.parameters()))
+    buffer = io.BytesIO()
+    torch.save(rev, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for m in (twin, loaded):
+        torch.testing.assert_close(step_grads(m, x, y), step_grads(rev, x, y), rtol=0, atol=0)
+        assert str(m.revify_plan) == str(rev.revify_plan)
+
+
+def test_optimizer_step_trains(model_and_rev):
+    _, rev = model_and_rev
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(rev.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = F.cross_entropy(rev(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_in_place_change_of_a_stage_output_is_caught():
+    torch.manual_seed(0)
+    rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16), checkpoint="none").train()
+    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    out = stage(torch.randn(2, 8, 16, 16, requires_grad=True))
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.sum().backward()

@@ -1,0 +1,179 @@
+"""What the pass finds, what it plans, and how it refuses bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import revify
+from revify.blocks import find_blocks
+from revify.trace import propagate_shapes, trace
+from conftest import Block, TinyResNet, step_grads, worst_rel_err
+
+
+def _blocks(model, size=(3, 16, 16)):
+    gm = trace(model)
+    propagate_shapes(gm, (torch.empty(2, *size),))
+    return find_blocks(gm)
+
+
+@pytest.mark.parametrize("name,blocks,projections", [("resnet18", 8, 3), ("resnet50", 16, 4),
+                                                      ("resnet152", 50, 4)])
+def test_finds_every_torchvision_block(name, blocks, projections):
+    found = _blocks(torchvision.models.get_model(name), (3, 64, 64))
+    assert len(found) == blocks
+    assert sum(not b.identity_shortcut for b in found) == projections
+    assert all(b.post_op for b in found)  # the ReLU after the add belongs to the block
+
+
+@pytest.mark.parametrize("style", ["plus", "iadd", "torch.add", "method"])
+@pytest.mark.parametrize("act", ["module", "functional"])
+def test_user_written_blocks_are_found_and_made_reversible(style, act, data):
+    torch.manual_seed(0)
+    model = TinyResNet(depth=3, style=style, act=act)
+    rev = revify.transform(model, input_size=(3, 16, 16)).train()
+    plan = rev.revify_plan
+    assert [b.action for b in plan.blocks] == ["reversible"] * 6
+    assert [s.blocks for s in plan.stages] == [["stage1.0", "stage1.1", "stage1.2"],
+                                               ["stage2.0", "stage2.1", "stage2.2"]]
+    x, y = data
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
+
+
+def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
+    rev = revify.transform(torchvision.models.resnet50(), input_size=(3, 64, 64))
+    plan = rev.revify_plan
+    for stage in plan.stages:
+        assert abs(stage.params_after - stage.params_before) <= 0.10 * stage.params_before
+    assert plan.params_after == sum(p.numel() for p in rev.parameters())
+    stage_modules = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    assert [sum(p.numel() for p in m.parameters()) for m in stage_modules] == \
+        [s.params_after for s in plan.stages]
+    assert [len(m.blocks) for m in stage_modules] == [len(s.blocks) for s in plan.stages] == [2, 3, 5, 2]
+    text = str(plan)
+    for expected in ["layer1.0", "projection shortcut", "reversible", "checkpointed", "stem",
+                     "head", "layer3.1..layer3.5", f"{plan.params_before:,}", f"{plan.params_after:,}"]:
+        assert expected in text
+
+
+def test_width_option_scales_internal_channels():
+    model = torchvision.models.resnet50()
+    half = revify.transform(model, input_size=(3, 64, 64), width=0.5).revify_plan
+    full = revify.transform(model, input_size=(3, 64, 64), width=1.0).revify_plan
+    for a, b in zip(half.stages, full.stages):
+        assert a.width == 0.5 and b.width == 1.0 and a.params_after < b.params_after
+
+
+def test_checkpoint_none_stores_non_invertible_layers(data):
+    rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16), checkpoint="none")
+    assert not any(isinstance(m, revify.Checkpointed) for m in rev.modules())
+    assert {s.action for s in rev.revify_plan.segments} == {"reversible", "stored"}
+    x, y = data
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
+
+
+def test_odd_channels_keep_the_block_checkpointed_with_a_reason(data):
+    model = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1), Block(7), Block(7), nn.Flatten(),
+                          nn.Linear(7 * 16 * 16, 5))
+    rev = revify.transform(model, input_size=(3, 16, 16))
+    plan = rev.revify_plan
+    assert [b.action for b in plan.blocks] == ["checkpointed", "checkpointed"]
+    assert all("7 channels cannot be split" in b.reason for b in plan.blocks)
+    assert "7 channels cannot be split" in str(plan)
+    x, y = data
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-6
+
+
+class UnknownLayer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(c, 1, 1))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class ScaledBlock(Block):
+    def __init__(self, c):
+        super().__init__(c)
+        self.unknown = UnknownLayer(c)
+
+    def forward(self, x):
+        return self.relu(x + self.unknown(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))))
+
+
+def test_unknown_parameterised_module_falls_back_to_checkpointing(data):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ScaledBlock(8), nn.Flatten(),
+                          nn.Linear(8 * 16 * 16, 5))
+    rev = revify.transform(model, input_size=(3, 16, 16), leaf_modules=[UnknownLayer])
+    (block,) = rev.revify_plan.blocks
+    assert block.action == "checkpointed" and "UnknownLayer" in block.reason
+    x, y = data
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-6
+
+
+def test_feature_tap_breaks_the_stage_where_the_tensor_is_used():
+    class Tapped(TinyResNet):
+        def __init__(self, depth):
+            super().__init__(depth)
+            self.tap_head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            x = self.stem(x)
+            a = self.stage1[0](x)
+            b = self.stage1[1](a)
+            return self.tap_head(b.mean((2, 3)) + a.mean((2, 3)))  # `a` is consumed twice
+
+    torch.manual_seed(0)
+    model = Tapped(depth=2)
+    rev = revify.transform(model, input_size=(3, 16, 16)).train()
+    assert [s.blocks for s in rev.revify_plan.stages] == [["stage1.0"], ["stage1.1"]]
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module, got function"):
+        revify.transform(lambda x: x)
+
+
+def test_no_residual_block():
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(revify.NoResidualBlocks, match="Sequential has no residual block"):
+        revify.transform(mlp, torch.randn(2, 4))
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor value cannot be traced symbolically
+            return x
+        return -x
+
+
+class Untraceable(TinyResNet):
+    def __init__(self):
+        super().__init__()
+        self.gate = DataDependent()
+
+    def forward(self, x):
+        return super().forward(self.gate(x))
+
+
+def test_untraceable_model_names_the_module_and_the_way_out():
+    with pytest.raises(revify.TraceError, match=r"in module 'gate'.*leaf_modules=\['gate'\]"):
+        revify.transform(Untraceable(), input_size=(3, 16, 16))
+    rev = revify.transform(Untraceable(), input_size=(3, 16, 16), leaf_modules=["gate"])
+    assert len(rev.revify_plan.stages) == 2
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(width=-1), "width must be"), (dict(checkpoint="sometimes"), "checkpoint must be"),
+    (dict(input_size=(3, 0, 16)), "input_size must be positive")])
+def test_impossible_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        revify.transform(TinyResNet(), **kwargs)
+
+
+def test_wrong_example_input_is_a_clear_error():
+    with pytest.raises(revify.TraceError, match="example input of shape"):
+        revify.transform(TinyResNet(), torch.randn(2, 5, 16, 16))
