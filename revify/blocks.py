@@ -8,6 +8,7 @@ found and reported, but not invertible.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from torch import fx, nn
@@ -29,15 +30,7 @@ class ResidualBlock:
     shortcut: tuple[str, ...]   # nodes on the shortcut side, x excluded
     identity_shortcut: bool     # the shortcut passes x through unchanged (nothing or nn.Identity)
     post_op: str | None         # activation after the add, if any
-
-    @property
-    def nodes(self) -> tuple[str, ...]:
-        """Every node this block owns, in graph order."""
-        tail = (self.add,) + ((self.post_op,) if self.post_op else ())
-        return tuple(sorted(self.branch + self.shortcut, key=_ORDER.get)) + tail
-
-
-_ORDER: dict[str, int] = {}  # node name -> position, refreshed by find_blocks
+    nodes: tuple[str, ...]      # every node the block owns, in graph order
 
 
 def _block_entry(add: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, set[fx.Node]] | None:
@@ -113,20 +106,20 @@ def _match_block(add: fx.Node, order, modules) -> ResidualBlock | None:
         post = None
     branch = sorted(side_a | {n for n in region if n.op == "get_attr" and n not in side_b},
                     key=order.__getitem__)
+    owned = sorted(region, key=order.__getitem__) + [add] + ([post] if post is not None else [])
     return ResidualBlock(
         name=_common_module_path(branch, add.name), entry=entry.name, add=add.name,
         output=(post or add).name, branch=tuple(n.name for n in branch), branch_output=a.name,
         shortcut=tuple(n.name for n in sorted(side_b, key=order.__getitem__)),
         identity_shortcut=all(_is_identity_module(n, modules) for n in side_b),
         post_op=post.name if post is not None else None,
+        nodes=tuple(n.name for n in owned),
     )
 
 
 def find_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
     """Every residual block of the graph, in graph order; nested blocks keep only the innermost."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    _ORDER.clear()
-    _ORDER.update({n.name: i for n, i in order.items()})
     modules = dict(gm.named_modules())
     blocks: list[ResidualBlock] = []
     owned: set[str] = set()
@@ -141,4 +134,15 @@ def find_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
             continue  # an outer residual around inner blocks: the inner blocks are the units
         blocks.append(block)
         owned.update(block.nodes)
-    return blocks
+    return _unique_names(blocks)
+
+
+def _unique_names(blocks: list[ResidualBlock]) -> list[ResidualBlock]:
+    """Blocks are referred to by name; a module path reused by two blocks gets a suffix."""
+    seen: dict[str, int] = {}
+    unique = []
+    for block in blocks:
+        seen[block.name] = seen.get(block.name, 0) + 1
+        unique.append(block if seen[block.name] == 1 else
+                      dataclasses.replace(block, name=f"{block.name}#{seen[block.name]}"))
+    return unique

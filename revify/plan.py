@@ -14,7 +14,7 @@ from torch import fx
 
 from .blocks import ResidualBlock
 from .channels import BranchChannels, Unresizable, analyze_branch
-from .resize import resizer_for
+from .resize import holds_state, resizer_for
 
 Action = Literal["reversible", "checkpointed", "stored"]
 
@@ -25,7 +25,6 @@ class Options:
     checkpoint: Literal["non_invertible", "none"] = "non_invertible"
     reversible: bool = True                      # False: per-block checkpointing only (a baseline)
     channel_dim: int = 1
-    param_tolerance: float = 0.10                # "match" keeps each stage within this fraction
 
     def __post_init__(self):
         if self.checkpoint not in ("non_invertible", "none"):
@@ -140,12 +139,33 @@ def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int]
     return total
 
 
-def _plan_block(gm, block: ResidualBlock, options: Options) -> tuple[BlockPlan, BranchChannels | None]:
+def _shared_layers(gm: fx.GraphModule, blocks: list[ResidualBlock]) -> dict[str, str]:
+    """Block name -> a layer with parameters it shares with code outside the block.
+
+    Rebuilding such a branch would silently untie the weights, so the block is not made reversible.
+    """
+    users: dict[str, set[str | None]] = {}
+    owner = {n: b.name for b in blocks for n in b.nodes}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and holds_state(gm.get_submodule(node.target)):
+            users.setdefault(node.target, set()).add(owner.get(node.name))
+    shared = {}
+    for target, owners in users.items():
+        if len(owners) > 1:
+            for name in owners - {None}:
+                shared.setdefault(name, target)
+    return shared
+
+
+def _plan_block(gm, block: ResidualBlock, options: Options,
+                shared: dict[str, str]) -> tuple[BlockPlan, BranchChannels | None]:
     nodes = {n.name: n for n in gm.graph.nodes}
     plan = BlockPlan(name=block.name, block=block, shape=nodes[block.output].meta.get("shape"),
                      params_before=_module_params(gm, list(block.branch + block.shortcut)))
     plan.params_after = plan.params_before
     plan.reason = _why_not_invertible(gm, block, options.channel_dim) or ""
+    if not plan.reason and block.name in shared:
+        plan.reason = f"shares layer '{shared[block.name]}' with other code: rebuilding it would untie the weights"
     if not options.reversible:
         plan.reason = "per-block checkpointing requested (reversible=False)"
     if plan.reason:
@@ -270,8 +290,9 @@ def _plan_segments(gm, block_plans: list[BlockPlan], stages: list[StagePlan],
 
 def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options) -> Plan:
     block_plans, analyses = [], {}
+    shared = _shared_layers(gm, blocks)
     for block in blocks:
-        bp, analysis = _plan_block(gm, block, options)
+        bp, analysis = _plan_block(gm, block, options, shared)
         block_plans.append(bp)
         if analysis is not None:
             analyses[bp.name] = analysis

@@ -34,7 +34,7 @@ def register_resizer(*types: type, ties, divisor=lambda m: 1):
     return wrap
 
 
-def _holds_state(m: nn.Module) -> bool:
+def holds_state(m: nn.Module) -> bool:
     return any(True for _ in m.parameters(recurse=True)) or any(True for _ in m.buffers(recurse=True))
 
 
@@ -47,7 +47,7 @@ def resizer_for(module: nn.Module) -> Resizer | None:
     for cls in type(module).__mro__:
         if cls in RESIZERS:
             return RESIZERS[cls]
-    return None if _holds_state(module) else _STATELESS
+    return None if holds_state(module) else _STATELESS
 
 
 def _stateless_copy(m: nn.Module) -> nn.Module:

@@ -11,8 +11,10 @@ Exact reconstruction. Subtracting F(x2) from a rounded sum does not give x1 back
 the error compounds over a deep stage. With `exact=True` (the default) the coupled stream is
 carried in float64 while F and G run in the activation dtype: a sum of float32 (or bf16) values
 is exact in float64, so `y - F(x2)` returns x1 to the bit. The stage output is returned in the
-activation dtype (`hi`) and the float64 remainder is saved as a second activation-dtype tensor
-(`lo`, hi + lo = y to about 2^-48), so the saved state is two tensors the size of the output.
+activation dtype (`hi`) and the float64 remainder is saved as a second tensor (`lo`, float32 for
+16-bit activations): hi + lo holds y to 2^-48 relative for float32 activations and 2^-32 for
+16-bit ones, far below the precision F and G see, so the saved state is the output plus one
+tensor of its size (two for 16-bit activations).
 """
 from __future__ import annotations
 
@@ -39,6 +41,11 @@ def _apply(fn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     without a float64 copy.
     """
     return fn(x.to(dtype))
+
+
+def _remainder_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the float64 remainder is kept in: at least float32, so hi + lo holds 32+ bits."""
+    return torch.float32 if dtype.itemsize < 4 else dtype
 
 
 def stream_dtype(dtype: torch.dtype, device: torch.device, exact: bool) -> torch.dtype:
@@ -93,13 +100,14 @@ def _rebuild_stream(hi, lo, dtype, dim):
     return halves
 
 
-def _recompute(fn, stream, dtype, grad_out, params, rng, device):
+def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device):
     """Run fn on a stream value once with autograd and backpropagate grad_out through it.
 
     Returns fn's value (used to rebuild the other half) and the gradients with respect to fn's
-    input and to `params`.
+    input and to `params`. Only the recomputation re-enters the forward's autocast state; the
+    backward through it runs outside autocast, as `loss.backward()` does.
     """
-    with torch.enable_grad(), replay_rng(rng, device):
+    with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast):
         inp = stream.to(dtype).detach().requires_grad_(True)
         out = fn(inp)
     grads = torch.autograd.grad(out, [inp, *params], grad_out.to(out.dtype), allow_unused=True)
@@ -132,7 +140,7 @@ class _ReversibleStageFunction(torch.autograd.Function):
         y = torch.cat([x1, x2], stage.dim)
         del x1, x2
         hi = y.to(x.dtype)
-        lo = (y - hi).to(x.dtype) if y.dtype != x.dtype else None
+        lo = (y - hi).to(_remainder_dtype(x.dtype)) if y.dtype != x.dtype else None
         ctx.state = [hi.detach(), lo]
         ctx.version = hi._version
         ctx.stream_dtype = y.dtype
@@ -163,13 +171,14 @@ class _ReversibleStageFunction(torch.autograd.Function):
 
         def backprop(fn, stream, grad_out, rng):
             fn_params = [p for p in fn.parameters() if id(p) in trainable]
-            value, d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng, device)
+            value, d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng,
+                                                ctx.autocast, device)
             for p, g in zip(fn_params, d_params):
                 if g is not None:
                     grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
             return value, d_inp
 
-        with replay_autocast(ctx.autocast), frozen_buffers(stage):
+        with frozen_buffers(stage):
             for block, (rng_f, rng_g) in zip(reversed(stage.blocks), reversed(ctx.rng)):
                 g_y1, d_y1 = backprop(block.g, y1, dy2, rng_g)
                 y2 -= g_y1                           # x2, rebuilt
