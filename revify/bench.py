@@ -28,13 +28,17 @@ class BenchResult:
     params: int
 
 
-def strategies(model: nn.Module, input_size, **options) -> dict[str, nn.Module]:
+def strategies(model: nn.Module, input_size, native: bool = False, **options) -> dict[str, nn.Module]:
+    """The model as is, with per-block checkpointing, and revified (optionally also "native")."""
     example = torch.empty(2, *input_size)
-    return {
+    models = {
         "original": model,
         "checkpoint": transform(model, example, reversible=False, **options),
         "revify": transform(model, example, **options),
     }
+    if native:
+        models["revify-native"] = transform(model, example, reconstruction="native", **options)
+    return models
 
 
 def _step(model, x, y):

@@ -24,11 +24,14 @@ class Options:
     width: float | Literal["match"] = "match"   # internal width multiplier, or match parameters
     checkpoint: Literal["non_invertible", "none"] = "non_invertible"
     reversible: bool = True                      # False: per-block checkpointing only (a baseline)
+    reconstruction: Literal["exact", "native"] = "exact"  # stream in float64, or activation dtype
     channel_dim: int = 1
 
     def __post_init__(self):
         if self.checkpoint not in ("non_invertible", "none"):
             raise ValueError(f"checkpoint must be 'non_invertible' or 'none', not {self.checkpoint!r}.")
+        if self.reconstruction not in ("exact", "native"):
+            raise ValueError(f"reconstruction must be 'exact' or 'native', not {self.reconstruction!r}.")
         if self.width != "match" and not (isinstance(self.width, (int, float)) and self.width > 0):
             raise ValueError(f"width must be 'match' or a positive number, not {self.width!r}.")
 

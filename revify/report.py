@@ -21,7 +21,8 @@ def format_plan(plan, fmt: str = "simple") -> str:
     segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-"] for s in plan.segments]
     parts = [
         f"revify plan for {plan.model}: {len(plan.blocks)} residual blocks, "
-        f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} stages",
+        f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} stages "
+        f"({plan.options.reconstruction} reconstruction)",
         tabulate(blocks, ["block", "output", "became", "stage", "params before", "params after",
                           "reason"], tablefmt=fmt),
         tabulate(stages, ["reversible stage", "blocks", "channels", "halves", "width",

@@ -122,7 +122,7 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -
     half = stage.channels // 2
     couplings = [CouplingBlock(build_branch(gm, bp, 0), build_branch(gm, bp, half)) for bp in block_plans]
     attr = _unit_name(gm, stage.name)
-    gm.add_submodule(attr, ReversibleStage(couplings, dim))
+    gm.add_submodule(attr, ReversibleStage(couplings, dim, plan.options.reconstruction == "exact"))
     output = nodes[stage.output]
     with gm.graph.inserting_before(output):
         call = gm.graph.call_module(attr, (nodes[stage.entry],))

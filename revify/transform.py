@@ -39,7 +39,8 @@ def _example_inputs(example_inputs, input_size) -> tuple:
 def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int] = (3, 224, 224),
               width: float | Literal["match"] = "match",
               checkpoint: Literal["non_invertible", "none"] = "non_invertible",
-              reversible: bool = True, leaf_modules: Iterable[type | str] = ()) -> RevifiedModel:
+              reversible: bool = True, reconstruction: Literal["exact", "native"] = "exact",
+              leaf_modules: Iterable[type | str] = ()) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
 
     example_inputs: a tensor (or tuple) shaped like the model's input, used only for its shapes
@@ -49,9 +50,13 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     checkpoint: "non_invertible" wraps every layer outside a reversible stage in activation
         checkpointing; "none" stores their activations as usual.
     reversible: False checkpoints every block instead (the per-block checkpointing baseline).
+    reconstruction: "exact" carries the coupled stream in float64, so the backward rebuilds every
+        activation to the bit; "native" keeps it in the activation dtype: less memory and time,
+        but reconstruction error grows with depth (see README).
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     """
-    options = Options(width=width, checkpoint=checkpoint, reversible=reversible)
+    options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
+                      reconstruction=reconstruction)
     gm = trace(model, leaf_modules)
     propagate_shapes(gm, _example_inputs(example_inputs, input_size))
     blocks = find_blocks(gm)
