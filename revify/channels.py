@@ -104,6 +104,10 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
                 raise Unresizable(f"no resize rule for {type(module).__name__} ('{node.target}')")
             if len(inputs) != 1:
                 raise Unresizable(f"module '{node.target}' takes {len(inputs)} branch tensors")
+            expected = rule.channels_in(module)
+            if expected is not None and expected != _channels(inputs[0], dim):
+                raise Unresizable(f"'{node.target}' works on another dimension than channels "
+                                  f"(dim {dim})")
             if rule.ties(module):
                 if channels != size[uf.find(cls[inputs[0].name])]:
                     raise Unresizable(f"'{node.target}' changes the channel count")

@@ -21,15 +21,16 @@ class Resizer:
     ties: Callable[[nn.Module], bool]              # output channels follow input channels
     divisor: Callable[[nn.Module], int]            # channel counts must be multiples of this
     build: Callable[[nn.Module, int, int, torch.device | None], nn.Module]
+    channels_in: Callable[[nn.Module], int | None]  # the input channels the module expects
 
 
 RESIZERS: dict[type, Resizer] = {}
 
 
-def register_resizer(*types: type, ties, divisor=lambda m: 1):
+def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1):
     def wrap(build):
         for t in types:
-            RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build)
+            RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build, channels_in=channels_in)
         return build
     return wrap
 
@@ -39,7 +40,8 @@ def holds_state(m: nn.Module) -> bool:
 
 
 _STATELESS = Resizer(ties=lambda m: True, divisor=lambda m: 1,
-                     build=lambda m, cin, cout, device: _stateless_copy(m))
+                     build=lambda m, cin, cout, device: _stateless_copy(m),
+                     channels_in=lambda m: None)
 
 
 def resizer_for(module: nn.Module) -> Resizer | None:
@@ -84,6 +86,7 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 
 @register_resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d, ties=_is_depthwise,
+                  channels_in=lambda m: m.in_channels,
                   divisor=lambda m: 1 if _is_depthwise(m) else m.groups)
 def _resize_conv(m, cin, cout, device=None):
     groups = cin if _is_depthwise(m) else m.groups
@@ -92,25 +95,28 @@ def _resize_conv(m, cin, cout, device=None):
                       dict(weight=(cout, cin // groups, *k), bias=(cout,)), device)
 
 
-@register_resizer(nn.Linear, ties=lambda m: False)
+@register_resizer(nn.Linear, ties=lambda m: False, channels_in=lambda m: m.in_features)
 def _resize_linear(m, cin, cout, device=None):
     return clone_with(m, dict(in_features=cin, out_features=cout),
                       dict(weight=(cout, cin), bias=(cout,)), device)
 
 
 @register_resizer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, ties=lambda m: True)
+                  nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, ties=lambda m: True,
+                  channels_in=lambda m: m.num_features)
 def _resize_batchnorm(m, cin, cout, device=None):
     per_channel = dict(weight=(cin,), bias=(cin,), running_mean=(cin,), running_var=(cin,))
     return clone_with(m, dict(num_features=cin), per_channel, device)
 
 
-@register_resizer(nn.GroupNorm, ties=lambda m: True, divisor=lambda m: m.num_groups)
+@register_resizer(nn.GroupNorm, ties=lambda m: True, divisor=lambda m: m.num_groups,
+                  channels_in=lambda m: m.num_channels)
 def _resize_groupnorm(m, cin, cout, device=None):
     return clone_with(m, dict(num_channels=cin), dict(weight=(cin,), bias=(cin,)), device)
 
 
-@register_resizer(nn.PReLU, ties=lambda m: True)
+@register_resizer(nn.PReLU, ties=lambda m: True,
+                  channels_in=lambda m: None if m.num_parameters == 1 else m.num_parameters)
 def _resize_prelu(m, cin, cout, device=None):
     if m.num_parameters == 1:
         return copy.deepcopy(m)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .checkpoint import Checkpointed
 from .plan import BlockPlan, Plan, StagePlan
@@ -121,8 +123,10 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -
     block_plans = [plan.block(name) for name in stage.blocks]
     half = stage.channels // 2
     couplings = [CouplingBlock(build_branch(gm, bp, 0), build_branch(gm, bp, half)) for bp in block_plans]
+    module = ReversibleStage(couplings, dim, plan.options.reconstruction == "exact")
+    _check_shape(module, nodes[stage.entry].meta["shape"], stage.name)
     attr = _unit_name(gm, stage.name)
-    gm.add_submodule(attr, ReversibleStage(couplings, dim, plan.options.reconstruction == "exact"))
+    gm.add_submodule(attr, module)
     output = nodes[stage.output]
     with gm.graph.inserting_before(output):
         call = gm.graph.call_module(attr, (nodes[stage.entry],))
@@ -132,6 +136,23 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -
     inner = [nodes[n] for bp in block_plans for n in bp.block.nodes if n != exit_op]
     for node in reversed(inner):
         gm.graph.erase_node(node)
+
+
+def _check_shape(stage: ReversibleStage, shape: tuple[int, ...], name: str) -> None:
+    """Run the built stage once on fake tensors: it must map its input shape to itself.
+
+    A safety net behind the plan's channel analysis: a wrongly rebuilt branch fails here, at
+    transform time, instead of producing a model that breaks (or silently differs) later.
+    """
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = stage.forward_plain(torch.empty(shape))
+        ok, detail = tuple(out.shape) == tuple(shape), f"output shape {tuple(out.shape)}"
+    except Exception as exc:
+        ok, detail = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if not ok:
+        raise RuntimeError(f"revify built reversible stage {name} wrongly ({detail} for input "
+                           f"{tuple(shape)}); please report this model.")
 
 
 def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:

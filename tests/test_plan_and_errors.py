@@ -206,3 +206,23 @@ def test_stage_inverse_rebuilds_the_input_exactly():
         stage.exact = False  # the same coupling carried in float32 drifts
         drift = (stage.inverse(stage.couple(x)) - x).abs().max().item()
     assert 0 < drift < 1e-3
+
+
+class TokenMLP(nn.Module):
+    """A residual MLP on (batch, tokens, features): channels are the last dim, not dim 1."""
+
+    def __init__(self, tokens=8, features=8):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(features, 16), nn.Linear(16, features)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_layers_working_on_another_dim_are_not_split_along_dim_1():
+    model = nn.Sequential(TokenMLP(), TokenMLP())
+    rev = revify.transform(model, torch.randn(2, 8, 8))  # tokens == features: shapes alone can't tell
+    assert all(b.action == "checkpointed" and "another dimension" in b.reason
+               for b in rev.revify_plan.blocks)
+    x = torch.randn(2, 8, 8)
+    torch.testing.assert_close(rev(x), model(x))
