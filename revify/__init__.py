@@ -6,9 +6,10 @@ from .plan import Plan
 from .reversible import CouplingBlock, ReversibleStage
 from .trace import TraceError
 from .transform import NoResidualBlocks, RevifiedModel, transform
+from .analyze import Analysis, analyze, measure  # noqa: E402  (after transform: it uses it)
 
 __version__ = "0.1.0"
 
-__all__ = ["transform", "exact_backward", "RevifiedModel", "Plan", "ReversibleStage",
+__all__ = ["transform", "analyze", "measure", "Analysis", "exact_backward", "RevifiedModel", "Plan", "ReversibleStage",
            "CouplingBlock", "Checkpointed", "ResidualBlock", "find_blocks", "TraceError",
            "NoResidualBlocks", "__version__"]

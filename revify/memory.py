@@ -20,10 +20,13 @@ class LiveTensorTracker(TorchDispatchMode):
 
     Storages that existed before (parameters, the input batch) are not counted. `events` keeps
     the timeline so peaks can be recomputed leaving chosen storages out (parameter gradients).
+    `count_meta=True` also counts meta storages (meta-device and fake tensors) at the bytes they
+    stand for: a step run on them is an exact projection that allocates nothing.
     """
 
-    def __init__(self):
+    def __init__(self, count_meta: bool = False):
         super().__init__()
+        self.count_meta = count_meta
         self.live: dict[int, tuple[int, int]] = {}  # storage address -> (birth id, bytes)
         self.current = 0
         self.peak = 0
@@ -51,7 +54,9 @@ class LiveTensorTracker(TorchDispatchMode):
     def _track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         key = storage._cdata
-        if key in self.live or storage.nbytes() == 0 or storage.device.type == "meta":
+        if key in self.live or storage.nbytes() == 0:
+            return
+        if storage.device.type == "meta" and not self.count_meta:
             return
         nbytes = storage.nbytes()
         birth = len(self.events)  # addresses are reused after a free; births are unique

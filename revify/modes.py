@@ -78,11 +78,17 @@ def replay_rng(state, device: torch.device):
 
 def capture_autocast(device: torch.device):
     kind = device.type
-    return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+    try:
+        return kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+    except RuntimeError:  # a device type without autocast (meta): nothing to replay
+        return None
 
 
 @contextmanager
 def replay_autocast(state):
+    if state is None:
+        yield
+        return
     kind, enabled, dtype = state
     with torch.autocast(kind, dtype=dtype, enabled=enabled):
         yield

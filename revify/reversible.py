@@ -8,13 +8,13 @@ reverse; per block it recomputes G(y1) once, using the value both to rebuild x2 
 backpropagate through G, then does the same for F: one extra forward per block.
 
 Exact reconstruction. Subtracting F(x2) from a rounded sum does not give x1 back exactly, and
-the error compounds over a deep stage. With `exact=True` (the default) the coupled stream is
-carried in float64 while F and G run in the activation dtype: a sum of float32 (or bf16) values
-is exact in float64, so `y - F(x2)` returns x1 to the bit. The stage output is returned in the
-activation dtype (`hi`) and the float64 remainder is saved as a second tensor (`lo`, float32 for
-16-bit activations): hi + lo holds y to 2^-48 relative for float32 activations and 2^-32 for
-16-bit ones, far below the precision F and G see, so the saved state is the output plus one
-tensor of its size (two for 16-bit activations).
+the error compounds over a deep stage. With `exact=True` (the default) the coupled stream's
+*value* is carried in float64 while F and G run in the activation dtype: a sum of float32 (or
+bf16) values is exact in float64, so `y - F(x2)` returns x1 to the bit. Its *gradient* stays in
+the activation dtype, as in any network (float64 gradients would cost memory and buy nothing).
+The stage output is returned in the activation dtype (`hi`) and the float64 remainder is saved
+as a second tensor (`lo`, float32 for 16-bit activations): hi + lo holds y to 2^-48 relative for
+float32 activations and 2^-32 for 16-bit ones, far below the precision F and G see.
 """
 from __future__ import annotations
 
@@ -34,15 +34,6 @@ class CouplingBlock(nn.Module):
         self.f, self.g = f, g
 
 
-def _apply(fn: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """fn on the stream value `x`, run in the activation dtype.
-
-    The result stays in the activation dtype: adding it to the stream promotes it exactly,
-    without a float64 copy.
-    """
-    return fn(x.to(dtype))
-
-
 def _remainder_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the float64 remainder is kept in: at least float32, so hi + lo holds 32+ bits."""
     return torch.float32 if dtype.itemsize < 4 else dtype
@@ -52,6 +43,28 @@ def stream_dtype(dtype: torch.dtype, device: torch.device, exact: bool) -> torch
     if not exact or dtype == torch.float64 or device.type == "mps":  # MPS has no float64
         return dtype
     return torch.float64
+
+
+class _ExactAdd(torch.autograd.Function):
+    """(h, v) + f for the plain-autograd path: v the stream's exact value (no gradient), h its
+    rounding to the activation dtype, which carries the gradient (that of `+`: the identity)."""
+
+    @staticmethod
+    def forward(ctx, h, v, f):
+        v = v + f
+        ctx.f_dtype = f.dtype
+        ctx.mark_non_differentiable(v)
+        return v.to(h.dtype), v
+
+    @staticmethod
+    def backward(ctx, dh, dv):
+        return dh, None, dh.to(ctx.f_dtype)
+
+
+def _add(h, v, f):
+    if v is None:
+        return h + f, None
+    return _ExactAdd.apply(h, v, f)
 
 
 class ReversibleStage(nn.Module):
@@ -71,33 +84,35 @@ class ReversibleStage(nn.Module):
         return _ReversibleStageFunction.apply(self, x, *params)
 
     def couple(self, x):
-        """The coupled stream (float64 when exact) after every block, from the stage input."""
-        x1, x2 = x.to(stream_dtype(x.dtype, x.device, self.exact)).chunk(2, self.dim)
+        """Every block with plain autograd: (output, exact float64 stream or None)."""
+        h1, h2 = x.chunk(2, self.dim)
+        exact = stream_dtype(x.dtype, x.device, self.exact) != x.dtype
+        v1, v2 = x.to(torch.float64).chunk(2, self.dim) if exact else (None, None)
         for block in self.blocks:
-            x1 = x1 + _apply(block.f, x2, x.dtype)
-            x2 = x2 + _apply(block.g, x1, x.dtype)
-        return torch.cat([x1, x2], self.dim)
+            h1, v1 = _add(h1, v1, block.f(h2))
+            h2, v2 = _add(h2, v2, block.g(h1))
+        stream = torch.cat([v1, v2], self.dim) if exact else None
+        return torch.cat([h1, h2], self.dim), stream
 
     def forward_plain(self, x):
-        return self.couple(x).to(x.dtype)
+        return self.couple(x)[0]
 
     def inverse(self, y, dtype: torch.dtype | None = None):
-        """The stage input rebuilt from the coupled stream `y` (run blocks backwards)."""
+        """The stage input rebuilt from the coupled stream `y` (the blocks run backwards)."""
         dtype = dtype or y.dtype
         y1, y2 = y.chunk(2, self.dim)
         for block in reversed(self.blocks):
-            y2 = y2 - _apply(block.g, y1, dtype)
-            y1 = y1 - _apply(block.f, y2, dtype)
+            y2 = y2 - block.g(y1.to(dtype))
+            y1 = y1 - block.f(y2.to(dtype))
         return torch.cat([y1, y2], self.dim)
 
 
-def _rebuild_stream(hi, lo, dtype, dim):
-    """The two stream halves, as fresh tensors (the backward updates them in place)."""
-    halves = [h.to(dtype, copy=True) for h in hi.chunk(2, dim)]
+def _rebuild_stream(hi, lo, dtype):
+    """The stream as a fresh tensor (the backward updates it in place)."""
+    stream = hi.to(dtype, copy=True)
     if lo is not None:
-        for half, rest in zip(halves, lo.chunk(2, dim)):
-            half += rest
-    return halves
+        stream += lo
+    return stream
 
 
 def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device):
@@ -126,21 +141,21 @@ class _ReversibleStageFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stage: ReversibleStage, x, *params):
-        device = x.device
-        ctx.stage, ctx.dtype = stage, x.dtype
+        device, dtype = x.device, x.dtype
+        ctx.stage, ctx.dtype = stage, dtype
         ctx.autocast = capture_autocast(device)
         ctx.rng = []
-        x1, x2 = x.to(stream_dtype(x.dtype, device, stage.exact)).chunk(2, stage.dim)
+        x1, x2 = x.to(stream_dtype(dtype, device, stage.exact)).chunk(2, stage.dim)
         for block in stage.blocks:
             rng_f = capture_rng(device) if block.training else None
-            x1 = x1 + _apply(block.f, x2, x.dtype)
+            x1 = x1 + block.f(x2.to(dtype))  # a float64 stream absorbs the result exactly
             rng_g = capture_rng(device) if block.training else None
-            x2 = x2 + _apply(block.g, x1, x.dtype)
+            x2 = x2 + block.g(x1.to(dtype))
             ctx.rng.append((rng_f, rng_g))
         y = torch.cat([x1, x2], stage.dim)
         del x1, x2
-        hi = y.to(x.dtype)
-        lo = (y - hi).to(_remainder_dtype(x.dtype)) if y.dtype != x.dtype else None
+        hi = y.to(dtype)
+        lo = (y - hi).to(_remainder_dtype(dtype)) if y.dtype != dtype else None
         ctx.state = [hi.detach(), lo]
         ctx.version = hi._version
         ctx.stream_dtype = y.dtype
@@ -159,11 +174,13 @@ class _ReversibleStageFunction(torch.autograd.Function):
             raise RuntimeError("revify: the output of a reversible stage was modified in place "
                                "before the backward; the stage rebuilds its activations from it.")
         device = hi.device
-        # The stream state, as our own tensors: the loop below updates them in place.
-        y1, y2 = _rebuild_stream(hi, lo, ctx.stream_dtype, dim)
+        # The stream is our own buffer, updated in place: its halves become each block's input
+        # in turn. Gradients are summed out of place, as the autograd engine sums them: kernels
+        # take other paths for strided and contiguous gradients, and the reversible backward is
+        # meant to match plain autograd to the last bit.
+        y1, y2 = _rebuild_stream(hi, lo, ctx.stream_dtype).chunk(2, dim)
         del hi, lo
-        dy1, dy2 = (d.to(GRAD_STREAM_DTYPE.get(ctx.stream_dtype, d.dtype), copy=True)
-                    for d in dy.chunk(2, dim))
+        dy1, dy2 = dy.chunk(2, dim)
         del dy
         params = list(stage.parameters())
         trainable = {id(p) for p, need in zip(params, ctx.needs_input_grad[2:]) if need}
@@ -182,18 +199,13 @@ class _ReversibleStageFunction(torch.autograd.Function):
             for block, (rng_f, rng_g) in zip(reversed(stage.blocks), reversed(ctx.rng)):
                 g_y1, d_y1 = backprop(block.g, y1, dy2, rng_g)
                 y2 -= g_y1                           # x2, rebuilt
-                dy1 += d_y1                          # total gradient reaching y1
+                dy1 = dy1 + d_y1                     # total gradient reaching y1
                 del g_y1, d_y1
                 f_x2, d_x2 = backprop(block.f, y2, dy1, rng_f)
                 y1 -= f_x2                           # x1, rebuilt
-                dy2 += d_x2                          # gradient reaching x2
+                dy2 = dy2 + d_x2                     # gradient reaching x2
                 del f_x2, d_x2
         del y1, y2
-        dx = torch.cat([dy1, dy2], dim).to(dtype) if ctx.needs_input_grad[1] else None
+        dx = torch.cat([dy1, dy2], dim) if ctx.needs_input_grad[1] else None
         ctx.rng = None
         return (None, dx, *[grads.get(id(p)) for p in params])
-
-
-# Gradients along an exact (float64) stream are carried in float64 too, as autograd does through
-# `forward_plain`: the reversible backward then matches plain autograd to the last bit.
-GRAD_STREAM_DTYPE = {torch.float64: torch.float64}

@@ -10,7 +10,6 @@ import operator
 
 import torch
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .checkpoint import Checkpointed
 from .plan import BlockPlan, Plan, StagePlan
@@ -139,14 +138,16 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -
 
 
 def _check_shape(stage: ReversibleStage, shape: tuple[int, ...], name: str) -> None:
-    """Run the built stage once on fake tensors: it must map its input shape to itself.
+    """Run the built stage once on the meta device: it must map its input shape to itself.
 
     A safety net behind the plan's channel analysis: a wrongly rebuilt branch fails here, at
     transform time, instead of producing a model that breaks (or silently differs) later.
     """
+    meta = {name: torch.empty_like(t, device="meta")
+            for name, t in [*stage.named_parameters(), *stage.named_buffers()]}
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            out = stage.forward_plain(torch.empty(shape))
+        with torch.no_grad():
+            out = torch.func.functional_call(stage, meta, (torch.empty(shape, device="meta"),))
         ok, detail = tuple(out.shape) == tuple(shape), f"output shape {tuple(out.shape)}"
     except Exception as exc:
         ok, detail = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

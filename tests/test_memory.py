@@ -84,7 +84,8 @@ def test_native_reconstruction_trades_exactness_for_memory():
     exact = revify.transform(model, input_size=(3, 64, 64)).train()
     native = revify.transform(model, input_size=(3, 64, 64), reconstruction="native").train()
     assert "native reconstruction" in str(native.revify_plan)
-    assert measure_step(native, x, y).peak_activation_bytes < \
-        0.95 * measure_step(exact, x, y).peak_activation_bytes
+    native_step, exact_step = measure_step(native, x, y), measure_step(exact, x, y)
+    assert native_step.activation_bytes < 0.75 * exact_step.activation_bytes  # no float64 remainder
+    assert native_step.peak_activation_bytes <= exact_step.peak_activation_bytes
     err, _ = worst_rel_err(step_grads(native, x, y), step_grads(native, x, y, exact=True))
     assert 0 < err < 1e-3  # float32 reconstruction drifts, a little, with depth

@@ -1,0 +1,745 @@
+"""Memory analysis: what one training step holds under each strategy, by exact accounting.
+
+A projection runs one real training step (forward + backward) of the original network, of
+per-block checkpointing and of revify on fake tensors (torch's FakeTensorMode: every op is
+dispatched with its real shapes and dtypes, no data is allocated) while
+`revify.memory.LiveTensorTracker` counts every storage the step creates, at the bytes it stands
+for. Nothing is estimated and nothing is allocated, so a batch of 1024 at 224x224 projects in
+seconds. `measure` runs the same step for real to check the projection.
+
+Fake tensors rather than the meta device: a reversible stage records the autocast state of its
+input's device, and torch has no autocast state for "meta"; fake tensors keep their device.
+
+Every storage a step allocates is k * batch + m bytes, so each point of the step's memory
+timeline is affine in the batch size. Two projections (batch B and 2B) give every point as a
+line, and the peak at any batch is the highest of those lines: exact as long as the step makes
+the same allocations in the same order at both sizes, which is checked.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import flop_registry
+
+from .bench import strategies
+from .checkpoint import Checkpointed
+from .memory import LiveTensorTracker, measure_step
+from .reversible import ReversibleStage
+from .trace import trace
+
+STRATEGIES = ("original", "checkpoint", "revify")
+OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}   # state tensors kept per parameter
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                  "half": "float16"}
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+MiB = 2**20
+
+
+# ----------------------------------------------------------------------------- inputs
+def parse_bytes(text: str | int | float) -> int:
+    """A memory size: '24GiB', '24GB', '512MiB', '80e9' (bytes) or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(f"cannot read the memory size '{text}': write e.g. 24GiB, 24GB, 512MiB "
+                         f"or 80e9 (bytes)")
+    size = int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"the memory size must be positive, got '{text}'")
+    return size
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    name = str(dtype).removeprefix("torch.").lower()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype '{dtype}': choose {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _check(input_size, batch_size: int, optimizer: str) -> tuple[int, ...]:
+    input_size = tuple(int(s) for s in input_size)
+    if not input_size or any(s <= 0 for s in input_size):
+        raise ValueError(f"input_size must be positive, got {input_size}")
+    if int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer '{optimizer}': choose {', '.join(OPTIMIZER_STATES)}")
+    return input_size
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class StrategyMemory:
+    """One strategy's training step. Bytes; `peak_bytes` is what the device must hold."""
+    params: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int       # held between forward and backward, the input batch included
+    peak_activation_bytes: int  # peak during forward + backward of all but params, grads, state
+    step_peak_bytes: int        # the same peak with the gradients alive at that moment
+    flops: int                  # forward + backward, recomputation included
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.param_bytes + self.optimizer_bytes + self.step_peak_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+@dataclass
+class Unit:
+    """A unit of revify's plan (stem, reversible stage, checkpointed block, head) or a block."""
+    name: str
+    kind: str
+    became: str                                   # under revify
+    shape: tuple[int, ...]                        # output, batch dimension left out
+    activation_bytes: dict[str, int] = field(default_factory=dict)  # strategy -> held after forward
+    recompute_flops: dict[str, int] = field(default_factory=dict)   # strategy -> re-run in backward
+    blocks: list["Unit"] = field(default_factory=list)
+
+
+@dataclass
+class Curve:
+    """Peak bytes of a step against batch size: every point of its timeline is affine."""
+    fixed: int           # parameters and optimizer state: no batch dependence
+    batch: int           # the timeline was recorded at `batch` and at twice that
+    at_batch: list[int]
+    at_double: list[int]
+
+    def _points(self):
+        b = self.batch
+        return [(lo, hi - lo) for lo, hi in zip(self.at_batch, self.at_double)], b
+
+    def peak(self, batch: int) -> int:
+        points, b = self._points()
+        return self.fixed + max(lo + (grow * (batch - b)) // b for lo, grow in points)
+
+    def largest_batch(self, budget: int) -> int:
+        """The largest batch whose peak fits in `budget` bytes (0: not even a batch of 1)."""
+        if self.peak(1) > budget:
+            return 0
+        points, b = self._points()
+        room = budget - self.fixed
+        # Points that do not grow fit at every batch once they fit at 1.
+        best = min((b + ((room - lo) * b) // grow for lo, grow in points if grow > 0),
+                   default=2**31)
+        while self.peak(best) > budget:  # integer rounding: step back to what fits
+            best -= 1
+        return best
+
+
+@dataclass
+class StageCost:
+    name: str
+    blocks: int
+    params: int          # parameters of the stage after revify
+
+
+@dataclass
+class Analysis:
+    """What `analyze` found: per strategy, per unit, and (with a budget) what fits.
+
+    `to_json()` is the machine-readable form, `format()` the tables the command line prints.
+    """
+    model: str
+    batch_size: int
+    input_size: tuple[int, ...]
+    dtype: str
+    optimizer: str
+    device: str
+    memory: int | None                     # the budget, bytes
+    strategies: dict[str, StrategyMemory]
+    units: list[Unit]
+    stages: list[StageCost]
+    curves: dict[str, Curve] | None = None
+    measured: dict[str, dict[str, int | None]] | None = None
+
+    def peak_at(self, strategy: str, batch: int) -> int:
+        if self.curves is None:
+            raise ValueError("this analysis has no batch-size curves: pass memory= or curves=True")
+        return self.curves[strategy].peak(batch)
+
+    def largest_batch(self) -> dict[str, int] | None:
+        if self.memory is None or self.curves is None:
+            return None
+        return {s: c.largest_batch(self.memory) for s, c in self.curves.items()}
+
+    def bytes_per_param(self) -> int:
+        """A parameter's own bytes, its gradient's and its optimizer state's."""
+        return DTYPES[self.dtype].itemsize * (2 + OPTIMIZER_STATES[self.optimizer])
+
+    def extra_blocks(self) -> list[dict] | None:
+        """More blocks each reversible stage could hold at this batch, on its own."""
+        if self.memory is None:
+            return None
+        headroom = self.memory - self.strategies["revify"].peak_bytes
+        rows = []
+        for stage in self.stages:
+            cost = stage.params // stage.blocks * self.bytes_per_param()
+            rows.append({"stage": stage.name, "blocks": stage.blocks,
+                         "params_per_block": stage.params // stage.blocks, "bytes_per_block": cost,
+                         "extra_blocks": max(headroom, 0) // cost if cost else None})
+        return rows
+
+    def shares(self) -> dict[str, dict]:
+        out = {}
+        for name, s in self.strategies.items():
+            total = s.weight_bytes + s.peak_activation_bytes
+            out[name] = {"weight_bytes": s.weight_bytes, "activation_bytes": s.peak_activation_bytes,
+                         "weight_share": s.weight_bytes / total, "activation_share":
+                         s.peak_activation_bytes / total}
+        return out
+
+    def to_json(self) -> dict:
+        largest = self.largest_batch()
+        return {
+            "model": self.model, "batch_size": self.batch_size, "input_size": list(self.input_size),
+            "dtype": self.dtype, "optimizer": self.optimizer, "device": self.device,
+            "strategies": {k: {**asdict(s), "peak_bytes": s.peak_bytes}
+                           for k, s in self.strategies.items()},
+            "units": [asdict(u) for u in self.units],
+            "shares": self.shares(),
+            "budget": None if self.memory is None else {
+                "memory_bytes": self.memory, "largest_batch": largest,
+                "extra_blocks": self.extra_blocks()},
+            "measured": self.measured,
+        }
+
+    def format(self, fmt: str = "simple", blocks: bool = False) -> str:
+        return format_analysis(self, fmt, blocks)
+
+
+# ----------------------------------------------------------------------------- projection
+class _StepTracker(LiveTensorTracker):
+    """Live storages plus, per storage, the unit whose code created it; FLOPs per unit."""
+
+    def __init__(self):
+        super().__init__(count_meta=True)
+        self.label = None                           # (row, block or None) running now
+        self.born_in: dict[int, tuple] = {}         # birth id -> label
+        self.flops: dict[tuple, int] = defaultdict(int)
+        self.total_flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        formula = flop_registry.get(func._overloadpacket)  # FlopCounterMode's formulas
+        if formula is not None:
+            flops = formula(*args, **(kwargs or {}), out_val=out)
+            self.flops[self.label] += flops
+            self.total_flops += flops
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        birth = len(self.events)
+        super()._track(t)
+        if len(self.events) > birth:
+            self.born_in[birth] = self.label
+
+    def held_by_label(self) -> dict[tuple, int]:
+        held: dict[tuple, int] = defaultdict(int)
+        for birth, nbytes in self.live.values():
+            if birth is not None:
+                held[self.born_in[birth]] += nbytes
+        return dict(held)
+
+    def timeline(self) -> list[int]:
+        """Bytes live after every allocation and release, in order."""
+        current, out = 0, []
+        for _, delta in self.events:
+            current += delta
+            out.append(current)
+        return out
+
+
+class _Labelled(fx.Interpreter):
+    """Runs a graph with the tracker told which unit each node belongs to."""
+
+    def __init__(self, gm: fx.GraphModule, tracker: _StepTracker, labels: dict[str, tuple]):
+        super().__init__(gm)
+        self.tracker, self.labels = tracker, labels
+        self.shapes: dict[int, tuple] = {}
+
+    def run_node(self, node: fx.Node):
+        label = self.labels.get(node.name)
+        self.tracker.label = label
+        result = super().run_node(node)
+        self.tracker.label = None
+        if label is not None and isinstance(result, torch.Tensor):
+            self.shapes[label[0]] = tuple(result.shape[1:])  # the row's last node: its output
+        return result
+
+
+def _fake_copy(model: nn.Module, mode: FakeTensorMode, device, dtype) -> nn.Module:
+    """`model` with fake parameters and buffers (floating ones in `dtype`): nothing allocated.
+
+    deepcopy's memo swaps each tensor for its fake twin, so tied weights stay tied and no real
+    weight is copied.
+    """
+    memo = {}
+    with mode:
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(_fake_like(p, device, dtype), p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = _fake_like(b, device, dtype)
+    return copy.deepcopy(model, memo).train()
+
+
+def _fake_like(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), device=device,
+                               dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+@dataclass
+class _Run:
+    memory: StrategyMemory
+    held: dict[tuple, int]              # label -> bytes held after the forward
+    recompute_flops: dict[tuple, int]   # label -> FLOPs re-run during the backward
+    shapes: dict[int, tuple]
+    timeline: list[int]
+
+
+def _run(gm: fx.GraphModule, mode: FakeTensorMode, labels: dict, tracker: _StepTracker,
+         batch: int, input_size, dtype, device, optimizer: str) -> _Run:
+    """One projected training step of the fake module `gm`, counted by `tracker`."""
+    gm.zero_grad(set_to_none=True)
+    with mode, tracker:
+        x = torch.empty(batch, *input_size, dtype=dtype, device=device)
+        y = torch.zeros(batch, dtype=torch.long, device=device)
+        interpreter = _Labelled(gm, tracker, labels)
+        loss = F.cross_entropy(interpreter.run(x), y)
+        shapes = interpreter.shapes
+        del interpreter  # its environment still holds the output: the model call would not
+        tracker.mark("forward")
+        held, forward_flops = tracker.held_by_label(), dict(tracker.flops)
+        loss.backward()
+        del loss
+    recompute = {k: v - forward_flops.get(k, 0) for k, v in tracker.flops.items() if k is not None}
+    params = list(gm.parameters())
+    grads = [p.grad for p in params if p.grad is not None]
+    param_bytes = sum(p.untyped_storage().nbytes() for p in params)
+    trainable = sum(p.untyped_storage().nbytes() for p in params if p.requires_grad)
+    memory = StrategyMemory(
+        params=sum(p.numel() for p in params), param_bytes=param_bytes,
+        grad_bytes=sum(g.untyped_storage().nbytes() for g in grads),
+        optimizer_bytes=OPTIMIZER_STATES[optimizer] * trainable,
+        activation_bytes=tracker.marks["forward"], peak_activation_bytes=tracker.peak_without(grads),
+        step_peak_bytes=tracker.peak, flops=tracker.total_flops)
+    return _Run(memory, held, recompute, shapes, tracker.timeline())
+
+
+# ----------------------------------------------------------------------------- labels
+def _block_rows(plan) -> dict[str, int]:
+    return {b: i for i, seg in enumerate(plan.segments) for b in seg.blocks}
+
+
+def _rows_of(segments, rows) -> list[int]:
+    """The row of revify's plan each of another plan's segments is reported under.
+
+    A segment with blocks goes to its first block's row; one before every block to the first
+    row (the stem), one after every block to the last (the head), one in between to the next
+    block's row (loose nodes join the unit after them, as in the plan).
+    """
+    row_of = _block_rows(rows)
+    out = []
+    for k, seg in enumerate(segments):
+        later = [row_of[s.blocks[0]] for s in segments[k:] if s.blocks]  # this one included
+        if not any(s.blocks for s in segments[:k + 1]):
+            out.append(0)
+        else:
+            out.append(later[0] if later else len(rows.segments) - 1)
+    return out
+
+
+def _original_labels(rows) -> dict[str, tuple]:
+    """Node -> (row, block): the traced original has the node names revify's plan refers to."""
+    labels = {}
+    for i, seg in enumerate(rows.segments):
+        in_stage = {n: b for b in (seg.blocks if seg.kind == "stage" else [])
+                    for n in rows.block(b).block.nodes}
+        for node in seg.nodes:
+            labels[node] = (i, in_stage.get(node))
+    return labels
+
+
+def _units(net: fx.GraphModule):
+    return [n for n in net.graph.nodes if n.op == "call_module"
+            and isinstance(net.get_submodule(n.target), (Checkpointed, ReversibleStage))]
+
+
+def _net_labels(rev: nn.Module, rows) -> dict[str, tuple]:
+    """Unit node of a revified net -> (row, block): units follow the plan's wrapped segments."""
+    plan = rev.revify_plan
+    wrapped = [(seg, row) for seg, row in zip(plan.segments, _rows_of(plan.segments, rows))
+               if seg.action != "stored"]
+    units = _units(rev.net)
+    if len(units) != len(wrapped):  # an unexpected rewrite: report it all as unattributed
+        return {}
+    labels = {}
+    for node, (seg, row) in zip(units, wrapped):
+        row_blocks = rows.segments[row].blocks if rows.segments[row].kind == "stage" else []
+        block = seg.blocks[0] if len(seg.blocks) == 1 and seg.blocks[0] in row_blocks else None
+        labels[node.name] = (row, block)
+    return labels
+
+
+def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, rows) -> list:
+    """Hooks that tell the tracker which unit (and which block of a stage) is running.
+
+    They fire again when the backward re-runs a unit, so the FLOPs counted under a label after
+    the forward are exactly its recomputation. Pre-hooks push the label and post-hooks restore
+    the previous one, also when a checkpoint stops its recomputation early by raising.
+    """
+    previous = []
+
+    def enter(label):
+        def hook(*_):
+            previous.append(tracker.label)
+            tracker.label = label
+        return hook
+
+    def leave(*_):
+        tracker.label = previous.pop()
+
+    handles = []
+    for node in _units(net):
+        if node.name not in labels:
+            continue
+        row, block = labels[node.name]
+        unit = net.get_submodule(node.target)
+        watched = [(unit.module, (row, block))] if isinstance(unit, Checkpointed) else [
+            (fn, (row, name)) for name, coupling in zip(rows.segments[row].blocks, unit.blocks)
+            for fn in (coupling.f, coupling.g)]
+        for module, label in watched:
+            handles.append(module.register_forward_pre_hook(enter(label)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+    return handles
+
+
+# ----------------------------------------------------------------------------- analysis
+@dataclass
+class _Prepared:
+    gm: fx.GraphModule       # fake: runs without allocating
+    mode: FakeTensorMode     # the mode its tensors belong to
+    labels: dict[str, tuple]
+
+
+def _prepare(models: dict[str, nn.Module], device, dtype) -> dict[str, _Prepared]:
+    rows = models["revify"].revify_plan
+    # The traced original has the node names revify's plan refers to, so its memory can be
+    # attributed to the same units; it runs the same ops as the model itself.
+    mode = FakeTensorMode()
+    original = _fake_copy(trace(models["original"]), mode, device, dtype)
+    prepared = {"original": _Prepared(original, mode, _original_labels(rows))}
+    for name in ("checkpoint", "revify"):
+        mode = FakeTensorMode()
+        fake = _fake_copy(models[name], mode, device, dtype)
+        prepared[name] = _Prepared(fake.net, mode, _net_labels(fake, rows))
+    return prepared
+
+
+def _project(prepared: dict[str, _Prepared], rows, batch, input_size, dtype, device,
+             optimizer) -> dict[str, _Run]:
+    runs = {}
+    for name, p in prepared.items():
+        tracker = _StepTracker()
+        handles = _label_hooks(p.gm, p.labels, tracker, rows)
+        try:
+            runs[name] = _run(p.gm, p.mode, p.labels, tracker, batch, input_size, dtype, device,
+                              optimizer)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return runs
+
+
+def _curve(run: _Run, doubled: _Run, batch: int) -> Curve:
+    fixed = run.memory.param_bytes + run.memory.optimizer_bytes
+    if len(run.timeline) == len(doubled.timeline):
+        return Curve(fixed, batch, run.timeline, doubled.timeline)
+    # The step allocated differently at the two sizes: fall back to the line through the peaks.
+    return Curve(fixed, batch, [run.memory.step_peak_bytes], [doubled.memory.step_peak_bytes])
+
+
+def _unit(name, kind, became, shape, runs, match) -> Unit:
+    unit = Unit(name, kind, became, tuple(shape))
+    for strategy, run in runs.items():
+        unit.activation_bytes[strategy] = sum(v for k, v in run.held.items() if match(k))
+        unit.recompute_flops[strategy] = sum(v for k, v in run.recompute_flops.items() if match(k))
+    return unit
+
+
+def _unit_table(rows, runs) -> list[Unit]:
+    shapes = runs["revify"].shapes
+    units = []
+    for i, seg in enumerate(rows.segments):
+        unit = _unit(seg.name, seg.kind, seg.action, shapes.get(i, ()), runs,
+                     lambda k, i=i: k is not None and k[0] == i)
+        if seg.kind == "stage":
+            unit.blocks = [_unit(b, "block", rows.block(b).action, rows.block(b).shape[1:], runs,
+                                 lambda k, i=i, b=b: k == (i, b)) for b in seg.blocks]
+        units.append(unit)
+    units.append(_unit("input, loss", "other", "stored", (), runs, lambda k: k is None))
+    return units
+
+
+def _default_budget(memory) -> int | None:
+    if memory is not None:
+        return parse_bytes(memory)
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return None
+
+
+def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name):
+    input_size = _check(input_size, batch_size, optimizer)
+    dtype, memory = parse_dtype(dtype), _default_budget(memory)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = strategies(model, input_size)
+    rows = models["revify"].revify_plan
+    prepared = _prepare(models, device, dtype)
+
+    def project(batch: int) -> dict[str, _Run]:
+        return _project(prepared, rows, batch, input_size, dtype, device, optimizer)
+
+    runs, curve_map = project(batch_size), None
+    if curves or (curves is None and memory is not None):  # a second size gives every line
+        doubled = project(2 * batch_size)
+        curve_map = {s: _curve(runs[s], doubled[s], batch_size) for s in runs}
+    analysis = Analysis(
+        model=name or type(model).__name__, batch_size=batch_size, input_size=input_size,
+        dtype=str(dtype).removeprefix("torch."), optimizer=optimizer, device=device.type,
+        memory=memory, strategies={s: r.memory for s, r in runs.items()},
+        units=_unit_table(rows, runs),
+        stages=[StageCost(s.name, len(s.blocks), s.params_after) for s in rows.stages],
+        curves=curve_map)
+    return analysis, models
+
+
+def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
+            dtype: str | torch.dtype = torch.float32, optimizer: str = "sgd", memory=None, *,
+            device: str | None = None, curves: bool | None = None, name: str | None = None) -> Analysis:
+    """Project the memory of one training step under each strategy, allocating nothing.
+
+    memory: a budget ('24GiB', '80e9', or bytes) for the budget table; default: the CUDA device's
+        total memory when there is one. curves: also project at twice the batch, for
+        `peak_at`/`largest_batch` and plots (default: when there is a budget).
+    device: the device the step would run on (default: CUDA when available, else CPU).
+    """
+    return _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name)[0]
+
+
+def measure(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
+            dtype: str | torch.dtype = torch.float32, optimizer: str = "sgd", memory=None, *,
+            device: str | None = None, curves: bool | None = None, name: str | None = None) -> Analysis:
+    """`analyze`, plus one real training step of each strategy measured next to the projection.
+
+    CPU: exact live-storage accounting (revify.memory.measure_step); CUDA:
+    torch.cuda.max_memory_allocated. `model` itself is not trained: a copy is.
+    """
+    analysis, models = _analyze(model, input_size, batch_size, dtype, optimizer, memory, device,
+                                curves, name)
+    models["original"] = copy.deepcopy(models["original"])
+    device = torch.device(analysis.device)
+    analysis.measured = {s: _measure(m, analysis.batch_size, analysis.input_size,
+                                     DTYPES[analysis.dtype], device) for s, m in models.items()}
+    return analysis
+
+
+def _measure(model: nn.Module, batch: int, input_size, dtype, device) -> dict[str, int | None]:
+    model = model.to(device=device, dtype=dtype).train()
+    torch.manual_seed(0)
+    x = torch.randn(batch, *input_size, device=device, dtype=dtype)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    if device.type == "cuda":
+        return _measure_cuda(model, x, y)
+    step = measure_step(model, x, y)
+    batch_bytes = x.untyped_storage().nbytes() + y.untyped_storage().nbytes()  # projected too
+    return {"activation_bytes": step.activation_bytes + batch_bytes,
+            "peak_activation_bytes": step.peak_activation_bytes + batch_bytes,
+            "step_peak_bytes": step.peak_bytes + batch_bytes}
+
+
+def _measure_cuda(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, int | None]:
+    F.cross_entropy(model(x), y).backward()  # warm-up: library workspaces are allocated once
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() - x.untyped_storage().nbytes() - y.untyped_storage().nbytes()
+    loss = F.cross_entropy(model(x), y)
+    held = torch.cuda.memory_allocated() - base
+    loss.backward()
+    del loss
+    torch.cuda.synchronize()
+    # The allocator's peak cannot leave the gradients out: peak_activation_bytes is not measured.
+    return {"activation_bytes": held, "peak_activation_bytes": None,
+            "step_peak_bytes": torch.cuda.max_memory_allocated() - base}
+
+
+# ----------------------------------------------------------------------------- report
+def _num(value: float) -> str:
+    return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
+
+
+def _mib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else _num(nbytes / MiB)
+
+
+def _gflop(flops: int) -> str:
+    return _num(flops / 1e9)
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) if shape else "-"
+
+
+def _unit_rows(a: Analysis, blocks: bool) -> list[list]:
+    out = []
+    for unit in a.units:
+        expand = blocks and len(unit.blocks) > 1  # a one-block stage is its block
+        for u, prefix in [(unit, "")] + ([(b, "- ") for b in unit.blocks] if expand else []):
+            out.append([prefix + u.name, u.became, _shape(u.shape),
+                        *[_mib(u.activation_bytes[s]) for s in STRATEGIES],
+                        *[_gflop(u.recompute_flops[s]) for s in STRATEGIES[1:]]])
+    return out
+
+
+def _totals_rows(a: Analysis) -> list[list]:
+    orig, ckpt = a.strategies["original"], a.strategies["checkpoint"]
+    return [[name, f"{s.params:,}", _mib(s.param_bytes), _mib(s.grad_bytes),
+             _mib(s.optimizer_bytes), _mib(s.activation_bytes), _mib(s.peak_activation_bytes),
+             _mib(s.peak_bytes), _pct(1 - s.peak_bytes / orig.peak_bytes),
+             _pct(1 - s.peak_bytes / ckpt.peak_bytes), _gflop(s.flops),
+             _pct(s.flops / orig.flops - 1, "+")] for name, s in a.strategies.items()]
+
+
+def _budget_parts(a: Analysis, fmt: str) -> list[str]:
+    gib, largest = 2**30, a.largest_batch()
+    rows = [[s, f"{m.peak_bytes / gib:,.2f}", "yes" if m.peak_bytes <= a.memory else "no",
+             f"{largest[s]:,}" if largest else "-"] for s, m in a.strategies.items()]
+    parts = [f"budget: {a.memory / gib:,.2f} GiB ({a.memory:,} bytes)",
+             _table(rows, ["strategy", f"peak GiB at batch {a.batch_size}", "fits",
+                           "largest batch"], fmt, text=1)]
+    extra = a.extra_blocks()
+    if extra:
+        parts.append(_table(
+            [[e["stage"], e["blocks"], f"{e['params_per_block']:,}", _mib(e["bytes_per_block"]),
+              f"{e['extra_blocks']:,}"] for e in extra],
+            ["reversible stage", "blocks", "params/block", "MiB per extra block",
+             f"extra blocks at batch {a.batch_size}"], fmt, text=1))
+        parts.append(
+            f"Extra blocks: each stage on its own, given the whole headroom left under revify "
+            f"(stages share it). A block copied from the stage costs its parameters, their "
+            f"gradients and the {a.optimizer} state ({a.bytes_per_param()} bytes per parameter "
+            f"in {a.dtype}); a reversible stage's activation memory does not grow with its depth, "
+            f"so that is all the memory it costs. It does cost time: its branches run twice (in "
+            f"the forward, and again in the backward).")
+    return parts
+
+
+def _measured_rows(a: Analysis) -> list[list]:
+    rows = []
+    for s, m in a.measured.items():
+        p = a.strategies[s]
+        for key, label in [("activation_bytes", "held after forward"),
+                           ("peak_activation_bytes", "peak activations"),
+                           ("step_peak_bytes", "step peak (with grads)")]:
+            measured, projected = m.get(key), getattr(p, key)
+            error = "-" if not measured else f"{projected / measured - 1:+.2%}".replace("-0.00%", "+0.00%")
+            rows.append([s, label, _mib(measured), _mib(projected), error])
+    return rows
+
+
+_NOTES = """\
+held: bytes held between forward and backward by storages each unit created (under the strategy
+in the column); re-GFLOP: forward FLOPs the backward spends re-running the unit. peak act: peak
+of everything but parameters, gradients and optimizer state during forward + backward (input
+batch included); peak: that plus parameters, optimizer state and the gradients alive at the
+moment. The optimizer step's own temporaries are not included. Weights share: parameters,
+gradients and optimizer state against peak activations. All figures are exact accounting of one
+step run on fake tensors (every op dispatched with real shapes, nothing allocated)."""
+
+
+def _table(rows, headers, fmt: str, text: int) -> str:
+    """A table whose first `text` columns are text and the rest right-aligned numbers."""
+    from tabulate import tabulate
+    align = ["left"] * text + ["right"] * (len(headers) - text)
+    return tabulate(rows, headers, tablefmt=fmt, colalign=align, disable_numparse=True)
+
+
+def _pct(value: float, sign: str = "") -> str:
+    return f"{value + 0.0:{sign}.1%}".replace("-0.0%", "0.0%").replace("+0.0%", "0.0%")
+
+
+def format_analysis(a: Analysis, fmt: str = "simple", blocks: bool = False) -> str:
+    header = (f"{a.model}: batch {a.batch_size}, input {_shape(a.input_size)}, {a.dtype}, "
+              f"optimizer {a.optimizer}, projected for {a.device}")
+    parts = [header, _table(_unit_rows(a, blocks), [
+        "unit", "became", "output", "held MiB: original", "checkpoint", "revify",
+        "re-GFLOP: checkpoint", "revify"], fmt, text=3)]
+    parts.append(_table(_totals_rows(a), [
+        "strategy", "params", "params MiB", "grads MiB", "optimizer MiB", "held MiB",
+        "peak act MiB", "peak MiB", "saved vs original", "vs checkpoint", "GFLOP/step",
+        "extra compute"], fmt, text=1))
+    parts.append(_table([[s, _mib(v["weight_bytes"]), _mib(v["activation_bytes"]),
+                          _pct(v["weight_share"]), _pct(v["activation_share"])]
+                         for s, v in a.shares().items()],
+                        ["strategy", "weights+grads+optimizer MiB", "peak activations MiB",
+                         "weights share", "activations share"], fmt, text=1))
+    if a.memory is not None:
+        parts.extend(_budget_parts(a, fmt))
+    if a.measured:
+        parts.append(f"measured on {a.device} (one real training step) next to the projection:")
+        parts.append(_table(_measured_rows(a), ["strategy", "quantity", "measured MiB",
+                                                "projected MiB", "error"], fmt, text=2))
+    parts.append(_NOTES)
+    return "\n\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- plot
+class MissingMatplotlib(RuntimeError):
+    """Plots need matplotlib, an optional extra."""
+
+
+def require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingMatplotlib("plotting needs matplotlib, which is not installed: "
+                                "pip install matplotlib") from exc
+
+
+def plot(a: Analysis, path: str) -> None:
+    """Peak memory against batch size for the three strategies, with the budget line."""
+    require_matplotlib()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    largest = a.largest_batch() or {}
+    top = max(2 * a.batch_size, min(int(1.25 * max(largest.values(), default=0)), 100 * a.batch_size))
+    batches = list(range(1, top + 1, max(1, top // 200)))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in STRATEGIES:
+        ax.plot(batches, [a.peak_at(s, b) / 2**30 for b in batches], label=s)
+    if a.memory is not None:
+        ax.axhline(a.memory / 2**30, color="black", linestyle="--", label="budget")
+    ax.axvline(a.batch_size, color="grey", linestyle=":", label=f"batch {a.batch_size}")
+    ax.set(xlabel="batch size", ylabel="peak memory (GiB)",
+           title=f"{a.model}, input {_shape(a.input_size)}, {a.dtype}, {a.optimizer}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
