@@ -36,7 +36,7 @@ def cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
     model = create_model(args.model)
-    models = strategies(model, input_size)
+    models = strategies(model, input_size, native=args.native)
     print(f"{args.model}: batch {args.batch_size}, input {'x'.join(map(str, input_size))}, "
           f"{args.device}, {args.steps} timed steps per strategy", file=sys.stderr)
     results = run_bench(models, args.batch_size, input_size, args.steps, args.device,
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--input-size", type=int, nargs=3, default=[3, 112, 112], metavar=("C", "H", "W"))
     bench.add_argument("--steps", type=int, default=3)
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    bench.add_argument("--native", action="store_true",
+                       help="also measure reconstruction='native' (stream in the activation dtype)")
     bench.set_defaults(run=cmd_bench)
     _add_analyze(sub)
     return parser
