@@ -112,15 +112,16 @@ def _add_analyze(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="revify", description=__doc__)
+    parser = _one_line_errors(argparse.ArgumentParser(prog="revify", description=__doc__))
     parser.add_argument("--version", action="version", version=f"revify {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = sub.add_parser("plan", help="show what revify would do to a model")
+    plan = _one_line_errors(sub.add_parser("plan", help="show what revify would do to a model"))
     plan.add_argument("model")
     plan.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
     plan.set_defaults(run=cmd_plan)
-    bench = sub.add_parser("bench", help="time and memory of original, checkpointing and revify")
+    bench = _one_line_errors(sub.add_parser(
+        "bench", help="time and memory of original, checkpointing and revify"))
     bench.add_argument("model")
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--input-size", type=int, nargs=3, default=[3, 112, 112], metavar=("C", "H", "W"))

@@ -30,6 +30,9 @@ def test_bench_reports_three_strategies_side_by_side():
     (["plan", "resnet5000"], 1, "unknown model 'resnet5000'"),
     (["plan", "resnet18", "--input-size", "3", "0", "64"], 2, "--input-size must be positive"),
     (["bench", "resnet18", "--steps", "0"], 2, "must be positive"),
+    (["plan", "resnet18", "--input-size", "3", "64"], 2, "--input-size: expected 3 arguments"),
+    (["plan"], 2, "the following arguments are required: model"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_gets_one_line_and_an_exit_code(args, code, message):
     result = revify_cli(*args)
