@@ -346,30 +346,30 @@ def _block_rows(plan) -> dict[str, int]:
     return {b: i for i, seg in enumerate(plan.segments) for b in seg.blocks}
 
 
-def _rows_of(segments, rows) -> list[int]:
+def _rows_of(segments, report_plan) -> list[int]:
     """The row of revify's plan each of another plan's segments is reported under.
 
     A segment with blocks goes to its first block's row; one before every block to the first
     row (the stem), one after every block to the last (the head), one in between to the next
     block's row (loose nodes join the unit after them, as in the plan).
     """
-    row_of = _block_rows(rows)
+    row_of = _block_rows(report_plan)
     out = []
     for k, seg in enumerate(segments):
         later = [row_of[s.blocks[0]] for s in segments[k:] if s.blocks]  # this one included
         if not any(s.blocks for s in segments[:k + 1]):
             out.append(0)
         else:
-            out.append(later[0] if later else len(rows.segments) - 1)
+            out.append(later[0] if later else len(report_plan.segments) - 1)
     return out
 
 
-def _original_labels(rows) -> dict[str, tuple]:
+def _original_labels(report_plan) -> dict[str, tuple]:
     """Node -> (row, block): the traced original has the node names revify's plan refers to."""
     labels = {}
-    for i, seg in enumerate(rows.segments):
+    for i, seg in enumerate(report_plan.segments):
         in_stage = {n: b for b in (seg.blocks if seg.kind == "stage" else [])
-                    for n in rows.block(b).block.nodes}
+                    for n in report_plan.block(b).block.nodes}
         for node in seg.nodes:
             labels[node] = (i, in_stage.get(node))
     return labels
@@ -380,23 +380,23 @@ def _units(net: fx.GraphModule):
             and isinstance(net.get_submodule(n.target), (Checkpointed, ReversibleStage))]
 
 
-def _net_labels(rev: nn.Module, rows) -> dict[str, tuple]:
+def _net_labels(rev: nn.Module, report_plan) -> dict[str, tuple]:
     """Unit node of a revified net -> (row, block): units follow the plan's wrapped segments."""
     plan = rev.revify_plan
-    wrapped = [(seg, row) for seg, row in zip(plan.segments, _rows_of(plan.segments, rows))
+    wrapped = [(seg, row) for seg, row in zip(plan.segments, _rows_of(plan.segments, report_plan))
                if seg.action != "stored"]
     units = _units(rev.net)
     if len(units) != len(wrapped):  # an unexpected rewrite: report it all as unattributed
         return {}
     labels = {}
     for node, (seg, row) in zip(units, wrapped):
-        row_blocks = rows.segments[row].blocks if rows.segments[row].kind == "stage" else []
+        row_blocks = report_plan.segments[row].blocks if report_plan.segments[row].kind == "stage" else []
         block = seg.blocks[0] if len(seg.blocks) == 1 and seg.blocks[0] in row_blocks else None
         labels[node.name] = (row, block)
     return labels
 
 
-def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, rows) -> list:
+def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, report_plan) -> list:
     """Hooks that tell the tracker which unit (and which block of a stage) is running.
 
     They fire again when the backward re-runs a unit, so the FLOPs counted under a label after
@@ -421,7 +421,7 @@ def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, rows)
         row, block = labels[node.name]
         unit = net.get_submodule(node.target)
         watched = [(unit.module, (row, block))] if isinstance(unit, Checkpointed) else [
-            (fn, (row, name)) for name, coupling in zip(rows.segments[row].blocks, unit.blocks)
+            (fn, (row, name)) for name, coupling in zip(report_plan.segments[row].blocks, unit.blocks)
             for fn in (coupling.f, coupling.g)]
         for module, label in watched:
             handles.append(module.register_forward_pre_hook(enter(label)))
@@ -438,25 +438,27 @@ class _Prepared:
 
 
 def _prepare(models: dict[str, nn.Module], device, dtype) -> dict[str, _Prepared]:
-    rows = models["revify"].revify_plan
+    # revify's plan lays out the report: one row per unit (stem, stages, blocks, head), and
+    # every strategy's memory is attributed to those rows.
+    report_plan = models["revify"].revify_plan
     # The traced original has the node names revify's plan refers to, so its memory can be
     # attributed to the same units; it runs the same ops as the model itself.
     mode = FakeTensorMode()
     original = _fake_copy(trace(models["original"]), mode, device, dtype)
-    prepared = {"original": _Prepared(original, mode, _original_labels(rows))}
+    prepared = {"original": _Prepared(original, mode, _original_labels(report_plan))}
     for name in ("checkpoint", "revify"):
         mode = FakeTensorMode()
         fake = _fake_copy(models[name], mode, device, dtype)
-        prepared[name] = _Prepared(fake.net, mode, _net_labels(fake, rows))
+        prepared[name] = _Prepared(fake.net, mode, _net_labels(fake, report_plan))
     return prepared
 
 
-def _project(prepared: dict[str, _Prepared], rows, batch, input_size, dtype, device,
+def _project(prepared: dict[str, _Prepared], report_plan, batch, input_size, dtype, device,
              optimizer) -> dict[str, _Run]:
     runs = {}
     for name, p in prepared.items():
         tracker = _StepTracker()
-        handles = _label_hooks(p.gm, p.labels, tracker, rows)
+        handles = _label_hooks(p.gm, p.labels, tracker, report_plan)
         try:
             runs[name] = _run(p.gm, p.mode, p.labels, tracker, batch, input_size, dtype, device,
                               optimizer)
@@ -482,14 +484,14 @@ def _unit(name, kind, became, shape, runs, match) -> Unit:
     return unit
 
 
-def _unit_table(rows, runs) -> list[Unit]:
+def _unit_table(report_plan, runs) -> list[Unit]:
     shapes = runs["revify"].shapes
     units = []
-    for i, seg in enumerate(rows.segments):
+    for i, seg in enumerate(report_plan.segments):
         unit = _unit(seg.name, seg.kind, seg.action, shapes.get(i, ()), runs,
                      lambda k, i=i: k is not None and k[0] == i)
         if seg.kind == "stage":
-            unit.blocks = [_unit(b, "block", rows.block(b).action, rows.block(b).shape[1:], runs,
+            unit.blocks = [_unit(b, "block", report_plan.block(b).action, report_plan.block(b).shape[1:], runs,
                                  lambda k, i=i, b=b: k == (i, b)) for b in seg.blocks]
         units.append(unit)
     units.append(_unit("input, loss", "other", "stored", (), runs, lambda k: k is None))
@@ -509,11 +511,11 @@ def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, cu
     dtype, memory = parse_dtype(dtype), _default_budget(memory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = strategies(model, input_size)
-    rows = models["revify"].revify_plan
+    report_plan = models["revify"].revify_plan
     prepared = _prepare(models, device, dtype)
 
     def project(batch: int) -> dict[str, _Run]:
-        return _project(prepared, rows, batch, input_size, dtype, device, optimizer)
+        return _project(prepared, report_plan, batch, input_size, dtype, device, optimizer)
 
     runs, curve_map = project(batch_size), None
     if curves or (curves is None and memory is not None):  # a second size gives every line
@@ -523,8 +525,8 @@ def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, cu
         model=name or type(model).__name__, batch_size=batch_size, input_size=input_size,
         dtype=str(dtype).removeprefix("torch."), optimizer=optimizer, device=device.type,
         memory=memory, strategies={s: r.memory for s, r in runs.items()},
-        units=_unit_table(rows, runs),
-        stages=[StageCost(s.name, len(s.blocks), s.params_after) for s in rows.stages],
+        units=_unit_table(report_plan, runs),
+        stages=[StageCost(s.name, len(s.blocks), s.params_after) for s in report_plan.stages],
         curves=curve_map)
     return analysis, models
 
