@@ -31,7 +31,7 @@ def main():
 
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch_size,))
-    optimizer = torch.optim.SGD(rev.parameters(), lr=0.02, momentum=0.9)
+    optimizer = torch.optim.AdamW(rev.parameters(), lr=1e-3)
     for step in range(args.steps):
         optimizer.zero_grad()
         loss = F.cross_entropy(rev(x), y)
