@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from torch import fx, nn
+from torch import fx
 
 from .ops import is_channel_agnostic, op_name
 from .resize import resizer_for

@@ -5,7 +5,7 @@ import torchvision
 from torch import nn
 
 import revify
-from conftest import TinyResNet, step_grads, worst_rel_err
+from conftest import step_grads, worst_rel_err
 
 
 def _norm_state(model):

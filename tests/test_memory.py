@@ -1,6 +1,5 @@
 """Memory by exact accounting: reversible stages hold O(1) activations whatever their depth."""
 import torch
-import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import revify
