@@ -566,29 +566,12 @@ def _measure(model: nn.Module, batch: int, input_size, dtype, device) -> dict[st
     torch.manual_seed(0)
     x = torch.randn(batch, *input_size, device=device, dtype=dtype)
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    if device.type == "cuda":
-        return _measure_cuda(model, x, y)
     step = measure_step(model, x, y)
     batch_bytes = x.untyped_storage().nbytes() + y.untyped_storage().nbytes()  # projected too
+    peak_activation = step.peak_activation_bytes
     return {"activation_bytes": step.activation_bytes + batch_bytes,
-            "peak_activation_bytes": step.peak_activation_bytes + batch_bytes,
+            "peak_activation_bytes": None if peak_activation is None else peak_activation + batch_bytes,
             "step_peak_bytes": step.peak_bytes + batch_bytes}
-
-
-def _measure_cuda(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, int | None]:
-    F.cross_entropy(model(x), y).backward()  # warm-up: library workspaces are allocated once
-    model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() - x.untyped_storage().nbytes() - y.untyped_storage().nbytes()
-    loss = F.cross_entropy(model(x), y)
-    held = torch.cuda.memory_allocated() - base
-    loss.backward()
-    del loss
-    torch.cuda.synchronize()
-    # The allocator's peak cannot leave the gradients out: peak_activation_bytes is not measured.
-    return {"activation_bytes": held, "peak_activation_bytes": None,
-            "step_peak_bytes": torch.cuda.max_memory_allocated() - base}
 
 
 # ----------------------------------------------------------------------------- report

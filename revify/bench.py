@@ -1,7 +1,7 @@
 """Side-by-side measurement of one training step: original, per-block checkpointing, revify.
 
-Memory is exact live-tensor accounting (revify.memory) on CPU and `max_memory_allocated` on
-CUDA; time is the median of timed steps, the strategies interleaved so that machine noise hits
+Memory comes from `revify.memory.measure_step`: exact live-tensor accounting on CPU, the
+caching allocator on CUDA; time is the median of timed steps, the strategies interleaved so that machine noise hits
 all of them alike. Everything is reported as ratios to the original as well.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .transform import transform
 class BenchResult:
     name: str
     step_seconds: float
-    peak_activation_bytes: int
+    peak_activation_bytes: int | None
     peak_bytes: int
     activation_bytes: int
     params: int
@@ -46,18 +46,6 @@ def _step(model, x, y):
     F.cross_entropy(model(x), y).backward()
 
 
-def _cuda_peak(model, x, y) -> tuple[int, int]:
-    model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    _step(model, x, y)
-    torch.cuda.synchronize()
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-    peak = torch.cuda.max_memory_allocated() - base
-    return peak, peak - grads
-
-
 def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: int = 3,
               device: str = "cpu", num_classes: int = 1000, progress=None) -> list[BenchResult]:
     torch.manual_seed(0)
@@ -66,12 +54,7 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
     models = {k: m.to(device).train() for k, m in models.items()}
     memory = {}
     for name, model in models.items():
-        if device == "cuda":
-            _step(model, x, y)  # warm up kernels and the caching allocator
-            memory[name] = _cuda_peak(model, x, y) + (0,)
-        else:
-            stats = measure_step(model, x, y)
-            memory[name] = (stats.peak_bytes, stats.peak_activation_bytes, stats.activation_bytes)
+        memory[name] = measure_step(model, x, y)
         if progress:
             progress(f"memory: {name}")
     times = {name: [] for name in models}
@@ -88,19 +71,22 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
             times[name].append(time.perf_counter() - start)
         if progress:
             progress(f"step {i + 1}/{steps}")
-    return [BenchResult(name, statistics.median(times[name]), memory[name][1], memory[name][0],
-                        memory[name][2], sum(p.numel() for p in models[name].parameters()))
+    return [BenchResult(name, statistics.median(times[name]), memory[name].peak_activation_bytes,
+                        memory[name].peak_bytes, memory[name].activation_bytes,
+                        sum(p.numel() for p in models[name].parameters()))
             for name in models]
 
 
 def format_bench(results: list[BenchResult], fmt: str = "simple") -> str:
     from tabulate import tabulate
     base = results[0]
-    mib = 2 ** 20
+    def mib_and_ratio(value, reference):
+        if value is None:  # not measurable on this device
+            return ["-", "-"]
+        return [f"{value / 2 ** 20:.1f}", f"{value / reference:.2f}x"]
+
     rows = [[r.name, f"{r.step_seconds:.3f}", f"{r.step_seconds / base.step_seconds:.2f}x",
-             f"{r.peak_activation_bytes / mib:.1f}",
-             f"{r.peak_activation_bytes / base.peak_activation_bytes:.2f}x",
-             f"{r.peak_bytes / mib:.1f}", f"{r.peak_bytes / base.peak_bytes:.2f}x",
-             f"{r.params:,}"] for r in results]
+             *mib_and_ratio(r.peak_activation_bytes, base.peak_activation_bytes),
+             *mib_and_ratio(r.peak_bytes, base.peak_bytes), f"{r.params:,}"] for r in results]
     return tabulate(rows, ["strategy", "step s", "time", "peak act MiB", "act vs orig",
                            "peak MiB", "peak vs orig", "params"], tablefmt=fmt)

@@ -43,8 +43,9 @@ def cmd_bench(args) -> int:
                         progress=lambda s: print(f"  .. {s}", file=sys.stderr))
     print(format_bench(results))
     print("\npeak act: peak of all tensors a training step allocates except parameter gradients "
-          "(exact live-storage accounting on CPU, max_memory_allocated on CUDA); "
-          "peak: the same with gradients; time: median step")
+          "(exact live-storage accounting; not measurable on CUDA, where the allocator's peak "
+          "includes gradients: '-'); peak: the same with gradients (max_memory_allocated on "
+          "CUDA); time: median step")
     return 0
 
 

@@ -8,7 +8,7 @@ on any device. On CUDA, `torch.cuda.max_memory_allocated` is the figure to compa
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -90,16 +90,22 @@ class LiveTensorTracker(TorchDispatchMode):
 
 @dataclass
 class StepMemory:
-    peak_bytes: int              # everything allocated during the step (incl. parameter grads)
-    peak_activation_bytes: int   # the same, leaving out parameter gradients
-    activation_bytes: int        # held between forward and backward (what the backward needs)
+    peak_bytes: int                    # everything allocated during the step (incl. parameter grads)
+    peak_activation_bytes: int | None  # the same without parameter grads (None: not measurable)
+    activation_bytes: int              # held between forward and backward (what the backward needs)
     grad_bytes: int
-    extra: dict = field(default_factory=dict)
 
 
 def measure_step(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor,
                  loss_fn=torch.nn.functional.cross_entropy) -> StepMemory:
-    """Live-tensor accounting of one forward + backward (gradients are reset first)."""
+    """The memory of one forward + backward (gradients are reset first; the batch is not counted).
+
+    CPU: exact live-tensor accounting. CUDA: the caching allocator's figures after a warm-up step
+    (library workspaces are allocated once); its peak cannot leave the gradients out, so
+    `peak_activation_bytes` is None there.
+    """
+    if inputs.device.type == "cuda":
+        return _measure_step_cuda(model, inputs, target, loss_fn)
     model.zero_grad(set_to_none=True)
     with LiveTensorTracker() as tracker:
         loss = loss_fn(model(inputs), target)
@@ -107,6 +113,25 @@ def measure_step(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Ten
         loss.backward()
         del loss
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_bytes = sum(g.untyped_storage().nbytes() for g in grads)
     return StepMemory(peak_bytes=tracker.peak, peak_activation_bytes=tracker.peak_without(grads),
-                      activation_bytes=tracker.marks["forward"], grad_bytes=grad_bytes)
+                      activation_bytes=tracker.marks["forward"], grad_bytes=_nbytes(grads))
+
+
+def _measure_step_cuda(model, inputs, target, loss_fn) -> StepMemory:
+    loss_fn(model(inputs), target).backward()  # warm-up
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = loss_fn(model(inputs), target)
+    held = torch.cuda.memory_allocated() - base
+    loss.backward()
+    del loss
+    torch.cuda.synchronize()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return StepMemory(peak_bytes=torch.cuda.max_memory_allocated() - base,
+                      peak_activation_bytes=None, activation_bytes=held, grad_bytes=_nbytes(grads))
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.untyped_storage().nbytes() for t in tensors)

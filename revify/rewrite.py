@@ -181,13 +181,9 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:
     else:
         with gm.graph.inserting_after(call):
             for k, o in enumerate(outputs):
-                o.replace_all_uses_with(gm.graph.call_function(_getitem, (call, k)))
+                o.replace_all_uses_with(gm.graph.call_function(operator.getitem, (call, k)))
     for node in reversed(members):
         gm.graph.erase_node(node)
-
-
-def _getitem(values, k):
-    return values[k]
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:

@@ -246,3 +246,18 @@ def test_a_wrongly_rebuilt_stage_is_caught_at_transform_time(monkeypatch):
 
     with pytest.raises(RuntimeError, match="built reversible stage .* wrongly"):
         revify.transform(nn.Sequential(Square(), Square()), torch.randn(2, 8, 8))
+
+
+def test_checkpointed_unit_with_two_outputs(data):
+    """A stem tensor also used by the head: the outlined stem returns two values."""
+    class TwoOutputs(TinyResNet):
+        def forward(self, x):
+            s0 = self.stem[0](x)
+            h = self.stage2(self.down(self.stage1(self.stem[2](self.stem[1](s0)))))
+            return self.fc(h.mean((2, 3))) + s0.mean((1, 2, 3))[:, None]
+
+    torch.manual_seed(0)
+    rev = revify.transform(TwoOutputs(), input_size=(3, 16, 16)).train()
+    assert sum(n.op == "call_function" for n in rev.net.graph.nodes) == 2  # two getitems
+    x, y = data
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
