@@ -506,11 +506,12 @@ def _default_budget(memory) -> int | None:
     return None
 
 
-def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name):
+def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name,
+             options):
     input_size = _check(input_size, batch_size, optimizer)
     dtype, memory = parse_dtype(dtype), _default_budget(memory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = strategies(model, input_size)
+    models = strategies(model, input_size, **(options or {}))
     report_plan = models["revify"].revify_plan
     prepared = _prepare(models, device, dtype)
 
@@ -533,27 +534,31 @@ def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, cu
 
 def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
             dtype: str | torch.dtype = torch.float32, optimizer: str = "sgd", memory=None, *,
-            device: str | None = None, curves: bool | None = None, name: str | None = None) -> Analysis:
+            device: str | None = None, curves: bool | None = None, name: str | None = None,
+            options: dict | None = None) -> Analysis:
     """Project the memory of one training step under each strategy, allocating nothing.
 
     memory: a budget ('24GiB', '80e9', or bytes) for the budget table; default: the CUDA device's
         total memory when there is one. curves: also project at twice the batch, for
         `peak_at`/`largest_batch` and plots (default: when there is a budget).
     device: the device the step would run on (default: CUDA when available, else CPU).
+    options: keyword arguments of revify.transform for the revify strategy (width, ...).
     """
-    return _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name)[0]
+    return _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name,
+                    options)[0]
 
 
 def measure(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
             dtype: str | torch.dtype = torch.float32, optimizer: str = "sgd", memory=None, *,
-            device: str | None = None, curves: bool | None = None, name: str | None = None) -> Analysis:
+            device: str | None = None, curves: bool | None = None, name: str | None = None,
+            options: dict | None = None) -> Analysis:
     """`analyze`, plus one real training step of each strategy measured next to the projection.
 
     CPU: exact live-storage accounting (revify.memory.measure_step); CUDA:
     torch.cuda.max_memory_allocated. `model` itself is not trained: a copy is.
     """
     analysis, models = _analyze(model, input_size, batch_size, dtype, optimizer, memory, device,
-                                curves, name)
+                                curves, name, options)
     models["original"] = copy.deepcopy(models["original"])
     device = torch.device(analysis.device)
     analysis.measured = {s: _measure(m, analysis.batch_size, analysis.input_size,
@@ -609,6 +614,14 @@ def _totals_rows(a: Analysis) -> list[list]:
              _mib(s.peak_bytes), _pct(1 - s.peak_bytes / orig.peak_bytes),
              _pct(1 - s.peak_bytes / ckpt.peak_bytes), _gflop(s.flops),
              _pct(s.flops / orig.flops - 1, "+")] for name, s in a.strategies.items()]
+
+
+def format_totals(a: Analysis, fmt: str = "simple") -> str:
+    """One row per strategy: parameters, gradients, optimizer state, activations, peak, compute."""
+    return _table(_totals_rows(a), [
+        "strategy", "params", "params MiB", "grads MiB", "optimizer MiB", "held MiB",
+        "peak act MiB", "peak MiB", "saved vs original", "vs checkpoint", "GFLOP/step",
+        "extra compute"], fmt, text=1)
 
 
 def _budget_parts(a: Analysis, fmt: str) -> list[str]:
@@ -675,10 +688,7 @@ def format_analysis(a: Analysis, fmt: str = "simple", blocks: bool = False) -> s
     parts = [header, _table(_unit_rows(a, blocks), [
         "unit", "became", "output", "held MiB: original", "checkpoint", "revify",
         "re-GFLOP: checkpoint", "revify"], fmt, text=3)]
-    parts.append(_table(_totals_rows(a), [
-        "strategy", "params", "params MiB", "grads MiB", "optimizer MiB", "held MiB",
-        "peak act MiB", "peak MiB", "saved vs original", "vs checkpoint", "GFLOP/step",
-        "extra compute"], fmt, text=1))
+    parts.append(format_totals(a, fmt))
     parts.append(_table([[s, _mib(v["weight_bytes"]), _mib(v["activation_bytes"]),
                           _pct(v["weight_share"]), _pct(v["activation_share"])]
                          for s, v in a.shares().items()],

@@ -29,16 +29,28 @@ class BenchResult:
 
 
 def strategies(model: nn.Module, input_size, native: bool = False, **options) -> dict[str, nn.Module]:
-    """The model as is, with per-block checkpointing, and revified (optionally also "native")."""
+    """The model as is, with per-block checkpointing, and revified (optionally also "native").
+
+    options: revify.transform's keyword arguments for the revified model; the checkpointing
+    baseline shares only its leaf modules (the rest concerns reversible stages).
+    """
     example = torch.empty(2, *input_size)
+    baseline = {k: v for k, v in options.items() if k == "leaf_modules"}
     models = {
         "original": model,
-        "checkpoint": transform(model, example, reversible=False, **options),
+        "checkpoint": transform(model, example, **baseline, reversible=False),
         "revify": transform(model, example, **options),
     }
     if native:
-        models["revify-native"] = transform(model, example, reconstruction="native", **options)
+        models["revify-native"] = transform(model, example, **(options | {"reconstruction": "native"}))
     return models
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        logits = model.eval()(x[:1])
+    model.train()
+    return logits.shape[-1]
 
 
 def _step(model, x, y):
@@ -47,21 +59,24 @@ def _step(model, x, y):
 
 
 def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: int = 3,
-              device: str = "cpu", num_classes: int = 1000, progress=None) -> list[BenchResult]:
+              device: str = "cpu", progress=None) -> list[BenchResult]:
+    """progress(done, total, what) is called before each measured piece of work."""
     torch.manual_seed(0)
     x = torch.randn(batch_size, *input_size, device=device)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
     models = {k: m.to(device).train() for k, m in models.items()}
-    memory = {}
+    y = torch.randint(0, _num_classes(next(iter(models.values())), x), (batch_size,), device=device)
+    progress = progress or (lambda done, total, what: None)
+    total, memory = len(models) * (steps + 2), {}
     for name, model in models.items():
+        progress(len(memory), total, f"memory of {name}")
         memory[name] = measure_step(model, x, y)
-        if progress:
-            progress(f"memory: {name}")
     times = {name: [] for name in models}
-    for name, model in models.items():
-        _step(model, x, y)  # warm-up
+    for i, (name, model) in enumerate(models.items()):
+        progress(len(models) + i, total, f"warm-up of {name}")
+        _step(model, x, y)
     for i in range(steps):
-        for name, model in models.items():  # interleaved: noise hits every strategy alike
+        for j, (name, model) in enumerate(models.items()):  # interleaved: noise hits all alike
+            progress(len(models) * (2 + i) + j, total, f"step {i + 1}/{steps} of {name}")
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -69,8 +84,7 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-        if progress:
-            progress(f"step {i + 1}/{steps}")
+    progress(total, total, "done")
     return [BenchResult(name, statistics.median(times[name]), memory[name].peak_activation_bytes,
                         memory[name].peak_bytes, memory[name].activation_bytes,
                         sum(p.numel() for p in models[name].parameters()))

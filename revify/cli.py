@@ -1,51 +1,176 @@
-"""`python -m revify`: plan, bench and analyze (the full command line grows from here)."""
+"""revify's command line: convert, plan, analyze, verify, bench and list.
+
+MODEL is a torchvision or timm name (`resnet50`, `timm/resnet50d`) or `package.module:factory`;
+FILE is a file written by `revify convert` / `revify.save`. Bad input gets one line on stderr:
+exit 2 for usage errors (what was typed), 1 for failures (what was found); `--debug` shows the
+traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass
 
 from . import __version__
+from .files import RevifyFileError
+from .models import UnknownModel
 
 
 class UsageError(Exception):
     """Bad command-line input: exit code 2."""
 
 
+USAGE_ERRORS = (UsageError, UnknownModel, FileNotFoundError)
+FILE_SUFFIXES = (".pt", ".pth", ".revify")
+
+
+# ----------------------------------------------------------------------------- arguments
 def _positive_ints(values, what: str) -> tuple[int, ...]:
     if any(v <= 0 for v in values):
         raise UsageError(f"{what} must be positive, got {' '.join(map(str, values))}")
     return tuple(values)
 
 
-def cmd_plan(args) -> int:
+def _width(text: str):
+    if text == "match":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither 'match' nor a positive number")
+    return value
+
+
+def _add_input_size(p, default=None) -> None:
+    p.add_argument("--input-size", type=int, nargs=3, default=default, metavar=("C", "H", "W"),
+                   help="input shape without the batch" + ("" if default else
+                                                           " (default: a file's own, else 3 224 224)"))
+
+
+def _add_model(p, what="a model name or a revify file") -> None:
+    p.add_argument("model", help=f"{what}: resnet50, timm/resnet50d, package.module:factory, model.pt")
+    p.add_argument("--source", metavar="package.module:factory",
+                   help="for a FILE from user code: the factory that builds its source model")
+
+
+def _add_transform_options(p) -> None:
+    g = p.add_argument_group("transform options (see revify.transform)")
+    g.add_argument("--width", type=_width, default=None,
+                   help="'match' (keep each stage's parameters, default) or an internal width factor")
+    g.add_argument("--checkpoint", choices=["non_invertible", "none"], default=None,
+                   help="checkpoint the layers outside reversible stages (default) or store them")
+    g.add_argument("--no-reversible", dest="reversible", action="store_false",
+                   help="checkpoint every block instead (the per-block checkpointing baseline)")
+    g.add_argument("--reconstruction", choices=["exact", "native"], default=None,
+                   help="stream in float64, rebuilt to the bit (default), or in the activation dtype")
+    g.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
+                   help="a submodule torch.fx should not trace into (repeatable)")
+
+
+def _transform_options(args) -> dict:
+    """The transform options given on the command line; conflicting ones are a usage error."""
+    if not args.reversible:
+        moot = [flag for flag, value in (("--width", args.width),
+                                         ("--reconstruction", args.reconstruction)) if value]
+        if moot:
+            raise UsageError(f"{' and '.join(moot)} shape reversible stages; with --no-reversible "
+                             f"there are none")
+        if args.checkpoint == "none":
+            raise UsageError("--no-reversible with --checkpoint none leaves nothing to change")
+    options = {"width": args.width, "checkpoint": args.checkpoint,
+               "reconstruction": args.reconstruction, "leaf_modules": args.leaf_module or None}
+    options = {k: v for k, v in options.items() if v is not None}
+    return options | ({} if args.reversible else {"reversible": False})
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class Source:
+    """What a MODEL or FILE argument names: the source model and how to revify it."""
+    name: str
+    model: object                # the untransformed nn.Module
+    options: dict                # revify.transform keyword arguments
+    input_size: tuple[int, ...]
+    payload: dict | None = None  # the file's contents, when it was a file
+
+    def revified(self):
+        from .files import load_weights, transform_recipe
+        from .transform import transform
+        if self.payload is None:
+            return transform(self.model, input_size=self.input_size, **self.options)
+        rev = transform_recipe(self.model, self.payload)
+        load_weights(rev, self.payload["state_dict"], self.name, "the model revify builds from it")
+        return rev
+
+
+def _is_file(spec: str) -> bool:
+    return os.path.exists(spec) or spec.endswith(FILE_SUFFIXES)
+
+
+def _source(args, **kwargs) -> Source:
+    from .files import read, source_of
     from .models import create_model
+    if not _is_file(args.model):
+        if args.source:
+            raise UsageError("--source names the source of a revify FILE; MODEL is built by name")
+        input_size = _positive_ints(args.input_size or (3, 224, 224), "--input-size")
+        return Source(args.model, create_model(args.model, **kwargs), {}, input_size)
+    payload = read(args.model)
+    model = create_model(args.source) if args.source else None
+    file_size = tuple(payload["inputs"][0]["shape"][1:])
+    input_size = _positive_ints(args.input_size or file_size, "--input-size")
+    return Source(args.model, source_of(payload, model), dict(payload["transform"]), input_size,
+                  payload)
+
+
+def _progress(done: int, total: int, what: str) -> None:
+    """A progress bar on a terminal; one line per piece of work in a log."""
+    if sys.stderr.isatty():
+        bar = "#" * (24 * done // total)
+        end = "\n" if done == total else ""
+        print(f"\r  [{bar:<24}] {done}/{total} {what:<40}", end=end, file=sys.stderr, flush=True)
+    else:
+        print(f"  {done}/{total} {what}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_convert(args) -> int:
+    from .analyze import analyze, format_totals
+    from .files import load_weights, read_weights, save
+    from .models import create_model
+    from .report import format_weights
     from .transform import transform
-    model = create_model(args.model)
-    rev = transform(model, input_size=_positive_ints(args.input_size, "--input-size"))
+    input_size = _positive_ints(args.input_size, "--input-size")
+    _positive_ints([args.batch_size], "--batch-size")
+    if _is_file(args.model):
+        raise UsageError(f"convert takes a model name, not a file ('{args.model}'); "
+                         f"--weights takes the source model's weights")
+    _check_out(args.out)  # before the work, so a typo costs nothing
+    options = _transform_options(args)
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    model = create_model(args.model, **kwargs)
+    weights = None
+    if args.weights:
+        weights = read_weights(args.weights)
+        load_weights(model, weights, args.weights, args.model)
+    rev = transform(model, input_size=input_size, **options)
     print(rev.revify_plan)
+    if weights is not None:
+        print("\n" + format_weights(model, rev, input_size))
+    memory = analyze(model, input_size, args.batch_size, name=args.model, options=options)
+    print(f"\nprojected memory of one training step at batch {args.batch_size} "
+          f"(revify analyze for the full tables):\n" + format_totals(memory))
+    save(rev, args.out)
+    print(f"revify: wrote {args.out}", file=sys.stderr)
     return 0
 
 
-def cmd_bench(args) -> int:
-    from .bench import format_bench, run_bench, strategies
-    from .models import create_model
-    input_size = _positive_ints(args.input_size, "--input-size")
-    _positive_ints([args.batch_size, args.steps], "--batch-size and --steps")
-    if args.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
-    model = create_model(args.model)
-    models = strategies(model, input_size, native=args.native)
-    print(f"{args.model}: batch {args.batch_size}, input {'x'.join(map(str, input_size))}, "
-          f"{args.device}, {args.steps} timed steps per strategy", file=sys.stderr)
-    results = run_bench(models, args.batch_size, input_size, args.steps, args.device,
-                        progress=lambda s: print(f"  .. {s}", file=sys.stderr))
-    print(format_bench(results))
-    print("\npeak act: peak of all tensors a training step allocates except parameter gradients "
-          "(exact live-storage accounting; not measurable on CUDA, where the allocator's peak "
-          "includes gradients: '-'); peak: the same with gradients (max_memory_allocated on "
-          "CUDA); time: median step")
+def cmd_plan(args) -> int:
+    source = _source(args)
+    print(source.revified().revify_plan)
     return 0
 
 
@@ -55,8 +180,7 @@ def cmd_analyze(args) -> int:
     from tabulate import tabulate_formats
 
     from .analyze import analyze, measure, parse_bytes, parse_dtype, plot, require_matplotlib
-    from .models import create_model
-    input_size = _positive_ints(args.input_size, "--input-size")
+    from .files import atomic_path
     _positive_ints([args.batch_size], "--batch-size")
     try:
         dtype = parse_dtype(args.dtype)
@@ -68,17 +192,78 @@ def cmd_analyze(args) -> int:
                          f"{', '.join(sorted(tabulate_formats))})")
     if args.plot:
         require_matplotlib()  # fail before the analysis, not after it
-    model = create_model(args.model)
+        _check_out(args.plot)
+    source = _source(args)
     run = measure if args.measure else analyze
-    result = run(model, input_size, args.batch_size, dtype, args.optimizer, memory,
-                 curves=True if args.plot else None, name=args.model)
+    result = run(source.model, source.input_size, args.batch_size, dtype, args.optimizer, memory,
+                 curves=True if args.plot else None, name=source.name, options=source.options)
     if args.plot:
-        plot(result, args.plot)
+        with atomic_path(args.plot) as tmp:
+            plot(result, tmp)
         print(f"revify: wrote {args.plot}", file=sys.stderr)
     print(json.dumps(result.to_json(), indent=2) if args.json else result.format(args.format, args.blocks))
     return 0
 
 
+def cmd_verify(args) -> int:
+    import torch
+
+    from .verify import format_checks, verify
+    _positive_ints([args.batch_size], "--batch-size")
+    source = _source(args)
+    rev = source.revified()
+    print(f"{source.name}: {sum(b.action == 'reversible' for b in rev.revify_plan.blocks)} "
+          f"reversible blocks, batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}",
+          file=sys.stderr)
+    checks = verify(rev, torch.empty(args.batch_size, *source.input_size))
+    print(format_checks(checks))
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench import format_bench, run_bench, strategies
+    _positive_ints([args.batch_size, args.steps], "--batch-size and --steps")
+    if args.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+    source = _source(args)
+    models = strategies(source.model, source.input_size, native=args.native, **source.options)
+    if source.payload is not None:  # the file's own weights for the revified row
+        models["revify"] = source.revified()
+    print(f"{source.name}: batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}, "
+          f"{args.device}, {args.steps} timed steps per strategy", file=sys.stderr)
+    results = run_bench(models, args.batch_size, source.input_size, args.steps, args.device,
+                        progress=_progress)
+    print(format_bench(results))
+    print("\npeak act: peak of all tensors a training step allocates except parameter gradients "
+          "(exact live-storage accounting; not measurable on CUDA, where the allocator's peak "
+          "includes gradients: '-'); peak: the same with gradients (max_memory_allocated on "
+          "CUDA); time: median step")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from tabulate import tabulate
+
+    from .models import list_convertible
+    found = list_convertible(args.pattern)
+    if not found:
+        raise UsageError(f"no convertible model matches '{args.pattern}' (try 'revify list')")
+    print(tabulate([[name, library] for library, name in found], ["model", "library"]))
+    print(f"\n{len(found)} models; a name both libraries have converts as tv/NAME or timm/NAME")
+    return 0
+
+
+def _check_out(path: str) -> None:
+    from .files import check_writable
+    try:
+        check_writable(path)
+    except RevifyFileError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# ----------------------------------------------------------------------------- parser
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Bad arguments: one line on stderr and exit 2, as for every other usage error."""
     def error(message):
@@ -87,29 +272,45 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def _add_convert(sub) -> None:
+    p = _one_line_errors(sub.add_parser(
+        "convert", help="revify a model and write it to a file",
+        description="Revify MODEL, print the plan and the projected memory, and write a file "
+                    "that revify.load (or torch.load(weights_only=True)) reads back."))
+    p.add_argument("model", help="resnet50, timm/resnet50d or package.module:factory")
+    p.add_argument("--out", required=True, help="the file to write (written atomically)")
+    p.add_argument("--weights", metavar="FILE", help="a local state dict of the source model "
+                                                      "(nothing is downloaded)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs, passed to the constructor")
+    _add_input_size(p, [3, 224, 224])
+    p.add_argument("--batch-size", type=int, default=64, help="batch of the memory table")
+    _add_transform_options(p)
+    p.set_defaults(run=cmd_convert)
+
+
 def _add_analyze(sub) -> None:
-    analyze = _one_line_errors(sub.add_parser(
+    p = _one_line_errors(sub.add_parser(
         "analyze", help="project (or --measure) the memory of a training step under each strategy",
         description="Exact memory accounting of one training step (forward + backward) under the "
                     "original network, per-block checkpointing and revify, run on fake tensors: "
                     "nothing is allocated."))
-    analyze.add_argument("model", help="a torchvision or timm model name")
-    analyze.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
-    analyze.add_argument("--batch-size", type=int, default=64)
-    analyze.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    analyze.add_argument("--optimizer", choices=["sgd", "momentum", "adamw"], default="sgd",
-                         help="optimizer state per parameter: sgd none, momentum 1, adamw 2")
-    analyze.add_argument("--memory", nargs="+", metavar="SIZE",
-                         help="a budget such as 24GiB, 24GB, 512MiB or 80e9 (bytes); default: the "
-                              "CUDA device's memory when there is one")
-    analyze.add_argument("--format", default="simple", help="any tabulate table format")
-    analyze.add_argument("--json", action="store_true", help="print JSON only")
-    analyze.add_argument("--blocks", action="store_true", help="expand reversible stages into blocks")
-    analyze.add_argument("--measure", action="store_true",
-                         help="also run a real training step and show measured next to projected")
-    analyze.add_argument("--plot", metavar="PNG", help="draw peak memory against batch size "
-                                                        "(needs matplotlib)")
-    analyze.set_defaults(run=cmd_analyze)
+    _add_model(p)
+    _add_input_size(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--optimizer", choices=["sgd", "momentum", "adamw"], default="sgd",
+                   help="optimizer state per parameter: sgd none, momentum 1, adamw 2")
+    p.add_argument("--memory", nargs="+", metavar="SIZE",
+                   help="a budget such as 24GiB, 24GB, 512MiB or 80e9 (bytes); default: the "
+                        "CUDA device's memory when there is one")
+    p.add_argument("--format", default="simple", help="any tabulate table format")
+    p.add_argument("--json", action="store_true", help="print JSON only")
+    p.add_argument("--blocks", action="store_true", help="expand reversible stages into blocks")
+    p.add_argument("--measure", action="store_true",
+                   help="also run a real training step and show measured next to projected")
+    p.add_argument("--plot", metavar="PNG", help="draw peak memory against batch size "
+                                                 "(needs matplotlib)")
+    p.set_defaults(run=cmd_analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,21 +318,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"revify {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    plan = _one_line_errors(sub.add_parser("plan", help="show what revify would do to a model"))
-    plan.add_argument("model")
-    plan.add_argument("--input-size", type=int, nargs=3, default=[3, 224, 224], metavar=("C", "H", "W"))
-    plan.set_defaults(run=cmd_plan)
-    bench = _one_line_errors(sub.add_parser(
-        "bench", help="time and memory of original, checkpointing and revify"))
-    bench.add_argument("model")
-    bench.add_argument("--batch-size", type=int, default=16)
-    bench.add_argument("--input-size", type=int, nargs=3, default=[3, 112, 112], metavar=("C", "H", "W"))
-    bench.add_argument("--steps", type=int, default=3)
-    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    bench.add_argument("--native", action="store_true",
-                       help="also measure reconstruction='native' (stream in the activation dtype)")
-    bench.set_defaults(run=cmd_bench)
+    _add_convert(sub)
+    p = _one_line_errors(sub.add_parser("plan", help="show what revify would do to a model"))
+    _add_model(p)
+    _add_input_size(p)
+    p.set_defaults(run=cmd_plan)
     _add_analyze(sub)
+    p = _one_line_errors(sub.add_parser(
+        "verify", help="check gradients, reconstruction and BatchNorm against exact autograd"))
+    _add_model(p)
+    _add_input_size(p)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.set_defaults(run=cmd_verify)
+    p = _one_line_errors(sub.add_parser(
+        "bench", help="time and memory of original, checkpointing and revify, side by side"))
+    _add_model(p)
+    _add_input_size(p)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--native", action="store_true",
+                   help="also measure reconstruction='native' (stream in the activation dtype)")
+    p.set_defaults(run=cmd_bench)
+    p = _one_line_errors(sub.add_parser("list", help="the models revify converts"))
+    p.add_argument("pattern", nargs="?", default="*", help="a shell pattern such as 'resnet*'")
+    p.set_defaults(run=cmd_list)
     return parser
 
 
@@ -140,13 +351,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as exc:
+    except USAGE_ERRORS as exc:
         if args.debug:
             raise
-        print(f"revify: error: {exc}", file=sys.stderr)
+        print(f"revify: error: {_sentence(exc)}", file=sys.stderr)
         return 2
     except Exception as exc:  # every failure is one clear line unless --debug
         if args.debug:
             raise
-        print(f"revify: error: {exc}", file=sys.stderr)
+        print(f"revify: error: {_sentence(exc)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("revify: interrupted", file=sys.stderr)
+        return 130
+
+
+def _sentence(exc: BaseException) -> str:
+    """An exception as one line (the type's name when it carries no message)."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text

@@ -1,7 +1,16 @@
-"""Model names the command line understands: torchvision and timm, looked up in registries."""
+"""Model names the command line understands, looked up in registries, never in if-chains.
+
+A model spec is a torchvision name (`resnet50`), a timm name (`resnet50d`), either with its
+library spelled out (`tv/resnet50`, `timm/resnet50`: both libraries have that one), or
+`package.module:factory` for a user's own code. Every model built here remembers where it came
+from (`model.revify_source`), so a saved revify file can name it and `revify.load` can rebuild it.
+"""
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import importlib
+from typing import Callable
 
 from torch import nn
 
@@ -15,6 +24,11 @@ def _torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def _torchvision_create(name: str, **kwargs) -> nn.Module:
+    import torchvision
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
 def _timm_names() -> list[str]:
     try:
         import timm
@@ -23,19 +37,87 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build a randomly initialised model by name: `resnet50`, `timm/resnet50d`, `tv/resnet50`.
+def _timm_create(name: str, **kwargs) -> nn.Module:
+    import timm
+    return timm.create_model(name, pretrained=False, **kwargs)
 
-    A bare name is looked up in torchvision first, then in timm. Nothing is downloaded.
-    """
+
+# library -> (names it has, constructor); a bare name is looked up in this order.
+LIBRARIES: dict[str, tuple[Callable[[], list[str]], Callable[..., nn.Module]]] = {
+    "torchvision": (_torchvision_names, _torchvision_create),
+    "timm": (_timm_names, _timm_create),
+}
+ALIASES = {"tv": "torchvision"}
+
+# Families revify converts (each has at least one reversible stage; see the coverage table).
+CONVERTIBLE = {
+    "torchvision": ["resnet*", "resnext*", "wide_resnet*"],
+    "timm": ["resnet*", "resnext*", "seresnet*", "seresnext*", "ecaresnet*", "resnetrs*",
+             "wide_resnet*", "skresnet*", "resnetblur*", "gcresnet*"],
+}
+
+
+def _factory(spec: str, kwargs: dict) -> nn.Module:
+    """`package.module:factory`: import the module and call the factory (the user's own code)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownModel(f"cannot import '{module_name}' for model '{spec}': {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UnknownModel(f"'{module_name}' has no callable '{attr}' (model '{spec}')")
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UnknownModel(f"'{spec}' returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _lookup(name: str) -> tuple[str, str]:
+    """(library, bare name) for a model spec, or UnknownModel with close names."""
     library, _, bare = name.rpartition("/")
-    if library in ("", "tv", "torchvision") and bare in _torchvision_names():
-        import torchvision
-        return torchvision.models.get_model(bare, weights=None, **kwargs)
-    if library in ("", "timm") and bare in _timm_names():
-        import timm
-        return timm.create_model(bare, pretrained=False, **kwargs)
-    known = _torchvision_names() + _timm_names()
+    library = ALIASES.get(library, library)
+    if library and library not in LIBRARIES:
+        raise UnknownModel(f"unknown library '{library}' in '{name}': use one of "
+                           f"{', '.join(LIBRARIES)} (or package.module:factory)")
+    for lib, (names, _) in LIBRARIES.items():
+        if library in ("", lib) and bare in names():
+            return lib, bare
+    known = list(dict.fromkeys(n for names, _ in LIBRARIES.values() for n in names()))
     close = difflib.get_close_matches(bare, known, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UnknownModel(f"unknown model '{name}': neither torchvision nor timm has it.{hint}")
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a randomly initialised model by spec; nothing is downloaded.
+
+    kwargs go to the constructor (for example num_classes=10).
+    """
+    if ":" in name:
+        library, bare = "factory", name
+        model = _factory(name, kwargs)
+    else:
+        library, bare = _lookup(name)
+        model = LIBRARIES[library][1](bare, **kwargs)
+    model.revify_source = {"library": library, "name": bare, "kwargs": dict(kwargs)}
+    return model
+
+
+def rebuild(source: dict) -> nn.Module:
+    """The source model a revify file names, built by its library only (no user code runs)."""
+    library = source.get("library")
+    if library not in LIBRARIES:
+        raise UnknownModel(f"revify cannot rebuild '{source.get('name')}' by name (it comes from "
+                           f"{library or 'user'} code): pass the model, revify.load(path, model=...)")
+    return create_model(f"{library}/{source['name']}", **source.get("kwargs", {}))
+
+
+def list_convertible(pattern: str = "*") -> list[tuple[str, str]]:
+    """(library, name) of every model in a convertible family that matches `pattern`."""
+    found = []
+    for library, families in CONVERTIBLE.items():
+        names = LIBRARIES[library][0]()
+        found += [(library, n) for n in names
+                  if any(fnmatch.fnmatch(n, f) for f in families) and fnmatch.fnmatch(n, pattern)]
+    return found

@@ -9,6 +9,7 @@ module type that holds parameters and has no entry makes its block non-reversibl
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -124,7 +125,7 @@ def _resize_prelu(m, cin, cout, device=None):
 
 
 def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) -> int:
-    """Copy the overlapping slice of `old`'s tensors into `new`; returns how many were copied.
+    """Copy the overlapping slice of `old`'s tensors into `new`; returns how many values were copied.
 
     Dim 0 of every tensor runs over output channels and dim 1 of a weight over input channels
     (per group), true of every module in the registry. The offsets pick which half of the
@@ -138,7 +139,7 @@ def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) 
             continue
         if t.dim() == 0:
             t.data.copy_(src)
-            copied += 1
+            copied += t.is_floating_point()
             continue
         offsets = [out_offset] + [in_offset if d == 1 and getattr(old, "groups", 1) == 1 else 0
                                   for d in range(1, t.dim())]
@@ -149,5 +150,5 @@ def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) 
         src_idx = tuple(slice(o, o + n) for o, n in zip(offsets, lengths))
         with torch.no_grad():
             t[dst_idx] = src[src_idx].to(t.dtype)
-        copied += 1
+        copied += math.prod(lengths) if t.is_floating_point() else 0
     return copied

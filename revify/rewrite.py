@@ -83,13 +83,15 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
     graph, root = fx.Graph(), nn.Module()
     env: dict[str, fx.Node] = {}
     built: dict[str, str] = {}   # original target -> local name (shared modules built once)
+    carried = 0                  # values that start from the original's weights
 
     def copy_module(node: fx.Node, local: str, source: str) -> str:
         """Build the resized copy of a call_module node's module; `source` is its input node."""
+        nonlocal carried
         if node.target not in built:
             module = gm.get_submodule(node.target)
             new = resizer_for(module).build(module, bp.channels[source], bp.channels[node.name], None)
-            carry_over(new, module, stream_offset if source in bp.stream else 0,
+            carried += carry_over(new, module, stream_offset if source in bp.stream else 0,
                        stream_offset if node.name in bp.stream else 0)
             root.add_module(local, new)
             built[node.target] = local
@@ -114,7 +116,9 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
             _out_of_place(new, root.get_submodule(new.target) if node.op == "call_module" else None)
         env[name] = new
     graph.output(env[block.branch_output])
-    return fx.GraphModule(root, graph, class_name="Branch")
+    branch = fx.GraphModule(root, graph, class_name="Branch")
+    branch.meta["carried_values"] = carried  # for the weights report of `revify convert`
+    return branch
 
 
 def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -> None:

@@ -17,12 +17,17 @@ class NoResidualBlocks(ValueError):
 
 
 class RevifiedModel(nn.Module):
-    """A revified network: `net` is the rewritten graph, `revify_plan` says what was done."""
+    """A revified network: `net` is the rewritten graph, `revify_plan` says what was done.
 
-    def __init__(self, net: nn.Module, plan: Plan):
+    `revify_recipe` is how to build it again (source model, options, input shapes): plain data,
+    what `revify.save` writes beside the weights.
+    """
+
+    def __init__(self, net: nn.Module, plan: Plan, recipe: dict | None = None):
         super().__init__()
         self.net = net
         self.revify_plan = plan
+        self.revify_recipe = recipe
 
     def forward(self, *args, **kwargs):
         return self.net(*args, **kwargs)
@@ -57,12 +62,34 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
                       reconstruction=reconstruction)
+    leaf_modules = list(leaf_modules)
+    example_inputs = _example_inputs(example_inputs, input_size)
     gm = trace(model, leaf_modules)
-    propagate_shapes(gm, _example_inputs(example_inputs, input_size))
+    propagate_shapes(gm, example_inputs)
     blocks = find_blocks(gm)
     if not blocks:
         raise NoResidualBlocks(f"{type(model).__name__} has no residual block (an add of x and a "
                                f"branch computed from x): there is nothing to make reversible.")
     plan = make_plan(gm, blocks, options)
     net = rewrite(gm, plan)
-    return RevifiedModel(net, plan).train(model.training)
+    recipe = _recipe(model, example_inputs, options, leaf_modules)
+    return RevifiedModel(net, plan, recipe).train(model.training)
+
+
+def _recipe(model: nn.Module, example_inputs: tuple, options: Options, leaf_modules: list) -> dict:
+    """Everything `transform` needs to build this model again, as plain data."""
+    leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+    leaf_names = [m for m in leaf_modules if isinstance(m, str)]
+    if leaf_types:  # classes become the module names they matched: strings need no import
+        leaf_names += [n for n, m in model.named_modules() if n and isinstance(m, leaf_types)]
+    cls = type(model)
+    source = getattr(model, "revify_source", None) or {
+        "library": "user", "name": f"{cls.__module__}.{cls.__qualname__}", "kwargs": {}}
+    return {
+        "source": source,
+        "transform": {"width": options.width, "checkpoint": options.checkpoint,
+                      "reversible": options.reversible, "reconstruction": options.reconstruction,
+                      "leaf_modules": leaf_names},
+        "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                   if isinstance(t, torch.Tensor) else None for t in example_inputs],
+    }

@@ -160,7 +160,7 @@ def test_cli_tables_with_measured_next_to_projected(capsys, monkeypatch, tiny):
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["resnet5000"], 1, "unknown model 'resnet5000'"),
+    (["resnet5000"], 2, "unknown model 'resnet5000'"),
     (["resnet18", "--input-size", "3", "0", "224"], 2, "--input-size must be positive"),
     (["resnet18", "--input-size", "3", "224"], 2, "expected 3 arguments"),
     (["resnet18", "--batch-size", "0"], 2, "--batch-size must be positive"),
