@@ -99,6 +99,9 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
         inputs = [i for i in node.all_input_nodes if i.name in cls]
         if node.op == "call_module":
             module = modules[node.target]
+            if node.target in gm.meta.get("opaque", {}):
+                raise Unresizable(f"'{node.target}' could not be traced, so revify cannot tell "
+                                  f"whether it treats channels alike")
             rule = resizer_for(module)
             if rule is None:
                 raise Unresizable(f"no resize rule for {type(module).__name__} ('{node.target}')")

@@ -81,6 +81,7 @@ class Plan:
     segments: list[SegmentPlan]
     params_before: int
     params_after: int = 0
+    opaque: dict[str, str] = field(default_factory=dict)  # modules fx could not trace -> why
 
     def __str__(self) -> str:
         from .report import format_plan
@@ -307,4 +308,5 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
     params_before = sum(p.numel() for p in gm.parameters())
     changed = sum(s.params_after - s.params_before for s in stages)
     return Plan(model=gm.__class__.__name__, options=options, blocks=block_plans, stages=stages,
-                segments=segments, params_before=params_before, params_after=params_before + changed)
+                segments=segments, params_before=params_before, params_after=params_before + changed,
+                opaque=dict(gm.meta.get("opaque", {})))

@@ -32,6 +32,9 @@ def format_plan(plan, fmt: str = "simple") -> str:
         f"parameters: {plan.params_before:,} -> {plan.params_after:,} "
         f"({_delta(plan.params_before, plan.params_after)})",
     ]
+    if plan.opaque:
+        parts.insert(-1, "kept as opaque layers (torch.fx could not trace into them):\n" + "\n".join(
+            f"  {name}: {why}" for name, why in plan.opaque.items()))
     return "\n\n".join(parts)
 
 

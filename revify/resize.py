@@ -23,15 +23,23 @@ class Resizer:
     divisor: Callable[[nn.Module], int]            # channel counts must be multiples of this
     build: Callable[[nn.Module, int, int, torch.device | None], nn.Module]
     channels_in: Callable[[nn.Module], int | None]  # the input channels the module expects
+    tensors: frozenset[str] | None = None          # what build re-creates; None: all (a new module)
 
 
 RESIZERS: dict[type, Resizer] = {}
 
 
-def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1):
+def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tensors=None):
+    """Register `build(module, cin, cout, device)` for `types` (and, with care, their subclasses).
+
+    tensors: the parameter and buffer names `build` re-creates. A subclass holding any other
+    tensor (timm's ScaledStdConv2d and its `gain`) is not resized by the base class's rule: its
+    block stays checkpointed rather than getting a tensor of the wrong shape.
+    """
     def wrap(build):
         for t in types:
-            RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build, channels_in=channels_in)
+            RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build, channels_in=channels_in,
+                                  tensors=None if tensors is None else frozenset(tensors))
         return build
     return wrap
 
@@ -49,7 +57,11 @@ def resizer_for(module: nn.Module) -> Resizer | None:
     """The registered resizer (looked up along the class hierarchy), or None if unknown."""
     for cls in type(module).__mro__:
         if cls in RESIZERS:
-            return RESIZERS[cls]
+            rule = RESIZERS[cls]
+            if cls is type(module):
+                return rule
+            own = {n.rpartition(".")[2] for n, _ in [*module.named_parameters(), *module.named_buffers()]}
+            return rule if rule.tensors is not None and own <= rule.tensors else None
     return None if holds_state(module) else _STATELESS
 
 
@@ -88,7 +100,7 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 @register_resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d, ties=_is_depthwise,
                   channels_in=lambda m: m.in_channels,
-                  divisor=lambda m: 1 if _is_depthwise(m) else m.groups)
+                  divisor=lambda m: 1 if _is_depthwise(m) else m.groups, tensors={"weight", "bias"})
 def _resize_conv(m, cin, cout, device=None):
     groups = cin if _is_depthwise(m) else m.groups
     k = tuple(m.weight.shape[2:])
@@ -96,7 +108,8 @@ def _resize_conv(m, cin, cout, device=None):
                       dict(weight=(cout, cin // groups, *k), bias=(cout,)), device)
 
 
-@register_resizer(nn.Linear, ties=lambda m: False, channels_in=lambda m: m.in_features)
+@register_resizer(nn.Linear, ties=lambda m: False, channels_in=lambda m: m.in_features,
+                  tensors={"weight", "bias"})
 def _resize_linear(m, cin, cout, device=None):
     return clone_with(m, dict(in_features=cin, out_features=cout),
                       dict(weight=(cout, cin), bias=(cout,)), device)
@@ -104,20 +117,22 @@ def _resize_linear(m, cin, cout, device=None):
 
 @register_resizer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
                   nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, ties=lambda m: True,
-                  channels_in=lambda m: m.num_features)
+                  channels_in=lambda m: m.num_features,
+                  tensors={"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
 def _resize_batchnorm(m, cin, cout, device=None):
     per_channel = dict(weight=(cin,), bias=(cin,), running_mean=(cin,), running_var=(cin,))
     return clone_with(m, dict(num_features=cin), per_channel, device)
 
 
 @register_resizer(nn.GroupNorm, ties=lambda m: True, divisor=lambda m: m.num_groups,
-                  channels_in=lambda m: m.num_channels)
+                  channels_in=lambda m: m.num_channels, tensors={"weight", "bias"})
 def _resize_groupnorm(m, cin, cout, device=None):
     return clone_with(m, dict(num_channels=cin), dict(weight=(cin,), bias=(cin,)), device)
 
 
 @register_resizer(nn.PReLU, ties=lambda m: True,
-                  channels_in=lambda m: None if m.num_parameters == 1 else m.num_parameters)
+                  channels_in=lambda m: None if m.num_parameters == 1 else m.num_parameters,
+                  tensors={"weight"})
 def _resize_prelu(m, cin, cout, device=None):
     if m.num_parameters == 1:
         return copy.deepcopy(m)
@@ -152,3 +167,6 @@ def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) 
             t[dst_idx] = src[src_idx].to(t.dtype)
         copied += math.prod(lengths) if t.is_floating_point() else 0
     return copied
+
+
+from . import resize_timm  # noqa: E402,F401  (registers timm layers; it needs register_resizer)

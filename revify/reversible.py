@@ -88,9 +88,9 @@ class ReversibleStage(nn.Module):
         h1, h2 = x.chunk(2, self.dim)
         exact = stream_dtype(x.dtype, x.device, self.exact) != x.dtype
         v1, v2 = x.to(torch.float64).chunk(2, self.dim) if exact else (None, None)
-        for block in self.blocks:
-            h1, v1 = _add(h1, v1, block.f(h2))
-            h2, v2 = _add(h2, v2, block.g(h1))
+        for block in self.blocks:  # inputs contiguous as in the Function (see _branch_input)
+            h1, v1 = _add(h1, v1, block.f(h2.contiguous()))
+            h2, v2 = _add(h2, v2, block.g(h1.contiguous()))
         stream = torch.cat([v1, v2], self.dim) if exact else None
         return torch.cat([h1, h2], self.dim), stream
 
@@ -105,6 +105,13 @@ class ReversibleStage(nn.Module):
             y2 = y2 - block.g(y1.to(dtype))
             y1 = y1 - block.f(y2.to(dtype))
         return torch.cat([y1, y2], self.dim)
+
+
+def _branch_input(half: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stream half as F or G sees it: in the activation dtype and contiguous in every path
+    (forward, recompute, plain autograd), so kernels such as BatchNorm's take the same path
+    and round alike: a channel half of NCHW is a strided view."""
+    return half.to(dtype).contiguous()
 
 
 def _rebuild_stream(hi, lo, dtype):
@@ -123,7 +130,7 @@ def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device):
     backward through it runs outside autocast, as `loss.backward()` does.
     """
     with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast):
-        inp = stream.to(dtype).detach().requires_grad_(True)
+        inp = _branch_input(stream, dtype).detach().requires_grad_(True)
         out = fn(inp)
     grads = torch.autograd.grad(out, [inp, *params], grad_out.to(out.dtype), allow_unused=True)
     d_inp = grads[0] if grads[0] is not None else torch.zeros_like(inp)
@@ -148,9 +155,9 @@ class _ReversibleStageFunction(torch.autograd.Function):
         x1, x2 = x.to(stream_dtype(dtype, device, stage.exact)).chunk(2, stage.dim)
         for block in stage.blocks:
             rng_f = capture_rng(device) if block.training else None
-            x1 = x1 + block.f(x2.to(dtype))  # a float64 stream absorbs the result exactly
+            x1 = x1 + block.f(_branch_input(x2, dtype))  # a float64 stream absorbs it exactly
             rng_g = capture_rng(device) if block.training else None
-            x2 = x2 + block.g(x1.to(dtype))
+            x2 = x2 + block.g(_branch_input(x1, dtype))
             ctx.rng.append((rng_f, rng_g))
         y = torch.cat([x1, x2], stage.dim)
         del x1, x2

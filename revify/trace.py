@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 from typing import Iterable
 
 import torch
@@ -15,13 +16,20 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
+from .resize import RESIZERS
+
 
 class TraceError(ValueError):
     """The model could not be traced; the message says where and how to proceed."""
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps user-chosen module types or names as opaque leaves."""
+    """fx tracer that keeps user-chosen module types or names as opaque leaves.
+
+    Subclasses of layers revify can resize (timm's BatchNormAct2d, StdConv2d) and the timm
+    layers it has rules for are leaves too: traced into, they would show their bare weights
+    and shape asserts instead of one resizable layer.
+    """
 
     def __init__(self, leaf_modules: Iterable[type | str] = ()):
         super().__init__()
@@ -32,7 +40,7 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname in self.leaf_names or (self.leaf_types and isinstance(m, self.leaf_types)):
             return True
-        return super().is_leaf_module(m, qualname)
+        return isinstance(m, tuple(RESIZERS)) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -44,25 +52,67 @@ class _Tracer(fx.Tracer):
             raise
 
 
+MAX_OPAQUE = 16  # modules made opaque automatically before giving up
+
+
 def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
-    """Trace a deep copy of `model` in eval mode; the caller's model is never modified."""
+    """Trace a deep copy of `model` in eval mode; the caller's model is never modified.
+
+    A submodule fx cannot trace (data-dependent control flow, say) is retried as an opaque
+    leaf: always safe, since an opaque layer with weights is not resizable and its block is
+    then checkpointed, with the reason in the plan. `gm.meta["opaque"]` says which and why.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.transform expects a torch.nn.Module, got {type(model).__name__}.")
     model = copy.deepcopy(model).eval()
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many kinds; all mean the same thing to the user
-        where = tracer.failed_in
-        if not where:
-            raise TraceError(f"torch.fx could not trace the forward of {type(model).__name__}: "
-                             f"{_first_line(exc)}. Make the failing code traceable (see torch.fx "
-                             f"limitations) or move it into a submodule and pass it as leaf_modules=.") from exc
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: in module '{where}': "
-            f"{_first_line(exc)}. Pass leaf_modules=['{where}'] (or its class) to "
-            f"revify.transform to treat it as an opaque layer.") from exc
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    leaf_modules, opaque = list(leaf_modules), {}
+    while True:
+        tracer = _Tracer(leaf_modules)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as exc:  # fx raises many kinds; all mean the same thing to the user
+            where = tracer.failed_in
+            if not where or where in opaque or len(opaque) >= MAX_OPAQUE:
+                raise _trace_error(model, where, exc) from exc
+            opaque[where] = _first_line(exc)
+            leaf_modules.append(where)
+    _drop_asserts(graph)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.meta["opaque"] = opaque
+    return gm
+
+
+# Pure ops that only feed shape asserts (x.ndim == 4, x.shape[1] == n): removed with them.
+_ASSERT_INPUTS = {getattr, operator.getitem, operator.eq, operator.ne, operator.lt,
+                  operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.not_}
+
+
+def _drop_asserts(graph: fx.Graph) -> None:
+    """Remove `torch._assert` calls and what only they use: side branches off a residual
+    branch would otherwise hide the block (its inner values look used outside it)."""
+    doomed = [n for n in graph.nodes if n.op == "call_function" and n.target is torch._assert]
+    erased = set()
+    while doomed:
+        node = doomed.pop()
+        if node in erased:
+            continue
+        erased.add(node)
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        doomed += [i for i in inputs if not i.users and i.op in ("call_function", "call_method")
+                   and (i.target in _ASSERT_INPUTS or i.target in ("size", "dim"))]
+
+
+def _trace_error(model: nn.Module, where: str | None, exc: Exception) -> TraceError:
+    if not where:
+        return TraceError(f"torch.fx could not trace the forward of {type(model).__name__}: "
+                          f"{_first_line(exc)}. Make the failing code traceable (see torch.fx "
+                          f"limitations) or move it into a submodule and pass it as leaf_modules=.")
+    return TraceError(
+        f"torch.fx could not trace {type(model).__name__}: in module '{where}': "
+        f"{_first_line(exc)}. Pass leaf_modules=['{where}'] (or its class) to "
+        f"revify.transform to treat it as an opaque layer.")
 
 
 class _ShapeRecorder(fx.Interpreter):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 import torchvision
 
 import revify
-from conftest import TinyResNet, step_grads, worst_rel_err
+from conftest import TinyResNet, assert_directional_derivatives, smoothed, step_grads, worst_rel_err
 
 TORCHVISION_MODELS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
                       "resnext50_32x4d", "wide_resnet50_2"]
@@ -28,23 +28,6 @@ def _loss_fn(model, x, y):
     return lambda: F.cross_entropy(model(x), y)
 
 
-def smoothed(model: torch.nn.Module) -> torch.nn.Module:
-    """The same architecture with ReLU -> SiLU and max- -> average-pooling.
-
-    Finite differences across a ReLU kink or a max-pool tie are wrong by construction (the plain
-    torchvision model misses them by 0.4% at eps=1e-7); a smooth network makes them a
-    trustworthy reference for the revified model's derivative.
-    """
-    for name, child in model.named_children():
-        if isinstance(child, torch.nn.ReLU):
-            setattr(model, name, torch.nn.SiLU())
-        elif isinstance(child, torch.nn.MaxPool2d):
-            setattr(model, name, torch.nn.AvgPool2d(child.kernel_size, child.stride, child.padding))
-        else:
-            smoothed(child)
-    return model
-
-
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_gradients_match_float64_finite_differences(name):
     """Directional derivative along random directions for all parameters and the input."""
@@ -53,28 +36,7 @@ def test_gradients_match_float64_finite_differences(name):
     rev = revify.transform(model, input_size=(3, 64, 64)).double().train()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 10, (2,))
-    params = [p for p in rev.parameters()]
-    rev.zero_grad()
-    F.cross_entropy(rev(x), y).backward()
-    grads = [p.grad.clone() for p in params] + [x.grad.clone()]
-    tensors = params + [x]
-    eps = 1e-6
-    for trial in range(3):
-        direction = [torch.randn_like(t) for t in tensors]
-        norm = sum((d * d).sum() for d in direction).sqrt()
-        direction = [d / norm for d in direction]  # a unit step: stays clear of ReLU kinks
-        analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
-        with torch.no_grad():
-            for t, d in zip(tensors, direction):
-                t.add_(eps * d)
-            plus = F.cross_entropy(rev(x), y).item()
-            for t, d in zip(tensors, direction):
-                t.sub_(2 * eps * d)
-            minus = F.cross_entropy(rev(x), y).item()
-            for t, d in zip(tensors, direction):
-                t.add_(eps * d)
-        numeric = (plus - minus) / (2 * eps)
-        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (trial, numeric, analytic)
+    assert_directional_derivatives(rev, x, y)
 
 
 def test_full_jacobian_matches_float64_finite_differences():

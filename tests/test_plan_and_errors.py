@@ -159,11 +159,48 @@ class Untraceable(TinyResNet):
         return super().forward(self.gate(x))
 
 
-def test_untraceable_model_names_the_module_and_the_way_out():
-    with pytest.raises(revify.TraceError, match=r"in module 'gate'.*leaf_modules=\['gate'\]"):
-        revify.transform(Untraceable(), input_size=(3, 16, 16))
-    rev = revify.transform(Untraceable(), input_size=(3, 16, 16), leaf_modules=["gate"])
-    assert len(rev.revify_plan.stages) == 2
+def test_untraceable_module_is_kept_opaque_and_reported(data):
+    x, y = data
+    rev = revify.transform(Untraceable(), input_size=(3, 16, 16))
+    assert list(rev.revify_plan.opaque) == ["gate"] and len(rev.revify_plan.stages) == 2
+    assert "kept as opaque layers" in str(rev.revify_plan) and "gate: TraceError" in str(rev.revify_plan)
+    got, ref = step_grads(rev, x, y), step_grads(rev, x, y, exact=True)
+    assert worst_rel_err(got, ref)[0] <= 1e-5
+
+
+class GatedBlock(Block):
+    """A block whose branch holds an untraceable layer: revify cannot know it is channel-wise."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.gate = DataDependent()
+
+    def forward(self, x):
+        out = self.gate(self.relu(self.bn1(self.conv1(x))))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_untraceable_layer_in_a_branch_keeps_its_block_checkpointed(data):
+    model = TinyResNet()
+    model.stage1[1] = GatedBlock(8)
+    rev = revify.transform(model, input_size=(3, 16, 16))
+    assert "stage1.1.gate" in rev.revify_plan.opaque
+    actions = {b.name: (b.action, b.reason) for b in rev.revify_plan.blocks}
+    assert actions["stage1.0"][0] == "reversible"
+    assert actions["stage1.1"] == ("checkpointed", "branch cannot be halved: 'stage1.1.gate' could "
+                                   "not be traced, so revify cannot tell whether it treats channels alike")
+
+
+class UntraceableForward(TinyResNet):
+    def forward(self, x):
+        if x.sum() > 0:  # in the model's own forward: no module to keep opaque
+            x = -x
+        return super().forward(x)
+
+
+def test_untraceable_model_forward_names_the_way_out():
+    with pytest.raises(revify.TraceError, match=r"could not trace the forward of UntraceableForward"):
+        revify.transform(UntraceableForward(), input_size=(3, 16, 16))
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -1,0 +1,178 @@
+"""Coverage: run revify.transform over the timm and torchvision ResNet families, one row per model.
+
+    python scripts/coverage.py                          # every model, conversion only
+    python scripts/coverage.py --filter 'seresnet*' --grad --memory --out coverage.md
+
+Models are built with random weights (nothing is downloaded). Every failure is caught and
+recorded; the run never stops on a model.
+"""
+import argparse
+import fnmatch
+import re
+import signal
+import time
+from collections import Counter
+
+import timm
+import torch
+import torchvision
+from tabulate import tabulate
+
+import revify
+
+TIMM_PATTERNS = ["resnet*", "resnext*", "seresnet*", "seresnext*", "ecaresnet*", "resnetrs*",
+                 "wide_resnet*", "skresnet*", "resnetblur*", "gcresnet*"]
+TORCHVISION = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+               "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+SIZES = [64, 128]  # tried in order, then the model's own pretrained_cfg size
+
+
+class Timeout(BaseException):  # not an Exception: revify's handlers must not catch it
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout("timed out")
+
+
+def models(pattern):
+    timm_names = sorted({n for p in TIMM_PATTERNS for n in timm.list_models(p)})
+    out = [("timm", n) for n in timm_names] + [("torchvision", n) for n in TORCHVISION]
+    return [(lib, n) for lib, n in out if any(fnmatch.fnmatch(n, p) for p in pattern.split(","))]
+
+
+def create(lib, name):
+    if lib == "timm":
+        return timm.create_model(name, pretrained=False)
+    return torchvision.models.get_model(name, weights=None)
+
+
+def input_sizes(lib, model):
+    sizes = list(SIZES)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if lib == "timm" and "input_size" in cfg and cfg["input_size"][-1] not in sizes:
+        sizes.append(cfg["input_size"][-1])
+    return sizes
+
+
+def convert(lib, model):
+    """revify.transform at the smallest input size that traces; returns (rev, size)."""
+    err = None
+    for size in input_sizes(lib, model):
+        try:
+            return revify.transform(model, input_size=(3, size, size)), size
+        except revify.TraceError as exc:  # shapes: try a larger input
+            err = exc
+            if "example input" not in str(exc):
+                raise
+    raise err
+
+
+def grad_error(rev, size):
+    """Worst relative error of parameter grads: reversible backward vs plain autograd.
+
+    In float64: there the two agree to ~1e-12 unless something is wrong. In float32 they differ
+    by rounding (the coupled stream is carried in float64, see README), which BatchNorm at batch 2
+    can amplify to 1e-2 and hide a real bug.
+    """
+    rev = rev.double().train()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def grads():
+        rev.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out = rev(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        (out ** 2).mean().backward()
+        return {n: p.grad.clone() for n, p in rev.named_parameters() if p.grad is not None}
+
+    buffers = {k: v.clone() for k, v in rev.state_dict().items()}
+    g = grads()
+    rev.load_state_dict(buffers)  # same BatchNorm statistics for the reference
+    with revify.exact_backward():
+        ref = grads()
+    return max(((g[n] - r).norm() / r.norm().clamp_min(1e-12)).item() for n, r in ref.items())
+
+
+def memory_saving(model, size, batch):
+    a = revify.analyze(model, input_size=(3, size, size), batch_size=batch, device="cpu")
+    return 1 - a.strategies["revify"].peak_bytes / a.strategies["original"].peak_bytes
+
+
+def reasons(plan, all_reasons):
+    """Why blocks were not made reversible: one example per kind of reason, with its count.
+
+    Projection shortcuts (expected: they change the shape) are listed only if `all_reasons`.
+    """
+    counts, example = Counter(), {}
+    for b in plan.blocks:
+        if b.action == "reversible" or (not all_reasons and "projection shortcut" in b.reason):
+            continue
+        kind = re.sub(r"'[^']*'|\([^)]*\)|\d+", "_", b.reason)  # names and numbers vary
+        counts[kind] += 1
+        example.setdefault(kind, b.reason)
+    return [f"{n}x {example[k]}" for k, n in counts.most_common()]
+
+
+def run(lib, name, args):
+    row = dict(model=name, lib=lib)
+    model = create(lib, name)
+    rev, size = convert(lib, model)
+    plan = rev.revify_plan
+    n_rev = sum(b.action == "reversible" for b in plan.blocks)
+    row.update(size=size, rev=f"{n_rev}/{len(plan.blocks)}", stages=len(plan.stages),
+               params_M=f"{plan.params_before / 1e6:.2f}", after_M=f"{plan.params_after / 1e6:.2f}",
+               dparams=f"{plan.params_after / plan.params_before - 1:+.1%}")
+    if args.memory:
+        row["mem_saving"] = f"{memory_saving(model, size, args.batch):.1%}"
+    if args.grad:
+        row["grad_err"] = f"{grad_error(rev, size):.1e}"
+    row["ok"] = "yes" if n_rev else "no"
+    row["note"] = "; ".join(reasons(plan, all_reasons=not n_rev))
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--filter", default="*", help="fnmatch pattern(s) on the model name, comma-separated")
+    parser.add_argument("--out", help="write the table as markdown here")
+    parser.add_argument("--grad", action="store_true", help="check grads against exact_backward")
+    parser.add_argument("--memory", action="store_true", help="projected peak-memory saving")
+    parser.add_argument("--batch", type=int, default=32, help="batch size for --memory")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per model")
+    args = parser.parse_args()
+
+    signal.signal(signal.SIGALRM, _alarm)
+    rows = []
+    for lib, name in models(args.filter):
+        t0 = time.time()
+        signal.alarm(args.timeout)
+        try:
+            row = run(lib, name, args)
+        except BaseException as exc:  # noqa: BLE001  one model never stops the run
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            row = dict(model=name, lib=lib, ok="error", note=f"{type(exc).__name__}: {first}")
+        finally:
+            signal.alarm(0)
+        row["time_s"] = f"{time.time() - t0:.1f}"
+        rows.append(row)
+        print(" | ".join(str(v) for v in row.values()), flush=True)
+
+    ok = sum(r["ok"] == "yes" for r in rows)
+    summary = f"{ok}/{len(rows)} models have >=1 reversible block; " \
+              f"{sum(r['ok'] == 'no' for r in rows)} convert with none; " \
+              f"{sum(r['ok'] == 'error' for r in rows)} fail"
+    cols = list(dict.fromkeys(k for r in sorted(rows, key=lambda r: -len(r)) for k in r))
+    cols = [c for c in cols if c not in ("note", "time_s")] + ["time_s", "note"]
+    table = tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, tablefmt="github",
+                     disable_numparse=True)
+    print(summary)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# revify coverage\n\n{summary}\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
