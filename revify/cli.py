@@ -247,11 +247,16 @@ def cmd_list(args) -> int:
     from tabulate import tabulate
 
     from .models import list_convertible
-    found = list_convertible(args.pattern)
+    found = list_convertible(args.pattern, args.all)
     if not found:
-        raise UsageError(f"no convertible model matches '{args.pattern}' (try 'revify list')")
-    print(tabulate([[name, library] for library, name in found], ["model", "library"]))
-    print(f"\n{len(found)} models; a name both libraries have converts as tv/NAME or timm/NAME")
+        raise UsageError(f"no {'' if args.all else 'convertible '}model matches '{args.pattern}' "
+                         f"(try 'revify list --all')")
+    rows = [[r["model"], r["lib"], r.get("rev") or "-"] + ([r["note"] or ""] if args.all else [])
+            for r in found]
+    print(tabulate(rows, ["model", "library", "reversible blocks"] + (["why not"] if args.all else []),
+                   disable_numparse=True))
+    print(f"\n{len(found)} models, each converted with random weights by scripts/coverage.py "
+          f"(docs/coverage.md); a name both libraries have is tv/NAME or timm/NAME")
     return 0
 
 
@@ -342,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_bench)
     p = _one_line_errors(sub.add_parser("list", help="the models revify converts"))
     p.add_argument("pattern", nargs="?", default="*", help="a shell pattern such as 'resnet*'")
+    p.add_argument("--all", action="store_true", help="also the models that convert with no "
+                                                      "reversible block or fail, with the reason")
     p.set_defaults(run=cmd_list)
     return parser
 

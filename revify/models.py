@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import json
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -49,12 +51,8 @@ LIBRARIES: dict[str, tuple[Callable[[], list[str]], Callable[..., nn.Module]]] =
 }
 ALIASES = {"tv": "torchvision"}
 
-# Families revify converts (each has at least one reversible stage; see the coverage table).
-CONVERTIBLE = {
-    "torchvision": ["resnet*", "resnext*", "wide_resnet*"],
-    "timm": ["resnet*", "resnext*", "seresnet*", "seresnext*", "ecaresnet*", "resnetrs*",
-             "wide_resnet*", "skresnet*", "resnetblur*", "gcresnet*"],
-}
+# Every model scripts/coverage.py ran through revify.transform, with what came of it.
+COVERAGE_FILE = Path(__file__).parent / "coverage.json"
 
 
 def _factory(spec: str, kwargs: dict) -> nn.Module:
@@ -113,11 +111,8 @@ def rebuild(source: dict) -> nn.Module:
     return create_model(f"{library}/{source['name']}", **source.get("kwargs", {}))
 
 
-def list_convertible(pattern: str = "*") -> list[tuple[str, str]]:
-    """(library, name) of every model in a convertible family that matches `pattern`."""
-    found = []
-    for library, families in CONVERTIBLE.items():
-        names = LIBRARIES[library][0]()
-        found += [(library, n) for n in names
-                  if any(fnmatch.fnmatch(n, f) for f in families) and fnmatch.fnmatch(n, pattern)]
-    return found
+def list_convertible(pattern: str = "*", everything: bool = False) -> list[dict]:
+    """The models the coverage run converted (with `everything`, also those it did not), as
+    {"model", "lib", "rev" (reversible blocks / all), "ok", "note"}, matching `pattern`."""
+    rows = json.loads(COVERAGE_FILE.read_text())
+    return [r for r in rows if fnmatch.fnmatch(r["model"], pattern) and (everything or r["ok"] == "yes")]

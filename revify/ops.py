@@ -8,7 +8,14 @@ import operator
 
 import torch
 import torch.nn.functional as F
+import torchvision.ops
 from torch import fx, nn
+from torchvision.ops.misc import Permute
+
+try:
+    from timm.layers import DropPath
+except ImportError:  # timm is optional for revify's own code paths
+    DropPath = nn.Identity
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_"}
@@ -26,11 +33,26 @@ CHANNEL_AGNOSTIC_FUNCTIONS = ACTIVATION_FUNCTIONS | ADD_FUNCTIONS | {
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.adaptive_avg_pool2d,
     F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.hardsigmoid, F.sigmoid,
     torch.mean, torch.clamp,
+    torchvision.ops.stochastic_depth,  # drops whole samples: channels alike
 }
 CHANNEL_AGNOSTIC_METHODS = ACTIVATION_METHODS | ADD_METHODS | {
     "mul", "mul_", "sub", "div", "mean", "clamp", "clamp_", "contiguous", "sigmoid",
     "hardsigmoid",
 }
+
+# Channel-agnostic ops that mix the trailing n dims (pooling): channels must sit before them.
+SPATIAL_FUNCTIONS = {F.avg_pool2d: 2, F.max_pool2d: 2, F.adaptive_avg_pool2d: 2,
+                     F.adaptive_max_pool2d: 2}
+REDUCE_FUNCTIONS, REDUCE_METHODS = {torch.mean}, {"mean"}  # channels must not be reduced
+
+# Layout ops: they move the channel axis (a permute) or re-shape a per-channel vector.
+PERMUTE_FUNCTIONS, PERMUTE_METHODS = {torch.permute}, {"permute"}
+RESHAPE_FUNCTIONS, RESHAPE_METHODS = {torch.reshape}, {"reshape", "view"}
+
+# Stateless modules that treat every element (or sample) alike wherever the channels sit; any
+# other stateless module (pooling, flatten, channel shuffle) is trusted only channels-first.
+POSITION_FREE_MODULES = ACTIVATION_MODULES + (nn.Identity, nn.Dropout, nn.AlphaDropout,
+                                              torchvision.ops.StochasticDepth, DropPath)
 
 
 def is_add(node: fx.Node) -> bool:
@@ -57,6 +79,37 @@ def is_channel_agnostic(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in CHANNEL_AGNOSTIC_FUNCTIONS
     return node.op == "call_method" and node.target in CHANNEL_AGNOSTIC_METHODS
+
+
+def _is(node: fx.Node, functions, methods) -> bool:
+    return (node.op == "call_function" and node.target in functions) or \
+        (node.op == "call_method" and node.target in methods)
+
+
+def is_reshape(node: fx.Node) -> bool:
+    return _is(node, RESHAPE_FUNCTIONS, RESHAPE_METHODS)
+
+
+def is_reduction(node: fx.Node) -> bool:
+    return _is(node, REDUCE_FUNCTIONS, REDUCE_METHODS)
+
+
+def spatial_dims(node: fx.Node) -> int:
+    """How many trailing dims a channel-agnostic op mixes (pooling), else 0."""
+    return SPATIAL_FUNCTIONS.get(node.target, 0) if node.op == "call_function" else 0
+
+
+def permute_dims(node: fx.Node, modules: dict[str, nn.Module]) -> list[int] | None:
+    """The dims of a permute (`x.permute(0, 2, 3, 1)`, `torch.permute`, torchvision's `Permute`)."""
+    if _is(node, PERMUTE_FUNCTIONS, PERMUTE_METHODS):
+        dims = node.args[1:] or (node.kwargs.get("dims"),)
+    elif node.op == "call_module" and isinstance(modules[node.target], Permute):
+        dims = (modules[node.target].dims,)
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return list(dims) if all(isinstance(d, int) for d in dims) else None
 
 
 def op_name(node: fx.Node) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from .blocks import ResidualBlock
 from .channels import BranchChannels, Unresizable, analyze_branch
@@ -114,10 +114,21 @@ def _fmt(shape) -> str:
 
 
 def _module_params(gm: fx.GraphModule, names: list[str]) -> int:
-    """Parameters of the modules the given nodes call, each module counted once."""
+    """Parameters of the modules the given nodes call and the parameters they read bare
+    (get_attr), each counted once."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    targets = {nodes[n].target for n in names if nodes[n].op == "call_module"}
-    return sum(p.numel() for t in targets for p in gm.get_submodule(t).parameters())
+    params = {}
+    for node in (nodes[n] for n in names):
+        if node.op == "call_module":
+            params.update((id(p), p) for p in gm.get_submodule(node.target).parameters())
+        elif node.op == "get_attr" and isinstance(attr := _attr(gm, node.target), nn.Parameter):
+            params[id(attr)] = attr
+    return sum(p.numel() for p in params.values())
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    module, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(module), name)
 
 
 def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int],
@@ -131,9 +142,12 @@ def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int]
     total, seen = 0, set()
     for name in block.block.branch:
         node = nodes[name]
-        if node.op != "call_module" or node.target in seen:
+        if node.op not in ("call_module", "get_attr") or node.target in seen:
             continue
         seen.add(node.target)
+        if node.op == "get_attr":  # a per-channel vector: as many values as channels
+            total += widths[name] if isinstance(_attr(gm, node.target), nn.Parameter) else 0
+            continue
         key = (node.target, widths[node.all_input_nodes[0].name], widths[name])
         if key not in cache:
             module = gm.get_submodule(node.target)
@@ -153,6 +167,8 @@ def _shared_layers(gm: fx.GraphModule, blocks: list[ResidualBlock]) -> dict[str,
     for node in gm.graph.nodes:
         if node.op == "call_module" and holds_state(gm.get_submodule(node.target)):
             users.setdefault(node.target, set()).add(owner.get(node.name))
+        elif node.op == "get_attr":  # one node per attribute: its users say who reads it
+            users.setdefault(node.target, set()).update(owner.get(u.name) for u in node.users)
     shared = {}
     for target, owners in users.items():
         if len(owners) > 1:

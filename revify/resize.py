@@ -1,8 +1,9 @@
 """A registry that says how to rebuild a module at other channel counts.
 
-Each entry answers three questions about a module type: does its output follow its input's
+Each entry answers four questions about a module type: does its output follow its input's
 channels (a BatchNorm does, a Conv mixes them), what channel counts must be multiples of (the
-groups of a grouped conv), and how to build a fresh copy at new counts. Modules holding no
+groups of a grouped conv), which dimension of its input holds the channels it works on (1 for a
+Conv, the last for a Linear), and how to build a fresh copy at new counts. Modules holding no
 parameters or buffers (activations, pooling, dropout) work at any width and need no entry; a
 module type that holds parameters and has no entry makes its block non-reversible.
 """
@@ -15,6 +16,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
+from torchvision.ops import StochasticDepth
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,13 @@ class Resizer:
     build: Callable[[nn.Module, int, int, torch.device | None], nn.Module]
     channels_in: Callable[[nn.Module], int | None]  # the input channels the module expects
     tensors: frozenset[str] | None = None          # what build re-creates; None: all (a new module)
+    axis: int = 1                                  # the input dim it works on (-1: the last)
 
 
 RESIZERS: dict[type, Resizer] = {}
 
 
-def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tensors=None):
+def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tensors=None, axis=1):
     """Register `build(module, cin, cout, device)` for `types` (and, with care, their subclasses).
 
     tensors: the parameter and buffer names `build` re-creates. A subclass holding any other
@@ -39,7 +43,7 @@ def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tenso
     def wrap(build):
         for t in types:
             RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build, channels_in=channels_in,
-                                  tensors=None if tensors is None else frozenset(tensors))
+                                  tensors=None if tensors is None else frozenset(tensors), axis=axis)
         return build
     return wrap
 
@@ -109,7 +113,7 @@ def _resize_conv(m, cin, cout, device=None):
 
 
 @register_resizer(nn.Linear, ties=lambda m: False, channels_in=lambda m: m.in_features,
-                  tensors={"weight", "bias"})
+                  tensors={"weight", "bias"}, axis=-1)
 def _resize_linear(m, cin, cout, device=None):
     return clone_with(m, dict(in_features=cin, out_features=cout),
                       dict(weight=(cout, cin), bias=(cout,)), device)
@@ -128,6 +132,32 @@ def _resize_batchnorm(m, cin, cout, device=None):
                   channels_in=lambda m: m.num_channels, tensors={"weight", "bias"})
 def _resize_groupnorm(m, cin, cout, device=None):
     return clone_with(m, dict(num_channels=cin), dict(weight=(cin,), bias=(cin,)), device)
+
+
+def layer_norm_channels(m) -> int:
+    # Normalising over several dims (C, H, W) mixes channels with positions: -1 matches no tensor,
+    # so such a LayerNorm keeps its block checkpointed.
+    return m.normalized_shape[0] if len(m.normalized_shape) == 1 else -1
+
+
+def resize_layer_norm(m, cin, cout, device=None):
+    return clone_with(m, dict(normalized_shape=(cin,)), dict(weight=(cin,), bias=(cin,)), device)
+
+
+register_resizer(nn.LayerNorm, ties=lambda m: True, channels_in=layer_norm_channels,
+                 tensors={"weight", "bias"}, axis=-1)(resize_layer_norm)
+# torchvision's ConvNeXt LayerNorm2d permutes NCHW to normalise over dim 1 inside its forward.
+register_resizer(LayerNorm2d, ties=lambda m: True, channels_in=layer_norm_channels,
+                 tensors={"weight", "bias"}, axis=1)(resize_layer_norm)
+
+
+def copy_unchanged(m, cin, cout, device=None):
+    return copy.deepcopy(m)
+
+
+# Per-sample stochastic depth holds no tensors but decides on `self.training` in its forward:
+# traced into (in eval mode) it would vanish from training. A rule keeps it a leaf layer.
+register_resizer(StochasticDepth, ties=lambda m: True, channels_in=lambda m: None)(copy_unchanged)
 
 
 @register_resizer(nn.PReLU, ties=lambda m: True,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 
-from .resize import register_resizer
+from torch import nn
+
+from .resize import copy_unchanged, layer_norm_channels, register_resizer, resize_layer_norm
 
 try:
     import timm.layers as L
@@ -70,3 +72,13 @@ if L is not None:
                       ties=lambda m: True, channels_in=_per_channel)
     def _resize_evonorm_b(m, cin, cout, device=None):
         return type(m)(cin, apply_act=m.apply_act, momentum=m.momentum, eps=m.eps, device=device)
+
+    # DropPath, like torchvision's StochasticDepth, must stay a leaf to drop samples in training.
+    register_resizer(L.DropPath, ties=lambda m: True, channels_in=lambda m: None)(copy_unchanged)
+
+    # timm's LayerNorm2d permutes NCHW to normalise over dim 1; its LayerNorm is nn.LayerNorm's.
+    register_resizer(L.LayerNorm2d, ties=lambda m: True, channels_in=layer_norm_channels,
+                     tensors={"weight", "bias"}, axis=1)(resize_layer_norm)
+    if L.LayerNorm is not nn.LayerNorm:
+        register_resizer(L.LayerNorm, ties=lambda m: True, channels_in=layer_norm_channels,
+                         tensors={"weight", "bias"}, axis=-1)(resize_layer_norm)

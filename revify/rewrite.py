@@ -97,6 +97,30 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
             built[node.target] = local
         return built[node.target]
 
+    def copy_vector(node: fx.Node) -> str:
+        """A bare per-channel parameter or buffer (layer scale) at its new channel count.
+
+        Like `carry_over`: the original's slice from the stream offset; values past the
+        original's end (a wider internal class) repeat it from the start.
+        """
+        nonlocal carried
+        if node.target not in built:
+            module, _, attr = node.target.rpartition(".")
+            old = getattr(gm.get_submodule(module), attr)
+            axis = next(d for d, n in enumerate(old.shape) if n != 1)
+            offset = stream_offset if node.name in bp.stream else 0
+            n, total = bp.channels[node.name], old.shape[axis]
+            index = (offset + torch.arange(n, device=old.device)) % total
+            new = old.detach().index_select(axis, index)
+            carried += min(n, total - offset) if new.is_floating_point() else 0
+            local = _local_name(node.target, bp.name)
+            if isinstance(old, nn.Parameter):
+                root.register_parameter(local, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                root.register_buffer(local, new)
+            built[node.target] = local
+        return built[node.target]
+
     x = graph.placeholder("x")
     env[block.entry] = x
     if bp.pre_op:  # the previous block's post-add activation, moved into the branch
@@ -112,6 +136,8 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
         if node.op == "call_module":
             new.target = copy_module(node, _local_name(node.target, bp.name),
                                      node.all_input_nodes[0].name)
+        elif node.op == "get_attr":
+            new.target = copy_vector(node)
         if env[block.entry] in new.all_input_nodes:
             _out_of_place(new, root.get_submodule(new.target) if node.op == "call_module" else None)
         env[name] = new

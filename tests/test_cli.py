@@ -93,12 +93,14 @@ def test_analyze_plan_and_bench_read_a_file(converted, capsys):
     assert "1.00x" in out and "memory of revify" in err  # progress, one line per piece of work
 
 
-def test_list_shows_convertible_models(capsys):
+def test_list_shows_the_models_the_coverage_run_converted(capsys):
     code, out, _ = run(capsys, "list", "resnet5*")
     assert code == 0
-    rows = {tuple(line.split()) for line in out.splitlines()[2:] if line.strip()}
-    assert ("resnet50", "torchvision") in rows and ("resnet50d", "timm") in rows
-    assert not any(name.startswith("vit") for name, *_ in rows)
+    rows = {tuple(line.split()[:2]) for line in out.splitlines()[2:] if line.strip()}
+    assert ("resnet50", "timm") in rows and ("resnet50d", "timm") in rows
+    assert "resnet14t" not in out  # converts with no reversible block: only with --all
+    code, out, _ = run(capsys, "list", "resnet14t", "--all")
+    assert code == 0 and "projection shortcut" in out and "0/4" in out
 
 
 def test_console_script_and_module_agree():

@@ -183,3 +183,112 @@ def test_user_written_blocks_convert_and_match_autograd_and_finite_differences()
             m.p = 0.0  # finite differences need a deterministic function
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64, requires_grad=True)
     assert_directional_derivatives(rev, x, y)
+
+
+# ----------------------------------------------------------------------------- ConvNeXt
+# Channels-last inside the branch (permute, LayerNorm, Linear), a bare per-channel layer scale
+# and stochastic depth: torchvision's CNBlock and timm's ConvNeXtBlock (conv_mlp: LayerNorm2d and
+# 1x1 convs, the default of convnext_atto; or permutes around LayerNorm and Linear).
+def _convnext(source, **kwargs):
+    torch.manual_seed(0)
+    if source == "torchvision":
+        import torchvision
+        return torchvision.models.convnext_tiny(num_classes=5, **kwargs)
+    return timm.create_model("convnext_atto", num_classes=5, conv_mlp=source == "timm-conv-mlp",
+                             **kwargs)
+
+
+CONVNEXTS = {"torchvision": 18, "timm-conv-mlp": 12, "timm-linear": 12}  # blocks, none downsample
+
+
+@pytest.mark.parametrize("source", CONVNEXTS)
+def test_convnext_converts_and_matches_exact_autograd(source):
+    # stochastic depth on: the backward must replay its per-sample masks
+    drop = {"stochastic_depth_prob": 0.2} if source == "torchvision" else {"drop_path_rate": 0.2}
+    rev = revify.transform(_convnext(source, **drop), input_size=(3, 32, 32))
+    plan = rev.revify_plan
+    assert [b.action for b in plan.blocks] == ["reversible"] * CONVNEXTS[source], str(plan)
+    assert abs(plan.params_after / plan.params_before - 1) <= 0.1
+    assert plan.params_after == sum(p.numel() for p in rev.parameters())
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    got = step_grads(rev.train(), x, y)
+    err, where = worst_rel_err(got, step_grads(rev, x, y, exact=True))
+    assert err <= 1e-5, (err, where)
+    assert worst_rel_err(step_grads(rev, x, y, exact=True, seed=7), got)[0] > 1e-3  # masks drawn
+
+
+def test_convnext_layer_scale_is_carried_per_half():
+    """The layer scale becomes a parameter of each half-width branch, F from the first half of
+    the original's channels and G from the second."""
+    model = _convnext("timm-linear", ls_init_value=1.0)
+    with torch.no_grad():
+        gamma = model.stages[0].blocks[1].gamma
+        gamma.copy_(torch.arange(gamma.numel()))
+    rev = revify.transform(model, input_size=(3, 32, 32))
+    coupling = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage)).blocks[1]
+    half = gamma.numel() // 2
+    assert torch.equal(coupling.f.gamma, gamma[:half])
+    assert torch.equal(coupling.g.gamma, gamma[half:])
+
+
+# Layer scale 1 (not 1e-6) so the branches count; stochastic depth off: the original models meet
+# finite differences themselves with these settings at 32x32 (checked).
+@pytest.mark.parametrize("source,kwargs", [
+    ("timm-conv-mlp", {"ls_init_value": 1.0}), ("timm-linear", {"ls_init_value": 1.0}),
+    ("torchvision", {"layer_scale": 1.0, "stochastic_depth_prob": 0.0})])
+def test_convnext_gradients_match_float64_finite_differences(source, kwargs):
+    rev = revify.transform(smoothed(_convnext(source, **kwargs)), input_size=(3, 32, 32))
+    rev = rev.double().train()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    assert_directional_derivatives(rev, x, torch.tensor([1, 3]))
+
+
+class ChannelsLastBlock(nn.Module):
+    """x + branch(x) with the branch in channels-last; `mistake` breaks it one of two ways."""
+
+    def __init__(self, c, mistake=None):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Linear(c, c)
+        self.norm = nn.LayerNorm(c)
+        self.mistake = mistake
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.mistake == "norm_over_width":  # LayerNorm(c) over W (== c) of a NCHW tensor
+            return x + self.norm(h)
+        h = self.fc(self.norm(h.permute(0, 2, 3, 1)))
+        return x + (h if self.mistake == "stays_last" else h.permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("mistake,reason", [
+    (None, None),
+    ("stays_last", "branch cannot be halved: the branch returns its channels on dim 3, not 1"),
+    ("norm_over_width", "works on another dimension than channels (dim 1)"),
+])
+def test_channels_must_be_where_each_layer_works_and_come_back(mistake, reason):
+    torch.manual_seed(0)
+    model = nn.Sequential(ChannelsLastBlock(8, mistake), ChannelsLastBlock(8, mistake))
+    x = torch.randn(2, 8, 8, 8)  # C == H == W: shapes alone cannot tell the dims apart
+    rev = revify.transform(model, x)
+    for block in rev.revify_plan.blocks:
+        if reason is None:
+            assert block.action == "reversible", block.reason
+        else:
+            assert block.action == "checkpointed" and reason in block.reason, block.reason
+    if reason is not None:
+        torch.testing.assert_close(rev(x), model(x))
+
+
+# ----------------------------------------------------------------------------- beyond ResNets
+@pytest.mark.parametrize("name,reversible", [("mobilenet_v2", 10), ("regnet_y_400mf", 12),
+                                             ("efficientnet_b0", 9)])
+def test_inverted_residuals_and_regnet_blocks_convert(name, reversible):
+    import torchvision
+    torch.manual_seed(0)
+    rev = revify.transform(torchvision.models.get_model(name, num_classes=5), input_size=(3, 32, 32))
+    assert sum(b.action == "reversible" for b in rev.revify_plan.blocks) == reversible
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    err, where = worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))
+    assert err <= 1e-5, (err, where)
