@@ -97,13 +97,11 @@ class Source:
     payload: dict | None = None  # the file's contents, when it was a file
 
     def revified(self):
-        from .files import load_weights, transform_recipe
+        from .files import build
         from .transform import transform
         if self.payload is None:
             return transform(self.model, input_size=self.input_size, **self.options)
-        rev = transform_recipe(self.model, self.payload)
-        load_weights(rev, self.payload["state_dict"], self.name, "the model revify builds from it")
-        return rev
+        return build(self.payload, self.model, self.name)
 
 
 def _is_file(spec: str) -> bool:

@@ -157,8 +157,13 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
         revify cannot rebuild by name; `revify.load(path, model=MyNet())`.
     """
     payload = read(path)
-    rev = transform_recipe(source_of(payload, model), payload)
-    load_weights(rev, payload["state_dict"], f"{path}", f"the model revify builds from it "
+    return build(payload, source_of(payload, model), str(path))
+
+
+def build(payload: dict, source: nn.Module, name: str) -> nn.Module:
+    """The revified model of a file's contents (`read`), with its weights, from `source`."""
+    rev = transform_recipe(source, payload)
+    load_weights(rev, payload["state_dict"], name, f"the model revify builds from it "
                  f"(written by revify {payload.get('revify_version')})")
     return rev
 
