@@ -444,7 +444,8 @@ def _prepare(models: dict[str, nn.Module], device, dtype) -> dict[str, _Prepared
     # The traced original has the node names revify's plan refers to, so its memory can be
     # attributed to the same units; it runs the same ops as the model itself.
     mode = FakeTensorMode()
-    original = _fake_copy(trace(models["original"]), mode, device, dtype)
+    inputs = len((report_plan and models["revify"].revify_recipe or {}).get("inputs", [None]))
+    original = _fake_copy(trace(models["original"], num_inputs=inputs), mode, device, dtype)
     prepared = {"original": _Prepared(original, mode, _original_labels(report_plan))}
     for name in ("checkpoint", "revify"):
         mode = FakeTensorMode()

@@ -62,6 +62,10 @@ def _ancestors_within(node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _reads(side: set[fx.Node], entry: fx.Node) -> bool:
+    return any(entry in n.all_input_nodes for n in side)
+
+
 def _is_identity_module(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules[node.target], nn.Identity)
 
@@ -101,6 +105,8 @@ def _match_block(add: fx.Node, order, modules) -> ResidualBlock | None:
         return None
     if a is entry or not side_a:
         return None
+    if not all(_reads(side, entry) for side in (side_a, side_b) if side):
+        return None  # a side that does not start from x (x + pos_embed): not a residual
     post = next(iter(add.users)) if len(add.users) == 1 else None
     if post is not None and not (is_activation(post, modules) and post.all_input_nodes == [add]):
         post = None
@@ -135,6 +141,11 @@ def find_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
         blocks.append(block)
         owned.update(block.nodes)
     return _unique_names(blocks)
+
+
+def module_path(block_name: str) -> str:
+    """The module a block belongs to ("blocks.0" for both "blocks.0" and "blocks.0#2")."""
+    return block_name.split("#")[0]
 
 
 def _unique_names(blocks: list[ResidualBlock]) -> list[ResidualBlock]:

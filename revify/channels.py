@@ -17,6 +17,11 @@ from .ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_reduction, is_r
 from .resize import resizer_for
 
 
+def inner_key(node: str) -> str:
+    """Where a layer's own width (see `Resizer.inner`) is kept among the node widths."""
+    return f"{node}:inner"
+
+
 class Unresizable(Exception):
     """The branch cannot be rebuilt at half width; the message is the reason shown in the plan."""
 
@@ -209,6 +214,11 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
                 size[cls[name]] = channels
             require(uf.find(cls[inputs[0].name]), rule.divisor(module))
             require(uf.find(cls[name]), rule.divisor(module))
+            if rule.inner is not None:  # the layer's own width (attention heads): a class alone
+                width, divisor = rule.inner(module)
+                cls[inner_key(name)] = uf.make()
+                size[cls[inner_key(name)]] = width
+                require(cls[inner_key(name)], divisor)
         elif is_channel_agnostic(node):
             pos[name] = _agnostic_position(node, inputs, pos)
             channels = _channels(node, pos[name])

@@ -32,6 +32,12 @@ def _positive_ints(values, what: str) -> tuple[int, ...]:
     return tuple(values)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
+    return int(text)
+
+
 def _width(text: str):
     if text == "match":
         return text
@@ -66,6 +72,8 @@ def _add_transform_options(p) -> None:
                    help="checkpoint every block instead (the per-block checkpointing baseline)")
     g.add_argument("--reconstruction", choices=["exact", "native"], default=None,
                    help="stream in float64, rebuilt to the bit (default), or in the activation dtype")
+    g.add_argument("--anchor-every", type=_positive_int, default=None, metavar="K",
+                   help="keep the stream at every K-th block of each stage: bounds native drift")
     g.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="a submodule torch.fx should not trace into (repeatable)")
 
@@ -74,14 +82,16 @@ def _transform_options(args) -> dict:
     """The transform options given on the command line; conflicting ones are a usage error."""
     if not args.reversible:
         moot = [flag for flag, value in (("--width", args.width),
-                                         ("--reconstruction", args.reconstruction)) if value]
+                                         ("--reconstruction", args.reconstruction),
+                                         ("--anchor-every", args.anchor_every)) if value]
         if moot:
             raise UsageError(f"{' and '.join(moot)} shape reversible stages; with --no-reversible "
                              f"there are none")
         if args.checkpoint == "none":
             raise UsageError("--no-reversible with --checkpoint none leaves nothing to change")
     options = {"width": args.width, "checkpoint": args.checkpoint,
-               "reconstruction": args.reconstruction, "leaf_modules": args.leaf_module or None}
+               "reconstruction": args.reconstruction, "anchor_every": args.anchor_every,
+               "leaf_modules": args.leaf_module or None}
     options = {k: v for k, v in options.items() if v is not None}
     return options | ({} if args.reversible else {"reversible": False})
 
@@ -258,6 +268,21 @@ def cmd_list(args) -> int:
     return 0
 
 
+def cmd_drift(args) -> int:
+    import torch
+
+    from .drift import format_drift, measure_drift
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    if args.autocast == "fp16" and args.device == "cpu":
+        raise UsageError("--autocast fp16 needs --device cuda (CPU autocast runs bf16)")
+    modes = [("exact", None), ("native", None)] + ([("native", args.anchor_every)] if args.anchor_every else [])
+    rows = measure_drift(_positive_ints(args.depths, "--depths"), modes, args.autocast, args.device,
+                         args.batch_size, args.image_size)
+    print(format_drift(rows))
+    return 0
+
+
 def _check_out(path: str) -> None:
     from .files import check_writable
     try:
@@ -343,6 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native", action="store_true",
                    help="also measure reconstruction='native' (stream in the activation dtype)")
     p.set_defaults(run=cmd_bench)
+    p = _one_line_errors(sub.add_parser(
+        "drift", help="reconstruction and gradient error against stage depth, per mode",
+        description="Builds ResNet stages of each depth (random weights), revifies them with exact "
+                    "and native reconstruction and measures the rebuilt stage input and the "
+                    "gradients against plain autograd under the same autocast."))
+    p.add_argument("--depths", type=int, nargs="+", default=[9, 18, 36, 54])
+    p.add_argument("--autocast", choices=["bf16", "fp16", "none"], default="bf16")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--anchor-every", type=_positive_int, default=None, metavar="K",
+                   help="also measure native reconstruction with an anchor every K blocks")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--image-size", type=int, default=16)
+    p.set_defaults(run=cmd_drift)
     p = _one_line_errors(sub.add_parser("list", help="the models revify converts"))
     p.add_argument("pattern", nargs="?", default="*", help="a shell pattern such as 'resnet*'")
     p.add_argument("--all", action="store_true", help="also the models that convert with no "

@@ -47,6 +47,7 @@ REDUCE_FUNCTIONS, REDUCE_METHODS = {torch.mean}, {"mean"}  # channels must not b
 
 # Layout ops: they move the channel axis (a permute) or re-shape a per-channel vector.
 PERMUTE_FUNCTIONS, PERMUTE_METHODS = {torch.permute}, {"permute"}
+TRANSPOSE_FUNCTIONS, TRANSPOSE_METHODS = {torch.transpose, torch.swapaxes}, {"transpose", "swapaxes"}
 RESHAPE_FUNCTIONS, RESHAPE_METHODS = {torch.reshape}, {"reshape", "view"}
 
 # Stateless modules that treat every element (or sample) alike wherever the channels sit; any
@@ -100,16 +101,30 @@ def spatial_dims(node: fx.Node) -> int:
 
 
 def permute_dims(node: fx.Node, modules: dict[str, nn.Module]) -> list[int] | None:
-    """The dims of a permute (`x.permute(0, 2, 3, 1)`, `torch.permute`, torchvision's `Permute`)."""
+    """The dims of a permute (`x.permute(0, 2, 3, 1)`, `torch.permute`, torchvision's `Permute`,
+    a transpose)."""
     if _is(node, PERMUTE_FUNCTIONS, PERMUTE_METHODS):
         dims = node.args[1:] or (node.kwargs.get("dims"),)
     elif node.op == "call_module" and isinstance(modules[node.target], Permute):
         dims = (modules[node.target].dims,)
+    elif _is(node, TRANSPOSE_FUNCTIONS, TRANSPOSE_METHODS):
+        return _transpose_dims(node)
     else:
         return None
     if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
         dims = dims[0]
     return list(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _transpose_dims(node: fx.Node) -> list[int] | None:
+    """`x.transpose(a, b)` / `torch.transpose(x, a, b)` as permute dims (needs the rank)."""
+    a, b = (list(node.args[1:3]) + [node.kwargs.get("dim0"), node.kwargs.get("dim1")])[:2]
+    rank = len(node.meta.get("shape") or ())
+    if not (isinstance(a, int) and isinstance(b, int) and rank):
+        return None
+    dims = list(range(rank))
+    dims[a % rank], dims[b % rank] = dims[b % rank], dims[a % rank]
+    return dims
 
 
 def op_name(node: fx.Node) -> str:

@@ -12,9 +12,9 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from .blocks import ResidualBlock
-from .channels import BranchChannels, Unresizable, analyze_branch
-from .resize import holds_state, resizer_for
+from .blocks import ResidualBlock, module_path
+from .channels import BranchChannels, Unresizable, analyze_branch, inner_key
+from .resize import holds_state, rebuild, resizer_for
 
 Action = Literal["reversible", "checkpointed", "stored"]
 
@@ -25,7 +25,9 @@ class Options:
     checkpoint: Literal["non_invertible", "none"] = "non_invertible"
     reversible: bool = True                      # False: per-block checkpointing only (a baseline)
     reconstruction: Literal["exact", "native"] = "exact"  # stream in float64, or activation dtype
-    channel_dim: int = 1
+    # Keep the stream at every k-th block input (bounds native drift to k blocks): one k for
+    # every stage, or {stage name: k}.
+    anchor_every: int | dict[str, int] | None = None
 
     def __post_init__(self):
         if self.checkpoint not in ("non_invertible", "none"):
@@ -34,6 +36,16 @@ class Options:
             raise ValueError(f"reconstruction must be 'exact' or 'native', not {self.reconstruction!r}.")
         if self.width != "match" and not (isinstance(self.width, (int, float)) and self.width > 0):
             raise ValueError(f"width must be 'match' or a positive number, not {self.width!r}.")
+        every = self.anchor_every.values() if isinstance(self.anchor_every, dict) else \
+            [] if self.anchor_every is None else [self.anchor_every]
+        if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in every):
+            raise ValueError(f"anchor_every must be a positive whole number of blocks (or a dict "
+                             f"of them by stage name), not {self.anchor_every!r}.")
+
+    def anchors_for(self, stage: str) -> int | None:
+        if isinstance(self.anchor_every, dict):
+            return self.anchor_every.get(stage)
+        return self.anchor_every
 
 
 @dataclass
@@ -41,6 +53,7 @@ class BlockPlan:
     name: str
     block: ResidualBlock
     shape: tuple[int, ...]                     # output shape at the example input
+    dim: int = 1                               # the dim of the stream that holds the channels
     action: Action = "checkpointed"
     reason: str = ""
     stage: int | None = None
@@ -59,6 +72,11 @@ class StagePlan:
     output: str                                # node whose value the stage replaces (last add)
     channels: int                              # stream channels C (each half holds C/2)
     width: float                               # internal widths relative to the original
+    dim: int = 1                               # the dim split into halves
+    anchor_every: int | None = None            # the stream is kept at every k-th block input
+    # (F, G) of each coupling, as block names: (b, b) when a block's branch gives both; a
+    # transformer's attention and MLP blocks pair up as (attention, MLP), as in Reversible ViT.
+    couplings: list[tuple[str, str]] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
 
@@ -92,6 +110,24 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------- blocks
+def _stream_dim(gm: fx.GraphModule, block: ResidualBlock) -> int:
+    """The dim of the block's input that holds channels: where its branch's first layer works.
+
+    1 for conv nets (NCHW), the last for transformers ((B, N, C) tokens: a LayerNorm first).
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    rank = len(nodes[block.entry].meta.get("shape") or ())
+    for name in block.branch:
+        node = nodes[name]
+        if rank < 2 or node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        rule = resizer_for(module)
+        if rule is not None and rule.channels_in(module) is not None:
+            return rule.axis % rank
+    return 1
+
+
 def _why_not_invertible(gm: fx.GraphModule, block: ResidualBlock, dim: int) -> str | None:
     nodes = {n.name: n for n in gm.graph.nodes}
     entry_shape, out_shape = nodes[block.entry].meta.get("shape"), nodes[block.add].meta.get("shape")
@@ -148,10 +184,10 @@ def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int]
         if node.op == "get_attr":  # a per-channel vector: as many values as channels
             total += widths[name] if isinstance(_attr(gm, node.target), nn.Parameter) else 0
             continue
-        key = (node.target, widths[node.all_input_nodes[0].name], widths[name])
+        key = (node.target, widths[node.all_input_nodes[0].name], widths[name],
+               widths.get(inner_key(name)))
         if key not in cache:
-            module = gm.get_submodule(node.target)
-            new = resizer_for(module).build(module, key[1], key[2], torch.device("meta"))
+            new = rebuild(gm.get_submodule(node.target), *key[1:3], torch.device("meta"), key[3])
             cache[key] = sum(p.numel() for p in new.parameters())
         total += cache[key]
     return total
@@ -181,9 +217,10 @@ def _plan_block(gm, block: ResidualBlock, options: Options,
                 shared: dict[str, str]) -> tuple[BlockPlan, BranchChannels | None]:
     nodes = {n.name: n for n in gm.graph.nodes}
     plan = BlockPlan(name=block.name, block=block, shape=nodes[block.output].meta.get("shape"),
+                     dim=_stream_dim(gm, block),
                      params_before=_module_params(gm, list(block.branch + block.shortcut)))
     plan.params_after = plan.params_before
-    plan.reason = _why_not_invertible(gm, block, options.channel_dim) or ""
+    plan.reason = _why_not_invertible(gm, block, plan.dim) or ""
     if not plan.reason and block.name in shared:
         plan.reason = f"shares layer '{shared[block.name]}' with other code: rebuilding it would untie the weights"
     if not options.reversible:
@@ -191,9 +228,8 @@ def _plan_block(gm, block: ResidualBlock, options: Options,
     if plan.reason:
         return plan, None
     try:
-        analysis = analyze_branch(gm, block.entry, list(block.branch), block.branch_output,
-                                  options.channel_dim)
-        analysis.widths(plan.shape[options.channel_dim] // 2, 1.0)
+        analysis = analyze_branch(gm, block.entry, list(block.branch), block.branch_output, plan.dim)
+        analysis.widths(plan.shape[plan.dim] // 2, 1.0)
     except Unresizable as exc:
         plan.reason = f"branch cannot be halved: {exc}"
         return plan, None
@@ -207,7 +243,7 @@ def _chain(gm, candidates: list[BlockPlan]) -> list[list[BlockPlan]]:
     runs: list[list[BlockPlan]] = []
     for bp in candidates:
         prev = runs[-1][-1] if runs else None
-        if prev is not None and bp.block.entry == prev.block.output:
+        if prev is not None and bp.block.entry == prev.block.output and bp.dim == prev.dim:
             owned = set(bp.block.nodes)
             if all(u.name in owned for u in nodes[prev.block.output].users):
                 runs[-1].append(bp)
@@ -216,16 +252,31 @@ def _chain(gm, candidates: list[BlockPlan]) -> list[list[BlockPlan]]:
     return runs
 
 
+def _couplings(run: list[BlockPlan]) -> list[tuple[BlockPlan, BlockPlan]]:
+    """(F, G) per coupling. Two residual blocks of one module (a transformer block's attention
+    and MLP) make one coupling, F = the first and G = the second, as in Reversible ViT; any
+    other block is both F and G of its own, as in RevNet."""
+    pairs, k = [], 0
+    while k < len(run):
+        if k + 1 < len(run) and module_path(run[k].name) == module_path(run[k + 1].name):
+            pairs.append((run[k], run[k + 1]))
+            k += 2
+        else:
+            pairs.append((run[k], run[k]))
+            k += 1
+    return pairs
+
+
 def _solve_width(gm, run: list[BlockPlan], analyses, options: Options) -> float:
     """The internal-width multiplier for a stage: the user's, or the one matching parameters."""
     if options.width != "match":
         return float(options.width)
-    half = run[0].shape[options.channel_dim] // 2
+    half = run[0].shape[run[0].dim] // 2
     cache: dict = {}
 
     def params_at(scale: float) -> int:
-        return sum(2 * _resized_params(gm, bp, analyses[bp.name].widths(half, scale), cache)
-                   for bp in run)
+        return sum(_resized_params(gm, bp, analyses[bp.name].widths(half, scale), cache)
+                   for pair in _couplings(run) for bp in pair)
 
     target = sum(bp.params_before for bp in run)
     lo, hi = math.log(1 / 16), math.log(16)
@@ -241,7 +292,10 @@ def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -
     candidates = [bp for bp in block_plans if bp.name in analyses]
     for run in _chain(gm, candidates):
         width = _solve_width(gm, run, analyses, options)
-        half = run[0].shape[options.channel_dim] // 2
+        dim = run[0].dim
+        half = run[0].shape[dim] // 2
+        couplings = _couplings(run)
+        copies = {bp.name: sum(pair.count(bp) for pair in couplings) for bp in run}
         index = len(stages)
         for k, bp in enumerate(run):
             bp.action, bp.stage = "reversible", index
@@ -252,10 +306,12 @@ def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -
             if bp.pre_op:
                 bp.channels[bp.pre_op] = half
                 bp.stream.append(bp.pre_op)
-            bp.params_after = 2 * _resized_params(gm, bp, bp.channels)
+            bp.params_after = copies[bp.name] * _resized_params(gm, bp, bp.channels)
         name = run[0].name if len(run) == 1 else f"{run[0].name}..{run[-1].name}"
         stages.append(StagePlan(name=name, blocks=[bp.name for bp in run], entry=run[0].block.entry,
-                                output=run[-1].block.add, channels=2 * half, width=width,
+                                output=run[-1].block.add, channels=2 * half, width=width, dim=dim,
+                                couplings=[(f.name, g.name) for f, g in couplings],
+                                anchor_every=options.anchors_for(name),
                                 params_before=sum(bp.params_before for bp in run),
                                 params_after=sum(bp.params_after for bp in run)))
     return stages
@@ -317,6 +373,9 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
         if analysis is not None:
             analyses[bp.name] = analysis
     stages = _plan_stages(gm, block_plans, analyses, options)
+    if isinstance(options.anchor_every, dict) and (unknown := set(options.anchor_every) - {s.name for s in stages}):
+        raise ValueError(f"anchor_every names no reversible stage: {', '.join(sorted(unknown))} "
+                         f"(stages: {', '.join(s.name for s in stages) or 'none'}).")
     for bp in block_plans:
         if bp.action != "reversible" and options.checkpoint == "none":
             bp.action = "stored"

@@ -13,19 +13,26 @@ def _delta(before: int, after: int) -> str:
 
 
 def format_plan(plan, fmt: str = "simple") -> str:
-    blocks = [[b.name, _shape(b.shape), b.action, "" if b.stage is None else plan.stages[b.stage].name,
+    roles = {}  # paired blocks (attention + MLP) say which half of the coupling they became
+    for stage in plan.stages:
+        for f, g in stage.couplings:
+            if f != g:
+                roles[f], roles[g] = " (F)", " (G)"
+    blocks = [[b.name, _shape(b.shape), b.action + roles.get(b.name, ""),
+               "" if b.stage is None else plan.stages[b.stage].name,
                f"{b.params_before:,}", f"{b.params_after:,}", b.reason] for b in plan.blocks]
-    stages = [[s.name, len(s.blocks), s.channels, f"{s.channels // 2} + {s.channels // 2}",
+    stages = [[s.name, len(s.blocks), len(s.couplings), s.channels, f"{s.channels // 2} + {s.channels // 2}",
                f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
                _delta(s.params_before, s.params_after)] for s in plan.stages]
     segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-"] for s in plan.segments]
     parts = [
         f"revify plan for {plan.model}: {len(plan.blocks)} residual blocks, "
-        f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} stages "
+        f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} "
+        f"stage{'s' if len(plan.stages) != 1 else ''} "
         f"({plan.options.reconstruction} reconstruction)",
         tabulate(blocks, ["block", "output", "became", "stage", "params before", "params after",
                           "reason"], tablefmt=fmt),
-        tabulate(stages, ["reversible stage", "blocks", "channels", "halves", "width",
+        tabulate(stages, ["reversible stage", "blocks", "couplings", "channels", "halves", "width",
                           "params before", "params after", "change"], tablefmt=fmt)
         if stages else "no reversible stage",
         tabulate(segments, ["unit", "kind", "runs as", "blocks"], tablefmt=fmt),

@@ -28,12 +28,16 @@ class Resizer:
     channels_in: Callable[[nn.Module], int | None]  # the input channels the module expects
     tensors: frozenset[str] | None = None          # what build re-creates; None: all (a new module)
     axis: int = 1                                  # the input dim it works on (-1: the last)
+    # A layer with a width of its own inside (attention's heads x head_dim): (width, divisor).
+    # It is scaled like a branch's internal widths and handed to build as `inner=`.
+    inner: Callable[[nn.Module], tuple[int, int]] | None = None
 
 
 RESIZERS: dict[type, Resizer] = {}
 
 
-def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tensors=None, axis=1):
+def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tensors=None, axis=1,
+                     inner=None):
     """Register `build(module, cin, cout, device)` for `types` (and, with care, their subclasses).
 
     tensors: the parameter and buffer names `build` re-creates. A subclass holding any other
@@ -43,7 +47,8 @@ def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tenso
     def wrap(build):
         for t in types:
             RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build, channels_in=channels_in,
-                                  tensors=None if tensors is None else frozenset(tensors), axis=axis)
+                                  tensors=None if tensors is None else frozenset(tensors), axis=axis,
+                                  inner=inner)
         return build
     return wrap
 
@@ -67,6 +72,14 @@ def resizer_for(module: nn.Module) -> Resizer | None:
             own = {n.rpartition(".")[2] for n, _ in [*module.named_parameters(), *module.named_buffers()]}
             return rule if rule.tensors is not None and own <= rule.tensors else None
     return None if holds_state(module) else _STATELESS
+
+
+def rebuild(module: nn.Module, cin: int, cout: int, device=None, inner: int | None = None) -> nn.Module:
+    """`module` rebuilt by its rule at `cin` -> `cout` channels (and its own width `inner`)."""
+    rule = resizer_for(module)
+    if rule.inner is None:
+        return rule.build(module, cin, cout, device)
+    return rule.build(module, cin, cout, device, inner=inner)
 
 
 def _stateless_copy(m: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ import copy
 
 from torch import nn
 
-from .resize import copy_unchanged, layer_norm_channels, register_resizer, resize_layer_norm
+from .resize import copy_unchanged, layer_norm_channels, rebuild, register_resizer, resize_layer_norm
 
 try:
     import timm.layers as L
@@ -72,6 +72,25 @@ if L is not None:
                       ties=lambda m: True, channels_in=_per_channel)
     def _resize_evonorm_b(m, cin, cout, device=None):
         return type(m)(cin, apply_act=m.apply_act, momentum=m.momentum, eps=m.eps, device=device)
+
+    @register_resizer(L.Attention, ties=lambda m: False, channels_in=lambda m: m.qkv.in_features,
+                      axis=-1, inner=lambda m: (m.attn_dim, m.head_dim))
+    def _resize_attention(m, cin, cout, device=None, inner=None):
+        # Heads keep their size; a narrower or wider attention has fewer or more of them.
+        inner = inner or m.attn_dim
+        new = copy.copy(m)
+        new._modules, new._parameters, new._buffers = dict(m._modules), {}, {}
+        new.num_heads, new.attn_dim = inner // m.head_dim, inner
+        new.qkv = rebuild(m.qkv, cin, 3 * inner, device)
+        new.proj = rebuild(m.proj, inner, cout, device)
+        if m.gate is not None:
+            new.gate = rebuild(m.gate, cin, inner, device)
+        if not isinstance(m.norm, nn.Identity):
+            new.norm = rebuild(m.norm, inner, inner, device)
+        for name in ("q_norm", "k_norm"):  # over one head: unchanged
+            norm = copy.deepcopy(getattr(m, name))
+            setattr(new, name, norm if device is None else norm.to(device))
+        return new
 
     # DropPath, like torchvision's StochasticDepth, must stay a leaf to drop samples in training.
     register_resizer(L.DropPath, ties=lambda m: True, channels_in=lambda m: None)(copy_unchanged)

@@ -15,6 +15,10 @@ the activation dtype, as in any network (float64 gradients would cost memory and
 The stage output is returned in the activation dtype (`hi`) and the float64 remainder is saved
 as a second tensor (`lo`, float32 for 16-bit activations): hi + lo holds y to 2^-48 relative for
 float32 activations and 2^-32 for 16-bit ones, far below the precision F and G see.
+
+Anchors. With `anchor_every=k` the forward also keeps the stream at the input of every k-th
+block, and the backward resets its rebuilt stream to it there: drift (native reconstruction)
+then never spans more than k blocks, for one stored activation per anchor.
 """
 from __future__ import annotations
 
@@ -70,11 +74,17 @@ def _add(h, v, f):
 class ReversibleStage(nn.Module):
     """A run of coupling blocks: split once at entry, concatenate once at exit."""
 
-    def __init__(self, blocks: list[CouplingBlock], dim: int = 1, exact: bool = True):
+    def __init__(self, blocks: list[CouplingBlock], dim: int = 1, exact: bool = True,
+                 anchor_every: int | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.dim = dim
         self.exact = exact
+        self.anchor_every = anchor_every
+
+    def anchored(self, index: int) -> bool:
+        """Whether the forward keeps the stream at the input of block `index`."""
+        return bool(self.anchor_every) and index > 0 and index % self.anchor_every == 0
 
     def forward(self, x):
         params = list(self.parameters())
@@ -83,12 +93,18 @@ class ReversibleStage(nn.Module):
             return self.forward_plain(x)
         return _ReversibleStageFunction.apply(self, x, *params)
 
-    def couple(self, x):
-        """Every block with plain autograd: (output, exact float64 stream or None)."""
+    def couple(self, x, anchors: dict | None = None):
+        """Every block with plain autograd: (output, exact float64 stream or None).
+
+        `anchors`, if given, receives the stream at every anchored block input, as the
+        reversible forward keeps it (for `inverse`).
+        """
         h1, h2 = x.chunk(2, self.dim)
         exact = stream_dtype(x.dtype, x.device, self.exact) != x.dtype
         v1, v2 = x.to(torch.float64).chunk(2, self.dim) if exact else (None, None)
-        for block in self.blocks:  # inputs contiguous as in the Function (see _branch_input)
+        for i, block in enumerate(self.blocks):  # inputs contiguous as in the Function (see _branch_input)
+            if anchors is not None and self.anchored(i):
+                anchors[i] = torch.cat([v1, v2] if exact else [h1, h2], self.dim).detach()
             h1, v1 = _add(h1, v1, block.f(h2.contiguous()))
             h2, v2 = _add(h2, v2, block.g(h1.contiguous()))
         stream = torch.cat([v1, v2], self.dim) if exact else None
@@ -97,13 +113,18 @@ class ReversibleStage(nn.Module):
     def forward_plain(self, x):
         return self.couple(x)[0]
 
-    def inverse(self, y, dtype: torch.dtype | None = None):
-        """The stage input rebuilt from the coupled stream `y` (the blocks run backwards)."""
+    def inverse(self, y, dtype: torch.dtype | None = None, anchors: dict | None = None):
+        """The stage input rebuilt from the coupled stream `y` (the blocks run backwards),
+        restarting from `anchors` (see `couple`) where the backward would."""
         dtype = dtype or y.dtype
+        anchors = anchors or {}
         y1, y2 = y.chunk(2, self.dim)
-        for block in reversed(self.blocks):
+        for i in reversed(range(len(self.blocks))):
+            block = self.blocks[i]
             y2 = y2 - block.g(y1.to(dtype))
             y1 = y1 - block.f(y2.to(dtype))
+            if i in anchors:
+                y1, y2 = anchors[i].to(y.dtype).chunk(2, self.dim)
         return torch.cat([y1, y2], self.dim)
 
 
@@ -151,9 +172,11 @@ class _ReversibleStageFunction(torch.autograd.Function):
         device, dtype = x.device, x.dtype
         ctx.stage, ctx.dtype = stage, dtype
         ctx.autocast = capture_autocast(device)
-        ctx.rng = []
+        ctx.rng, ctx.anchors = [], {}
         x1, x2 = x.to(stream_dtype(dtype, device, stage.exact)).chunk(2, stage.dim)
-        for block in stage.blocks:
+        for i, block in enumerate(stage.blocks):
+            if stage.anchored(i):  # x1, x2 are rebound below, never changed: no copy needed
+                ctx.anchors[i] = (x1, x2)
             rng_f = capture_rng(device) if block.training else None
             x1 = x1 + block.f(_branch_input(x2, dtype))  # a float64 stream absorbs it exactly
             rng_g = capture_rng(device) if block.training else None
@@ -203,7 +226,8 @@ class _ReversibleStageFunction(torch.autograd.Function):
             return value, d_inp
 
         with frozen_buffers(stage):
-            for block, (rng_f, rng_g) in zip(reversed(stage.blocks), reversed(ctx.rng)):
+            for i in reversed(range(len(stage.blocks))):
+                block, (rng_f, rng_g) = stage.blocks[i], ctx.rng[i]
                 g_y1, d_y1 = backprop(block.g, y1, dy2, rng_g)
                 y2 -= g_y1                           # x2, rebuilt
                 dy1 = dy1 + d_y1                     # total gradient reaching y1
@@ -212,7 +236,10 @@ class _ReversibleStageFunction(torch.autograd.Function):
                 y1 -= f_x2                           # x1, rebuilt
                 dy2 = dy2 + d_x2                     # gradient reaching x2
                 del f_x2, d_x2
+                if i in ctx.anchors:                 # drop the drift: restart from the anchor
+                    a1, a2 = ctx.anchors.pop(i)
+                    y1.copy_(a1), y2.copy_(a2)
         del y1, y2
         dx = torch.cat([dy1, dy2], dim) if ctx.needs_input_grad[1] else None
-        ctx.rng = None
+        ctx.rng = ctx.anchors = None
         return (None, dx, *[grads.get(id(p)) for p in params])

@@ -11,9 +11,11 @@ import operator
 import torch
 from torch import fx, nn
 
+from .blocks import module_path
 from .checkpoint import Checkpointed
 from .plan import BlockPlan, Plan, StagePlan
-from .resize import carry_over, resizer_for
+from .channels import inner_key
+from .resize import carry_over, rebuild
 from .reversible import CouplingBlock, ReversibleStage
 
 
@@ -90,7 +92,8 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
         nonlocal carried
         if node.target not in built:
             module = gm.get_submodule(node.target)
-            new = resizer_for(module).build(module, bp.channels[source], bp.channels[node.name], None)
+            new = rebuild(module, bp.channels[source], bp.channels[node.name],
+                          inner=bp.channels.get(inner_key(node.name)))
             carried += carry_over(new, module, stream_offset if source in bp.stream else 0,
                        stream_offset if node.name in bp.stream else 0)
             root.add_module(local, new)
@@ -113,7 +116,7 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
             index = (offset + torch.arange(n, device=old.device)) % total
             new = old.detach().index_select(axis, index)
             carried += min(n, total - offset) if new.is_floating_point() else 0
-            local = _local_name(node.target, bp.name)
+            local = _local_name(node.target, module_path(bp.name))
             if isinstance(old, nn.Parameter):
                 root.register_parameter(local, nn.Parameter(new, requires_grad=old.requires_grad))
             else:
@@ -134,7 +137,7 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
         node = nodes[name]
         new = graph.node_copy(node, lambda n: env[n.name])
         if node.op == "call_module":
-            new.target = copy_module(node, _local_name(node.target, bp.name),
+            new.target = copy_module(node, _local_name(node.target, module_path(bp.name)),
                                      node.all_input_nodes[0].name)
         elif node.op == "get_attr":
             new.target = copy_vector(node)
@@ -147,12 +150,14 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
     return branch
 
 
-def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan, dim: int) -> None:
+def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     block_plans = [plan.block(name) for name in stage.blocks]
     half = stage.channels // 2
-    couplings = [CouplingBlock(build_branch(gm, bp, 0), build_branch(gm, bp, half)) for bp in block_plans]
-    module = ReversibleStage(couplings, dim, plan.options.reconstruction == "exact")
+    couplings = [CouplingBlock(build_branch(gm, plan.block(f), 0), build_branch(gm, plan.block(g), half))
+                 for f, g in stage.couplings]
+    module = ReversibleStage(couplings, stage.dim, plan.options.reconstruction == "exact",
+                             stage.anchor_every)
     _check_shape(module, nodes[stage.entry].meta["shape"], stage.name)
     attr = _unit_name(gm, stage.name)
     gm.add_submodule(attr, module)
@@ -219,7 +224,7 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Execute `plan` on `gm` (whose graph is consumed) and return the rewritten module."""
     for stage in plan.stages:
-        _replace_stage(gm, plan, stage, plan.options.channel_dim)
+        _replace_stage(gm, plan, stage)
     for segment in plan.segments:
         if segment.action == "checkpointed":
             _outline(gm, segment.nodes, segment.name, Checkpointed)

@@ -7,6 +7,7 @@ fake tensors, so nothing is allocated and no BatchNorm statistic is touched.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import operator
 from typing import Iterable
@@ -55,7 +56,22 @@ class _Tracer(fx.Tracer):
 MAX_OPAQUE = 16  # modules made opaque automatically before giving up
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
+def _defaults(model: nn.Module, num_inputs: int) -> dict:
+    """Arguments of `forward` past the example inputs, fixed at their defaults.
+
+    timm's ViT takes `attn_mask=None`: traced as a placeholder it would feed every attention
+    layer, and no block could be found between two residual adds.
+    """
+    params = list(inspect.signature(model.forward).parameters.values())
+    fixed = {}
+    for k, p in enumerate(params):
+        past = k >= num_inputs or p.kind == p.KEYWORD_ONLY
+        if past and p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            fixed[p.name] = p.default
+    return fixed
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), num_inputs: int = 1) -> fx.GraphModule:
     """Trace a deep copy of `model` in eval mode; the caller's model is never modified.
 
     A submodule fx cannot trace (data-dependent control flow, say) is retried as an opaque
@@ -69,7 +85,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
     while True:
         tracer = _Tracer(leaf_modules)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_defaults(model, num_inputs))
             break
         except Exception as exc:  # fx raises many kinds; all mean the same thing to the user
             where = tracer.failed_in
@@ -88,10 +104,15 @@ _ASSERT_INPUTS = {getattr, operator.getitem, operator.eq, operator.ne, operator.
                   operator.le, operator.gt, operator.ge, operator.and_, operator.or_, operator.not_}
 
 
+_ASSERTS = {torch._assert, fx._symbolic_trace._assert_is_none}
+
+
 def _drop_asserts(graph: fx.Graph) -> None:
-    """Remove `torch._assert` calls and what only they use: side branches off a residual
-    branch would otherwise hide the block (its inner values look used outside it)."""
-    doomed = [n for n in graph.nodes if n.op == "call_function" and n.target is torch._assert]
+    """Remove asserts, unused pure lookups (`x, _ = attention(x)`) and what only they use:
+    side branches off a residual branch would otherwise hide the block (its inner values
+    look used outside it)."""
+    doomed = [n for n in graph.nodes if n.op == "call_function" and (
+        n.target in _ASSERTS or (n.target in _ASSERT_INPUTS and not n.users))]
     erased = set()
     while doomed:
         node = doomed.pop()

@@ -45,6 +45,7 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
               width: float | Literal["match"] = "match",
               checkpoint: Literal["non_invertible", "none"] = "non_invertible",
               reversible: bool = True, reconstruction: Literal["exact", "native"] = "exact",
+              anchor_every: int | dict[str, int] | None = None,
               leaf_modules: Iterable[type | str] = ()) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
 
@@ -58,13 +59,16 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     reconstruction: "exact" carries the coupled stream in float64, so the backward rebuilds every
         activation to the bit; "native" keeps it in the activation dtype: less memory and time,
         but reconstruction error grows with depth (see README).
+    anchor_every: keep the stream at every k-th block input of each reversible stage (or
+        {stage name: k}); the backward restarts from it there, so native reconstruction never
+        drifts over more than k blocks. Costs one stored activation per anchor.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
-                      reconstruction=reconstruction)
+                      reconstruction=reconstruction, anchor_every=anchor_every)
     leaf_modules = list(leaf_modules)
     example_inputs = _example_inputs(example_inputs, input_size)
-    gm = trace(model, leaf_modules)
+    gm = trace(model, leaf_modules, len(example_inputs))
     propagate_shapes(gm, example_inputs)
     blocks = find_blocks(gm)
     if not blocks:
@@ -89,6 +93,7 @@ def _recipe(model: nn.Module, example_inputs: tuple, options: Options, leaf_modu
         "source": source,
         "transform": {"width": options.width, "checkpoint": options.checkpoint,
                       "reversible": options.reversible, "reconstruction": options.reconstruction,
+                      "anchor_every": options.anchor_every,
                       "leaf_modules": leaf_names},
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                    if isinstance(t, torch.Tensor) else None for t in example_inputs],

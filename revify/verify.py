@@ -82,12 +82,21 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def _worst(grads: dict, ref_grads: dict) -> tuple[float, str]:
+    if grads.keys() != ref_grads.keys():
+        return float("inf"), "some parameters got no gradient"
+    return max((_rel(grads[k], ref_grads[k]), _short(k)) for k in ref_grads)
+
+
+def gradient_error(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
+    """The worst relative gradient error (parameters and input) of one step against exact
+    autograd on the same model and input, and where it is."""
+    return _worst(_step(model, x, False)[0], _step(model, x, True)[0])
+
+
 def _gradient_checks(model, x, reconstruction) -> list[Check]:
     (grads, buffers), (ref_grads, ref_buffers) = _step(model, x, False), _step(model, x, True)
-    if grads.keys() != ref_grads.keys():
-        worst, where = float("inf"), "some parameters got no gradient"
-    else:
-        worst, where = max((_rel(grads[k], ref_grads[k]), _short(k)) for k in ref_grads)
+    worst, where = _worst(grads, ref_grads)
     checks = [Check("gradients vs exact autograd", where, worst, GRAD_TOLERANCE[reconstruction])]
     before = dict(model.named_buffers())
     stats = [k for k in ref_buffers if k.endswith(("running_mean", "running_var"))]
@@ -117,22 +126,30 @@ def _stage_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return seen
 
 
-def _reconstruction_checks(model, x, reconstruction) -> list[Check]:
+def reconstruction_errors(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per reversible stage: the relative max error of its input rebuilt from its output, as
+    the backward rebuilds it (from anchors where the stage keeps them), under the caller's
+    autocast state."""
     stages = dict(model.named_modules())
+    errors = {}
+    for name, stage_input in _stage_inputs(model, x).items():
+        stage, anchors = stages[name], {}
+        with torch.no_grad():
+            out, stream = stage.couple(stage_input, anchors)
+            rebuilt = stage.inverse(stream if stream is not None else out, stage_input.dtype, anchors)
+        errors[_short(name)] = ((rebuilt.double() - stage_input.double()).abs().max()
+                                / stage_input.double().abs().max().clamp_min(1e-30)).item()
+    return errors
+
+
+def _reconstruction_checks(model, x, reconstruction) -> list[Check]:
     checks = []
     for label, autocast in [("float32", nullcontext()),
                             ("bfloat16 autocast", torch.autocast(x.device.type, torch.bfloat16))]:
         with autocast:
-            inputs = _stage_inputs(model, x)
-            for name, stage_input in inputs.items():
-                stage = stages[name]
-                with torch.no_grad():
-                    out, stream = stage.couple(stage_input)
-                    rebuilt = stage.inverse(stream if stream is not None else out, stage_input.dtype)
-                err = ((rebuilt.double() - stage_input.double()).abs().max()
-                       / stage_input.double().abs().max().clamp_min(1e-30)).item()
-                checks.append(Check(f"reconstruction, {label}", _short(name), err,
-                                    RECONSTRUCTION_TOLERANCE[reconstruction]))
+            errors = reconstruction_errors(model, x)
+        checks += [Check(f"reconstruction, {label}", name, err, RECONSTRUCTION_TOLERANCE[reconstruction])
+                   for name, err in errors.items()]
     return checks
 
 

@@ -292,3 +292,76 @@ def test_inverted_residuals_and_regnet_blocks_convert(name, reversible):
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
     err, where = worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))
     assert err <= 1e-5, (err, where)
+
+
+# ----------------------------------------------------------------------------- transformers
+# Pre-norm ViT blocks: tokens (B, N, C) carry their channels last, and a transformer block's two
+# residual adds (x + attn(norm(x)), x + mlp(norm(x))) become one coupling, F = attention and
+# G = MLP, as in Reversible ViT.
+def _vit(depth=3, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=depth,
+                             num_classes=5, **kwargs)
+
+
+def _stage(rev):
+    return next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+
+
+def test_vit_couples_attention_with_mlp_on_the_channel_dim():
+    from timm.layers import Attention
+    rev = revify.transform(_vit(), input_size=(3, 32, 32))
+    plan = rev.revify_plan
+    assert [b.name for b in plan.blocks] == [f"blocks.{k}{s}" for k in range(3) for s in ("", "#2")]
+    (stage,) = plan.stages
+    assert (stage.dim, stage.channels) == (2, 192)
+    assert stage.couplings == [(f"blocks.{k}", f"blocks.{k}#2") for k in range(3)]
+    coupling = _stage(rev).blocks[0]
+    attn = coupling.f.attn
+    assert isinstance(attn, Attention) and attn.qkv.in_features == 96 and attn.proj.out_features == 96
+    assert attn.head_dim == 64 and attn.num_heads * 64 == attn.attn_dim  # heads keep their size
+    assert not any(isinstance(m, Attention) for m in coupling.g.modules())
+    assert abs(plan.params_after / plan.params_before - 1) <= 0.02
+    assert plan.params_after == sum(p.numel() for p in rev.parameters())
+    assert "reversible (F)" in str(plan) and "reversible (G)" in str(plan)
+
+
+def test_vit_with_layer_scale_drop_path_and_dropout_matches_exact_autograd():
+    rev = revify.transform(_vit(init_values=0.5, drop_path_rate=0.2, attn_drop_rate=0.1,
+                                proj_drop_rate=0.1), input_size=(3, 32, 32))
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
+    got = step_grads(rev.train(), x, y)
+    err, where = worst_rel_err(got, step_grads(rev, x, y, exact=True))
+    assert err <= 1e-5, (err, where)
+    assert worst_rel_err(step_grads(rev, x, y, exact=True, seed=7), got)[0] > 1e-3  # masks drawn
+
+
+def test_vit_gradients_match_float64_finite_differences():
+    rev = revify.transform(_vit(depth=2, init_values=1.0), input_size=(3, 32, 32)).double().train()
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    assert_directional_derivatives(rev, x, torch.tensor([1, 3]))
+
+
+def test_attention_rule_rebuilds_the_same_layer_and_one_with_fewer_heads():
+    from timm.layers import Attention
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=4, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm).eval()
+    x = torch.randn(2, 5, 64)
+    same = revify.resize.rebuild(attn, 64, 64, inner=64)
+    same.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        assert torch.equal(same.eval()(x), attn(x))
+        narrow = revify.resize.rebuild(attn, 32, 32, inner=32).eval()
+        assert narrow.num_heads == 2 and narrow(x[..., :32]).shape == (2, 5, 32)
+
+
+def test_torchvision_vit_mlp_blocks_convert_and_attention_says_why_not():
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                                 hidden_dim=64, mlp_dim=128, num_classes=5)
+    plan = revify.transform(model, input_size=(3, 32, 32)).revify_plan
+    assert [b.action for b in plan.blocks] == ["checkpointed", "reversible"] * 2
+    assert "no resize rule for MultiheadAttention" in plan.blocks[0].reason

@@ -1,4 +1,5 @@
 """What the pass finds, what it plans, and how it refuses bad input."""
+import copy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -256,13 +257,33 @@ class TokenMLP(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(x)))
 
 
-def test_layers_working_on_another_dim_are_not_split_along_dim_1():
-    model = nn.Sequential(TokenMLP(), TokenMLP())
-    rev = revify.transform(model, torch.randn(2, 8, 8))  # tokens == features: shapes alone can't tell
-    assert all(b.action == "checkpointed" and "another dimension" in b.reason
-               for b in rev.revify_plan.blocks)
-    x = torch.randn(2, 8, 8)
-    torch.testing.assert_close(rev(x), model(x))
+class TokenMixer(nn.Module):
+    """MLP-Mixer's token mixing: normalise features, then a Linear across the tokens."""
+
+    def __init__(self, tokens=8, features=8):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(features), nn.Linear(tokens, tokens)
+
+    def forward(self, x):
+        return x + self.fc(self.norm(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_blocks_split_the_dim_their_layers_work_on():
+    """Tokens == features, so shapes alone cannot tell the dims apart: the feature MLP splits
+    the last dim (where its Linear works); token mixing works across two dims and stays whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TokenMLP(), TokenMLP(), TokenMixer())
+    rev = revify.transform(model, torch.randn(2, 8, 8))
+    assert [s.dim for s in rev.revify_plan.stages] == [2]
+    mixer = rev.revify_plan.blocks[-1]
+    assert mixer.action == "checkpointed" and "another dimension" in mixer.reason, mixer.reason
+    x = torch.randn(2, 8, 8, requires_grad=True)
+    ref = copy.deepcopy(rev)
+    rev(x).square().sum().backward()
+    with revify.exact_backward():
+        ref(x).square().sum().backward()
+    for (n, p), q in zip(rev.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_a_wrongly_rebuilt_stage_is_caught_at_transform_time(monkeypatch):
