@@ -33,11 +33,13 @@ class RevifiedModel(nn.Module):
         return self.net(*args, **kwargs)
 
 
-def _example_inputs(example_inputs, input_size) -> tuple:
+def _example_inputs(model: nn.Module, example_inputs, input_size) -> tuple:
     if example_inputs is None:
         if any(int(s) <= 0 for s in input_size):
             raise ValueError(f"input_size must be positive, got {tuple(input_size)}.")
-        return (torch.empty(2, *input_size),)
+        # in the model's dtype: a float64 model gets a float64 example
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        return (torch.empty(2, *input_size, dtype=dtype),)
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
@@ -67,7 +69,7 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
                       reconstruction=reconstruction, anchor_every=anchor_every)
     leaf_modules = list(leaf_modules)
-    example_inputs = _example_inputs(example_inputs, input_size)
+    example_inputs = _example_inputs(model, example_inputs, input_size)
     gm = trace(model, leaf_modules, len(example_inputs))
     propagate_shapes(gm, example_inputs)
     blocks = find_blocks(gm)

@@ -21,6 +21,7 @@ import torchvision
 from tabulate import tabulate
 
 import revify
+from revify.models import unzero_init
 
 TIMM_PATTERNS = ["resnet*", "resnext*", "seresnet*", "seresnext*", "ecaresnet*", "resnetrs*",
                  "wide_resnet*", "skresnet*", "resnetblur*", "gcresnet*"]
@@ -46,9 +47,10 @@ def models(pattern):
 
 
 def create(lib, name):
+    # zero-initialised last norms would make every branch output a constant: nothing to check
     if lib == "timm":
-        return timm.create_model(name, pretrained=False)
-    return torchvision.models.get_model(name, weights=None)
+        return unzero_init(timm.create_model(name, pretrained=False))
+    return unzero_init(torchvision.models.get_model(name, weights=None))
 
 
 def input_sizes(lib, model):
@@ -75,9 +77,10 @@ def convert(lib, model):
 def grad_error(rev, size):
     """Worst relative error of parameter grads: reversible backward vs plain autograd.
 
-    In float64: there the two agree to ~1e-12 unless something is wrong. In float32 they differ
-    by rounding (the coupled stream is carried in float64, see README), which BatchNorm at batch 2
-    can amplify to 1e-2 and hide a real bug.
+    In float64, where only rounding separates them: a float64 model's stream has no wider type
+    to be carried in, so reconstruction rounds at 1e-16, which BatchNorm over 2 values (the last
+    stage at 32x32, batch 2) can amplify to ~1e-6. A real bug shows as 1e-2 or more. In float32
+    BatchNorm at batch 2 amplifies the rounding of gradient sums to 1e-2 and would hide one.
     """
     rev = rev.double().train()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -14,6 +14,7 @@ from conftest import assert_directional_derivatives, smoothed, step_grads, worst
 from torch import nn
 
 import revify
+from revify.models import unzero_init
 from revify.resize import RESIZERS, resizer_for
 
 # family -> (model, reversible blocks expected at least)
@@ -31,7 +32,7 @@ FAMILIES = {
 
 def _revify(name, size=32, **kwargs):
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=5, **kwargs)
+    model = unzero_init(timm.create_model(name, num_classes=5, **kwargs))
     return model, revify.transform(model, input_size=(3, size, size))
 
 
@@ -48,14 +49,17 @@ def test_timm_family_converts_and_matches_exact_autograd(family):
     assert err <= 1e-5, (err, where)
 
 
-# Finite differences are a reference only where the original model meets its own: skresnet18
-# misses them by 8e-5 even smoothed, and resnetv2_50 at 32x32 (BatchNorm over 2 values in its
-# last stage) by far more; its exact-autograd check above stands, and resnetv2 runs at 64x64.
-@pytest.mark.parametrize("name,size", [("ecaresnet26t", 32), ("seresnet18", 32),
-                                       ("gcresnet33ts", 32), ("resnetv2_50", 64)])
+# Finite differences are a reference only where the original model meets its own. At 32x32 the
+# last stage is 1x1 and BatchNorm normalises over 2 values: with every branch computing (see
+# `unzero_init`) the original ecaresnet26t misses its own finite differences by 10% there. At
+# 64x64 (2x2 in the last stage) originals and revified models meet them (ecaresnet26t: to 1e-11
+# at eps 1e-5); skresnet18 misses them by 8e-5 even smoothed, so it is checked against exact
+# autograd only.
+@pytest.mark.parametrize("name,size", [("ecaresnet26t", 64), ("seresnet18", 64),
+                                       ("gcresnet33ts", 64), ("resnetv2_50", 64)])
 def test_timm_gradients_match_float64_finite_differences(name, size):
     torch.manual_seed(0)
-    model = smoothed(timm.create_model(name, num_classes=5))
+    model = smoothed(unzero_init(timm.create_model(name, num_classes=5)))
     rev = revify.transform(model, input_size=(3, size, size)).double().train()
     torch.manual_seed(1)
     x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
