@@ -26,6 +26,10 @@ class Checkpointed(nn.Module):
             return self.module(*args)
         # Non-reentrant checkpoint restores the RNG state for the recompute (same dropout masks)
         # and returns gradients through the autograd engine (DDP hooks fire as usual).
+        if torch.compiler.is_compiling():
+            # Compiled, the recompute is part of the backward graph, which applies buffer
+            # updates once (functionalised): nothing to freeze, and dynamo cannot take our context.
+            return checkpoint(self.module, *args, use_reentrant=False)
         return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts)
 
     def _contexts(self):

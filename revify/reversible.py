@@ -91,7 +91,8 @@ class ReversibleStage(nn.Module):
         needs_grad = x.requires_grad or any(p.requires_grad for p in params)
         if exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
             return self.forward_plain(x)
-        return _ReversibleStageFunction.apply(self, x, *params)
+        _refuse_fsdp_inside(self)
+        return _run_reversible(self, x, *params)
 
     def couple(self, x, anchors: dict | None = None):
         """Every block with plain autograd: (output, exact float64 stream or None).
@@ -126,6 +127,27 @@ class ReversibleStage(nn.Module):
             if i in anchors:
                 y1, y2 = anchors[i].to(y.dtype).chunk(2, self.dim)
         return torch.cat([y1, y2], self.dim)
+
+
+# Under torch.compile the reversible stage runs eagerly between compiled graphs: its backward
+# rebuilds activations from a stage output the compiled graph must not plan around, and dynamo
+# cannot trace the RNG capture. One graph break per stage, on purpose.
+@torch.compiler.disable
+def _run_reversible(stage, x, *params):
+    return _ReversibleStageFunction.apply(stage, x, *params)
+
+
+def _refuse_fsdp_inside(stage: ReversibleStage) -> None:
+    """fully_shard on a module inside a stage would hand its backward sharded parameters that
+    the recompute never touches: their gradients would silently be None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    inner = next((n for n, m in stage.named_modules() if n and isinstance(m, FSDPModule)), None)
+    if inner is not None:
+        raise RuntimeError(f"revify: fully_shard was applied to '{inner}' inside a reversible "
+                           f"stage; apply it to the ReversibleStage itself or a module above it.")
 
 
 def _branch_input(half: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

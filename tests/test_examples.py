@@ -1,4 +1,6 @@
 """Every example runs (in its short smoke mode)."""
+import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -13,3 +15,62 @@ def test_quickstart_smoke():
     assert "revify plan for ResNet" in result.stdout and "step 1: loss" in result.stdout
     ratio = float(result.stdout.rsplit("(", 1)[1].split("x)")[0])
     assert 0 < ratio < 1
+
+
+# One thread per process: on shared cores two-thread kernels stall waiting for each other (a
+# 0.2 s step of train_cifar's smoke run took 7 s on two busy cores).
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
+
+
+def run_example(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
+                          env=ONE_THREAD)
+
+
+def epoch_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("epoch ")]
+
+
+def test_train_cifar_smoke():
+    result = run_example(str(EXAMPLES / "train_cifar.py"), "--synthetic", "--smoke")
+    assert result.returncode == 0, result.stderr
+    assert "7 reversible in 3 stages" in result.stdout  # resnet20 was revified
+    epochs = epoch_lines(result.stdout)
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1", "epoch 2"]
+    for line in epochs:
+        train_loss = float(line.split("loss ")[1].split()[0])
+        test_loss = float(line.split("test loss ")[1].split()[0])
+        assert math.isfinite(train_loss) and math.isfinite(test_loss), line
+
+
+def test_train_cifar_without_data_is_one_line_usage_error():
+    result = run_example(str(EXAMPLES / "train_cifar.py"), "--epochs", "1")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "--data PATH" in result.stderr and "--synthetic" in result.stderr
+
+
+def test_train_ddp_smoke_two_processes():
+    result = run_example("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                         str(EXAMPLES / "train_ddp.py"), "--synthetic", "--smoke")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "DDP over 2 processes (gloo)" in result.stdout
+    epochs = epoch_lines(result.stdout)
+    assert len(epochs) == 2, result.stdout
+    for line in epochs:
+        per_rank = line.split("loss per rank [")[1].split("]")[0].split(", ")
+        assert len(per_rank) == 2 and all(math.isfinite(float(v)) for v in per_rank), line
+    assert "parameters in sync across 2 ranks: max |difference| 0\n" in result.stdout
+
+
+def test_memory_budget_smoke():
+    result = run_example(str(EXAMPLES / "memory_budget.py"), "--smoke")
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if line.split() and line.split()[0] in ("original", "checkpoint", "revify")}
+    assert rows.keys() == {"original", "checkpoint", "revify"}, result.stdout
+    largest = {strategy: int(row[1]) for strategy, row in rows.items()}
+    assert 0 < largest["original"] <= largest["checkpoint"]
+    assert largest["revify"] >= largest["original"]
+    for row in rows.values():  # each largest batch's projected peak is within the 0.25 GiB budget
+        assert float(row[2]) <= 0.25

@@ -140,3 +140,29 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     _train(resumed, opt2, batches[2:])
     for (n, a), b in zip(rev.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+# ----------------------------------------------------------------------------- torch.compile
+def _unprefixed(grads: dict) -> dict:
+    return {k.removeprefix("_orig_mod."): v for k, v in grads.items()}
+
+
+def test_torch_compile_matches_eager_breaks_once_per_stage_and_keeps_the_saving():
+    """aot_eager runs dynamo and AOT autograd (graph capture, the checkpoint HOP, the partition)
+    without code generation, which would take minutes on CPU; inductor is checked by hand (README)."""
+    model, rev = _revified(depth=3)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
+    eager = step_grads(rev, x, y)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(rev)(x)
+    assert explained.graph_break_count == len(rev.revify_plan.stages)  # the stages run eagerly
+    compiled = torch.compile(rev, backend="aot_eager")
+    got = _unprefixed(step_grads(compiled, x, y))
+    err, where = worst_rel_err(got, eager)
+    assert err <= 1e-6, (err, where)
+    peak = {name: measure_step(torch.compile(m, backend="aot_eager"), x, y).peak_activation_bytes
+            for name, m in [("original", model.train()), ("revify", rev)]}
+    eager_peak = {name: measure_step(m, x, y).peak_activation_bytes
+                  for name, m in [("original", model), ("revify", rev)]}
+    assert peak["revify"] / peak["original"] <= eager_peak["revify"] / eager_peak["original"] + 0.05
+    assert peak["revify"] < 0.8 * peak["original"]
