@@ -14,7 +14,7 @@ from torch import fx
 
 from .ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_reduction, is_reshape,
                   op_name, permute_dims, spatial_dims)
-from .resize import resizer_for
+from .resize import holds_state, resizer_for
 
 
 def inner_key(node: str) -> str:
@@ -188,8 +188,11 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
         if node.op == "call_module":
             module = modules[node.target]
             if node.target in gm.meta.get("opaque", {}):
-                raise Unresizable(f"'{node.target}' could not be traced, so revify cannot tell "
-                                  f"whether it treats channels alike")
+                why = gm.meta["opaque"][node.target]
+                hint = "" if holds_state(module) else \
+                    " (if it does, a drop path say, name it in leaf_modules)"
+                raise Unresizable(f"'{node.target}' is kept opaque ({why}), so revify cannot "
+                                  f"tell whether it treats channels alike{hint}")
             rule = resizer_for(module)
             if rule is None:
                 raise Unresizable(f"no resize rule for {type(module).__name__} ('{node.target}')")

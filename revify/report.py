@@ -40,7 +40,7 @@ def format_plan(plan, fmt: str = "simple") -> str:
         f"({_delta(plan.params_before, plan.params_after)})",
     ]
     if plan.opaque:
-        parts.insert(-1, "kept as opaque layers (torch.fx could not trace into them):\n" + "\n".join(
+        parts.insert(-1, "kept as opaque layers (not traced into):\n" + "\n".join(
             f"  {name}: {why}" for name, why in plan.opaque.items()))
     return "\n\n".join(parts)
 

@@ -10,6 +10,7 @@ import copy
 import inspect
 import logging
 import operator
+from collections import Counter
 from typing import Iterable
 
 import torch
@@ -54,6 +55,7 @@ class _Tracer(fx.Tracer):
 
 
 MAX_OPAQUE = 16  # modules made opaque automatically before giving up
+MODE_DEPENDENT = "runs different code in training and in eval mode"
 
 
 def _defaults(model: nn.Module, num_inputs: int) -> dict:
@@ -76,27 +78,69 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), num_inputs:
 
     A submodule fx cannot trace (data-dependent control flow, say) is retried as an opaque
     leaf: always safe, since an opaque layer with weights is not resizable and its block is
-    then checkpointed, with the reason in the plan. `gm.meta["opaque"]` says which and why.
+    then checkpointed, with the reason in the plan. So is a submodule whose traced code differs
+    between training and eval mode (`F.dropout(x, training=self.training)`, `if self.training`):
+    traced once, it would keep one mode's behaviour for good; as a leaf it reads its flag when
+    it runs. `gm.meta["opaque"]` says which modules and why.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.transform expects a torch.nn.Module, got {type(model).__name__}.")
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model)
     leaf_modules, opaque = list(leaf_modules), {}
+    while True:
+        graphs = {mode: _trace_in(model.train(mode), leaf_modules, opaque, num_inputs)
+                  for mode in (True, False)}
+        differing = _mode_dependent(graphs[True], graphs[False])
+        if not differing:
+            break
+        if "" in differing:
+            raise TraceError(f"{type(model).__name__}.forward itself runs different code in "
+                             f"training and in eval mode, which a traced graph cannot keep; "
+                             f"move that code into a submodule.")
+        if len(opaque) + len(differing) > MAX_OPAQUE:
+            raise TraceError(f"{len(differing)} submodules of {type(model).__name__} run different "
+                             f"code in training and eval mode ({', '.join(sorted(differing))}).")
+        for name in differing:
+            opaque[name] = MODE_DEPENDENT
+            leaf_modules.append(name)
+    graph = graphs[False]
+    model.eval()
+    _drop_asserts(graph)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.meta["opaque"] = opaque
+    return gm
+
+
+def _trace_in(model: nn.Module, leaf_modules: list, opaque: dict, num_inputs: int) -> fx.Graph:
+    """One trace; a submodule fx fails in becomes an opaque leaf (both lists grow) and we retry."""
     while True:
         tracer = _Tracer(leaf_modules)
         try:
-            graph = tracer.trace(model, concrete_args=_defaults(model, num_inputs))
-            break
+            return tracer.trace(model, concrete_args=_defaults(model, num_inputs))
         except Exception as exc:  # fx raises many kinds; all mean the same thing to the user
             where = tracer.failed_in
             if not where or where in opaque or len(opaque) >= MAX_OPAQUE:
                 raise _trace_error(model, where, exc) from exc
             opaque[where] = _first_line(exc)
             leaf_modules.append(where)
-    _drop_asserts(graph)
-    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-    gm.meta["opaque"] = opaque
-    return gm
+
+
+def _mode_dependent(train: fx.Graph, eval_: fx.Graph) -> set[str]:
+    """Modules whose own traced ops differ between the two graphs ("" for the root's forward).
+
+    Ops are compared by what they do (op, target, constant arguments), not by how they are
+    wired: a difference upstream renames nodes downstream.
+    """
+    def ops(graph):
+        found: dict[str, Counter] = {}
+        for node in graph.nodes:
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = next(reversed(stack.values()))[0] if stack else ""
+            args = fx.node.map_arg((node.args, node.kwargs), lambda n: "%")
+            found.setdefault(owner, Counter())[(node.op, str(node.target), repr(args))] += 1
+        return found
+    a, b = ops(train), ops(eval_)
+    return {m for m in a.keys() | b.keys() if a.get(m) != b.get(m)}
 
 
 # Pure ops that only feed shape asserts (x.ndim == 4, x.shape[1] == n): removed with them.

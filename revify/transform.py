@@ -38,7 +38,8 @@ def _example_inputs(model: nn.Module, example_inputs, input_size) -> tuple:
         if any(int(s) <= 0 for s in input_size):
             raise ValueError(f"input_size must be positive, got {tuple(input_size)}.")
         # in the model's dtype and on its device: a float64 or CUDA model gets one like it
-        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+        params = model.parameters() if isinstance(model, nn.Module) else []  # trace says if not
+        param = next((p for p in params if p.is_floating_point()), None)
         return (torch.empty(2, *input_size, dtype=param.dtype if param is not None else None,
                             device=param.device if param is not None else None),)
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

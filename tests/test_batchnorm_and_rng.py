@@ -72,7 +72,12 @@ def test_dropout_and_drop_path_replay_the_same_masks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[DroppyBlock(8) for _ in range(4)],
                           nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 8 * 8, 5))
-    rev = revify.transform(model, input_size=(3, 8, 8)).train()
+    # DropPath reads self.training (traced in eval mode it used to vanish): revify keeps it
+    # opaque and its blocks checkpointed, unless the user vouches that it treats channels alike
+    plan = revify.transform(model, input_size=(3, 8, 8)).revify_plan
+    assert not plan.stages and "1.drop_path" in plan.opaque
+    assert "name it in leaf_modules" in plan.block("1").reason
+    rev = revify.transform(model, input_size=(3, 8, 8), leaf_modules=[DropPath]).train()
     assert rev.revify_plan.stages[0].blocks == ["1", "2", "3", "4"]
     x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))
     got = step_grads(rev, x, y, seed=123)

@@ -188,8 +188,58 @@ def test_untraceable_layer_in_a_branch_keeps_its_block_checkpointed(data):
     assert "stage1.1.gate" in rev.revify_plan.opaque
     actions = {b.name: (b.action, b.reason) for b in rev.revify_plan.blocks}
     assert actions["stage1.0"][0] == "reversible"
-    assert actions["stage1.1"] == ("checkpointed", "branch cannot be halved: 'stage1.1.gate' could "
-                                   "not be traced, so revify cannot tell whether it treats channels alike")
+    action, reason = actions["stage1.1"]
+    assert action == "checkpointed" and reason.startswith("branch cannot be halved: 'stage1.1.gate' "
+                                                          "is kept opaque (TraceError")
+    assert reason.endswith("so revify cannot tell whether it treats channels alike (if it does, "
+                           "a drop path say, name it in leaf_modules)")
+
+
+class TrainOnlyNoise(nn.Module):
+    """Code that differs in training: traced once (in eval mode) it would never add its noise."""
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.1 * torch.randn_like(x)
+        return F.dropout(x, 0.2, training=self.training)
+
+
+class NoisyBlock(Block):
+    def __init__(self, c):
+        super().__init__(c)
+        self.noise = TrainOnlyNoise()
+
+    def forward(self, x):
+        out = self.noise(self.relu(self.bn1(self.conv1(x))))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def test_code_that_differs_in_training_keeps_its_training_behaviour(data):
+    x, y = data
+    model = TinyResNet()
+    model.stage2[0] = NoisyBlock(16)
+    rev = revify.transform(model, input_size=(3, 16, 16))
+    assert list(rev.revify_plan.opaque) == ["stage2.0.noise"]
+    assert "runs different code in training and in eval mode" in rev.revify_plan.opaque["stage2.0.noise"]
+    assert rev.revify_plan.block("stage2.0").action == "checkpointed"
+    same = revify.transform(model, input_size=(3, 16, 16), reversible=False)  # the same function
+    with torch.no_grad():
+        torch.testing.assert_close(same.eval()(x), model.eval()(x))
+        torch.manual_seed(0)
+        noisy = same.train()(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(noisy, model.train()(x))  # the noise is drawn, as in the original
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
+
+
+class ModeDependentForward(TinyResNet):
+    def forward(self, x):
+        return super().forward(x + 1 if self.training else x)
+
+
+def test_mode_dependent_model_forward_is_refused():
+    with pytest.raises(revify.TraceError, match="runs different code in training and in eval mode"):
+        revify.transform(ModeDependentForward(), input_size=(3, 16, 16))
 
 
 class UntraceableForward(TinyResNet):
