@@ -1,4 +1,5 @@
-"""Quick start: revify a ResNet-50, see the plan, train a few steps, compare step memory.
+"""Quick start: revify a ResNet-50, see the plan and the memory analysis, train a few steps,
+compare measured step memory.
 
     python examples/quickstart.py            # ResNet-50, batch 16, 112x112, CPU: about a minute
     python examples/quickstart.py --smoke    # ResNet-18, tiny input: seconds
@@ -28,6 +29,11 @@ def main():
     model = torchvision.models.get_model(args.model, num_classes=10)
     rev = revify.transform(model, input_size=(3, args.image_size, args.image_size))
     print(rev.revify_plan)
+    # Projected memory of one training step per strategy (fake tensors: nothing is allocated),
+    # and the largest batch that fits 16 GiB.
+    analysis = revify.analyze(model, (3, args.image_size, args.image_size), args.batch_size,
+                              memory="16GiB", device="cpu")
+    print("\n" + analysis.format())
 
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     y = torch.randint(0, 10, (args.batch_size,))

@@ -65,11 +65,25 @@ def test_anchor_every_names_stages_and_rejects_nonsense():
         _revified(anchor_every=0)
 
 
-def test_bf16_autocast_gradients_match_autograd_under_the_same_autocast():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_gradients_match_autograd_under_the_same_autocast(dtype):
+    """bf16, and fp16 with a GradScaler (CPU autocast runs fp16 too; the GPU run of
+    scripts/gpu_checks.py does the same on CUDA)."""
     _, rev = _revified()
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
-    with torch.autocast("cpu", torch.bfloat16):
-        err, where = worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))
+
+    def grads(exact):
+        rev.zero_grad(set_to_none=True)
+        state = copy.deepcopy(rev.state_dict())
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=dtype == torch.float16)
+        with revify.exact_backward() if exact else torch.enable_grad():
+            with torch.autocast("cpu", dtype):
+                loss = F.cross_entropy(rev(x), y)
+            scaler.scale(loss).backward()
+        rev.load_state_dict(state)
+        return {n: p.grad / scaler.get_scale() for n, p in rev.named_parameters()}
+
+    err, where = worst_rel_err(grads(False), grads(True))
     assert err <= 1e-5, (err, where)
 
 
