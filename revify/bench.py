@@ -29,7 +29,8 @@ class BenchResult:
 
 
 def strategies(model: nn.Module, input_size, native: bool = False, **options) -> dict[str, nn.Module]:
-    """The model as is, with per-block checkpointing, and revified (optionally also "native").
+    """The model as is, with per-block checkpointing, with sqrt(n) checkpointed groups of blocks
+    (`checkpoint_sequential`'s scheme), and revified (optionally also "native").
 
     options: revify.transform's keyword arguments for the revified model; the checkpointing
     baseline shares only its leaf modules (the rest concerns reversible stages).
@@ -39,6 +40,7 @@ def strategies(model: nn.Module, input_size, native: bool = False, **options) ->
     models = {
         "original": model,
         "checkpoint": transform(model, example, **baseline, reversible=False),
+        "checkpoint-sqrt": transform(model, example, **baseline, reversible=False, segments="sqrt"),
         "revify": transform(model, example, **options),
     }
     if native:

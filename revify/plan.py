@@ -28,6 +28,9 @@ class Options:
     # Keep the stream at every k-th block input (bounds native drift to k blocks): one k for
     # every stage, or {stage name: k}.
     anchor_every: int | dict[str, int] | None = None
+    # With reversible=False: checkpoint the units in this many contiguous groups instead of one
+    # by one ("sqrt": sqrt(n) of them), the last stored, as torch's checkpoint_sequential does.
+    segments: int | Literal["sqrt"] | None = None
 
     def __post_init__(self):
         if self.checkpoint not in ("non_invertible", "none"):
@@ -38,6 +41,10 @@ class Options:
             raise ValueError(f"width must be 'match' or a positive number, not {self.width!r}.")
         every = self.anchor_every.values() if isinstance(self.anchor_every, dict) else \
             [] if self.anchor_every is None else [self.anchor_every]
+        if self.segments is not None and (self.reversible or not (
+                self.segments == "sqrt" or (isinstance(self.segments, int) and self.segments > 0))):
+            raise ValueError(f"segments must be 'sqrt' or a positive number, with "
+                             f"reversible=False, not {self.segments!r}.")
         if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in every):
             raise ValueError(f"anchor_every must be a positive whole number of blocks (or a dict "
                              f"of them by stage name), not {self.anchor_every!r}.")
@@ -84,7 +91,7 @@ class StagePlan:
 @dataclass
 class SegmentPlan:
     name: str
-    kind: Literal["stem", "block", "stage", "head", "glue"]
+    kind: Literal["stem", "block", "stage", "head", "glue", "group"]
     action: Action
     nodes: list[str]
     blocks: list[str] = field(default_factory=list)
@@ -364,6 +371,22 @@ def _plan_segments(gm, block_plans: list[BlockPlan], stages: list[StagePlan],
     return segments
 
 
+def _grouped(segments: list[SegmentPlan], count: int | str) -> list[SegmentPlan]:
+    """Consecutive units merged into `count` groups of near-equal length, every group
+    checkpointed but the last, which runs stored (its activations are needed at once)."""
+    n = len(segments)
+    k = max(1, min(n, round(math.sqrt(n)) if count == "sqrt" else int(count)))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    groups = []
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        members = segments[a:b]
+        name = members[0].name if len(members) == 1 else f"{members[0].name}..{members[-1].name}"
+        groups.append(SegmentPlan(name, "group", "checkpointed" if i < k - 1 else "stored",
+                                  [n for m in members for n in m.nodes],
+                                  [b for m in members for b in m.blocks]))
+    return groups
+
+
 def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options) -> Plan:
     block_plans, analyses = [], {}
     shared = _shared_layers(gm, blocks)
@@ -380,6 +403,8 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
         if bp.action != "reversible" and options.checkpoint == "none":
             bp.action = "stored"
     segments = _plan_segments(gm, block_plans, stages, options)
+    if options.segments is not None:
+        segments = _grouped(segments, options.segments)
     params_before = sum(p.numel() for p in gm.parameters())
     changed = sum(s.params_after - s.params_before for s in stages)
     return Plan(model=gm.__class__.__name__, options=options, blocks=block_plans, stages=stages,

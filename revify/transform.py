@@ -50,6 +50,7 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
               checkpoint: Literal["non_invertible", "none"] = "non_invertible",
               reversible: bool = True, reconstruction: Literal["exact", "native"] = "exact",
               anchor_every: int | dict[str, int] | None = None,
+              segments: int | Literal["sqrt"] | None = None,
               leaf_modules: Iterable[type | str] = ()) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
 
@@ -60,6 +61,9 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     checkpoint: "non_invertible" wraps every layer outside a reversible stage in activation
         checkpointing; "none" stores their activations as usual.
     reversible: False checkpoints every block instead (the per-block checkpointing baseline).
+    segments: with reversible=False, checkpoint the units (stem, blocks, head) in this many
+        contiguous groups instead, the last one stored ("sqrt": sqrt(n) groups, the
+        `checkpoint_sequential` baseline).
     reconstruction: "exact" carries the coupled stream in float64, so the backward rebuilds every
         activation to the bit; "native" keeps it in the activation dtype: less memory and time,
         but reconstruction error grows with depth (see README).
@@ -69,7 +73,7 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
-                      reconstruction=reconstruction, anchor_every=anchor_every)
+                      reconstruction=reconstruction, anchor_every=anchor_every, segments=segments)
     leaf_modules = list(leaf_modules)
     example_inputs = _example_inputs(model, example_inputs, input_size)
     gm = trace(model, leaf_modules, len(example_inputs))
@@ -97,7 +101,7 @@ def _recipe(model: nn.Module, example_inputs: tuple, options: Options, leaf_modu
         "source": source,
         "transform": {"width": options.width, "checkpoint": options.checkpoint,
                       "reversible": options.reversible, "reconstruction": options.reconstruction,
-                      "anchor_every": options.anchor_every,
+                      "anchor_every": options.anchor_every, "segments": options.segments,
                       "leaf_modules": leaf_names},
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                    if isinstance(t, torch.Tensor) else None for t in example_inputs],

@@ -89,7 +89,8 @@ def test_analyze_plan_and_bench_read_a_file(converted, capsys):
     assert code == 0 and "input 3x32x32" in out, err   # the file's own input size
     code, out, err = run(capsys, "bench", folder / "model.pt", "--batch-size", "2", "--steps", "1")
     assert code == 0, err
-    assert [line.split()[0] for line in out.splitlines()[2:5]] == ["original", "checkpoint", "revify"]
+    assert [line.split()[0] for line in out.splitlines()[2:6]] == ["original", "checkpoint",
+                                                              "checkpoint-sqrt", "revify"]
     assert "1.00x" in out and "memory of revify" in err  # progress, one line per piece of work
 
 

@@ -88,3 +88,35 @@ def test_native_reconstruction_trades_exactness_for_memory():
     assert native_step.peak_activation_bytes <= exact_step.peak_activation_bytes
     err, _ = worst_rel_err(step_grads(native, x, y), step_grads(native, x, y, exact=True))
     assert 0 < err < 1e-3  # float32 reconstruction drifts, a little, with depth
+
+
+def test_sqrt_segments_checkpoint_groups_of_blocks_like_checkpoint_sequential():
+    """The checkpoint_sequential baseline: sqrt(n) contiguous groups, the last one stored. It
+    holds less than the original after the forward (which of it and per-block checkpointing
+    holds less depends on the model: here the stem's large outputs favour the groups), and its
+    gradients are the original network's."""
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    grouped = revify.transform(model, input_size=(3, 64, 64), reversible=False, segments="sqrt")
+    per_block = revify.transform(model, input_size=(3, 64, 64), reversible=False)
+    units = len(per_block.revify_plan.segments)  # stem, 8 blocks, head
+    groups = grouped.revify_plan.segments
+    assert len(groups) == round(units ** 0.5) == 3
+    assert [g.action for g in groups] == ["checkpointed", "checkpointed", "stored"]
+    assert sum(len(g.blocks) for g in groups) == 8
+    held = {name: measure_step(m.train(), x, y).activation_bytes
+            for name, m in [("original", model), ("grouped", grouped)]}
+    assert held["grouped"] < 0.5 * held["original"]
+    # same function and gradients as the original (weights shared: nothing was resized)
+    torch.manual_seed(1)
+    for m in (model, grouped):
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    # a checkpointed group holds its layers at net.<group>.module.<path>, a stored one at net.<path>
+    by_path = {n.split(".module.")[-1].removeprefix("net."): p for n, p in grouped.named_parameters()}
+    assert by_path.keys() == dict(model.named_parameters()).keys()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(by_path[n].grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+    with __import__("pytest").raises(ValueError, match="with reversible=False"):
+        revify.transform(model, input_size=(3, 64, 64), segments="sqrt")
