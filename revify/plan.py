@@ -146,7 +146,7 @@ def _why_not_invertible(gm: fx.GraphModule, block: ResidualBlock, dim: int) -> s
     if entry_shape != out_shape:
         return f"changes shape {_fmt(entry_shape)} -> {_fmt(out_shape)}"
     if entry_shape is None or len(entry_shape) <= dim:
-        return "input is not a channel-first tensor"
+        return "input has no channel dim to split"
     if entry_shape[dim] % 2:
         return f"{entry_shape[dim]} channels cannot be split into equal halves"
     return None

@@ -66,7 +66,7 @@ def test_verify_fails_when_reconstruction_is_broken(converted, capsys, monkeypat
     _, folder = converted
     real = revify.ReversibleStage.inverse
     monkeypatch.setattr(revify.ReversibleStage, "inverse",
-                        lambda self, y, dtype=None: real(self, y, dtype) * 1.001)
+                        lambda self, y, dtype=None, anchors=None: real(self, y, dtype, anchors) * 1.001)
     code, out, _ = run(capsys, "verify", folder / "model.pt")
     assert code == 1 and "FAIL" in out and "3 of 11 checks passed" in out
 
