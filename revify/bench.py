@@ -28,9 +28,11 @@ class BenchResult:
     params: int
 
 
-def strategies(model: nn.Module, input_size, native: bool = False, **options) -> dict[str, nn.Module]:
-    """The model as is, with per-block checkpointing, with sqrt(n) checkpointed groups of blocks
-    (`checkpoint_sequential`'s scheme), and revified (optionally also "native").
+def strategies(model: nn.Module, input_size, native: bool = False, sequential: bool = False,
+               **options) -> dict[str, nn.Module]:
+    """The model as is, with per-block checkpointing, optionally with sqrt(n) checkpointed groups
+    of blocks (`sequential`: `checkpoint_sequential`'s scheme), and revified (optionally also
+    "native").
 
     options: revify.transform's keyword arguments for the revified model; the checkpointing
     baseline shares only its leaf modules (the rest concerns reversible stages).
@@ -40,9 +42,11 @@ def strategies(model: nn.Module, input_size, native: bool = False, **options) ->
     models = {
         "original": model,
         "checkpoint": transform(model, example, **baseline, reversible=False),
-        "checkpoint-sqrt": transform(model, example, **baseline, reversible=False, segments="sqrt"),
-        "revify": transform(model, example, **options),
     }
+    if sequential:
+        models["checkpoint-sqrt"] = transform(model, example, **baseline, reversible=False,
+                                              segments="sqrt")
+    models["revify"] = transform(model, example, **options)
     if native:
         models["revify-native"] = transform(model, example, **(options | {"reconstruction": "native"}))
     return models

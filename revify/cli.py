@@ -236,7 +236,8 @@ def cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
     source = _source(args)
-    models = strategies(source.model, source.input_size, native=args.native, **source.options)
+    models = strategies(source.model, source.input_size, native=args.native, sequential=True,
+                        **source.options)
     if source.payload is not None:  # the file's own weights for the revified row
         models["revify"] = source.revified()
     print(f"{source.name}: batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}, "
