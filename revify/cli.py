@@ -259,7 +259,8 @@ def cmd_list(args) -> int:
     found = list_convertible(args.pattern, args.all)
     if not found:
         raise UsageError(f"no {'' if args.all else 'convertible '}model matches '{args.pattern}' "
-                         f"(try 'revify list --all')")
+                         f"in the coverage run, which covers the ResNet families (try 'revify "
+                         f"list --all', or 'revify plan NAME' for any other model)")
     rows = [[r["model"], r["lib"], r.get("rev") or "-"] + ([r["note"] or ""] if args.all else [])
             for r in found]
     print(tabulate(rows, ["model", "library", "reversible blocks"] + (["why not"] if args.all else []),
