@@ -15,11 +15,18 @@ from .modes import exact_backward_enabled, frozen_buffers
 
 
 class Checkpointed(nn.Module):
-    """Runs `module` storing only its inputs; the backward recomputes it once."""
+    """Runs `module` storing only its inputs; the backward recomputes it once.
 
-    def __init__(self, module: nn.Module):
+    `owned=False` (a layer checkpointed inside a unit, revify.lean) leaves `module`'s layers
+    registered where the unit has them, so parameter names do not depend on what is nested.
+    """
+
+    def __init__(self, module: nn.Module, owned: bool = True):
         super().__init__()
-        self.module = module
+        if owned:
+            self.module = module
+        else:
+            object.__setattr__(self, "module", module)
 
     def forward(self, *args):
         if exact_backward_enabled() or not torch.is_grad_enabled():

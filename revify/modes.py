@@ -76,6 +76,16 @@ def replay_rng(state, device: torch.device):
         yield
 
 
+def restore_rng(state, device: torch.device) -> None:
+    """Set the global RNG back to a captured state (a forward run again draws the same masks)."""
+    if state is None:
+        return
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
 def capture_autocast(device: torch.device):
     kind = device.type
     try:

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from .blocks import ResidualBlock, module_path
 from .channels import BranchChannels, Unresizable, analyze_branch, inner_key
+from .lean import HOT_FRACTION, LeanPlan, largest_tensor, plan_lean
 from .resize import holds_state, rebuild, resizer_for
 
 Action = Literal["reversible", "checkpointed", "stored"]
@@ -24,13 +25,16 @@ class Options:
     width: float | Literal["match"] = "match"   # internal width multiplier, or match parameters
     checkpoint: Literal["non_invertible", "none"] = "non_invertible"
     reversible: bool = True                      # False: per-block checkpointing only (a baseline)
-    reconstruction: Literal["exact", "native"] = "exact"  # stream in float64, or activation dtype
+    reconstruction: Literal["exact", "native"] = "exact"  # fixed-point grid, or plain float
     # Keep the stream at every k-th block input (bounds native drift to k blocks): one k for
     # every stage, or {stage name: k}.
     anchor_every: int | dict[str, int] | None = None
     # With reversible=False: checkpoint the units in this many contiguous groups instead of one
     # by one ("sqrt": sqrt(n) of them), the last stored, as torch's checkpoint_sequential does.
     segments: int | Literal["sqrt"] | None = None
+    # Leaner recompute of checkpointed units (revify.lean): nested cheap layers, in-place adds,
+    # masked ReLUs. False: plain per-unit checkpointing (the baseline revify bench measures).
+    lean: bool = True
 
     def __post_init__(self):
         if self.checkpoint not in ("non_invertible", "none"):
@@ -69,6 +73,7 @@ class BlockPlan:
     stream: list[str] = field(default_factory=list)        # branch nodes on the coupled stream
     params_before: int = 0
     params_after: int = 0
+    lean: LeanPlan | None = None               # what its branches' recompute drops (revify.lean)
 
 
 @dataclass
@@ -95,6 +100,7 @@ class SegmentPlan:
     action: Action
     nodes: list[str]
     blocks: list[str] = field(default_factory=list)
+    lean: LeanPlan | None = None               # what a checkpointed unit's recompute drops
 
 
 @dataclass
@@ -387,6 +393,25 @@ def _grouped(segments: list[SegmentPlan], count: int | str) -> list[SegmentPlan]
     return groups
 
 
+def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str, BlockPlan]):
+    """What each unit's recompute drops (revify.lean): layers are nested in the units whose
+    tensors are the largest of the step, where its peak is reached, and nowhere else, since
+    each costs its FLOPs once more (the stem neither: it runs its backward last, with little
+    else alive)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    largest = {seg.name: largest_tensor([nodes[n] for n in seg.nodes]) for seg in segments}
+    hottest = max(largest.values(), default=0)
+    unkept = {n for seg in segments if seg.action == "reversible" for n in seg.nodes}
+    for seg in segments:
+        hot = largest[seg.name] > HOT_FRACTION * hottest
+        if seg.action == "checkpointed":
+            seg.lean = plan_lean(gm, seg.nodes, unkept, hot and seg.kind != "stem")
+        elif seg.action == "reversible" and hot:
+            for bp in (blocks[b] for b in seg.blocks):
+                branch = [*bp.block.branch, *([bp.pre_op] if bp.pre_op else [])]
+                bp.lean = plan_lean(gm, branch, set(), True, bp.channels, bp.dim) or None
+
+
 def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options) -> Plan:
     block_plans, analyses = [], {}
     shared = _shared_layers(gm, blocks)
@@ -405,6 +430,8 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
     segments = _plan_segments(gm, block_plans, stages, options)
     if options.segments is not None:
         segments = _grouped(segments, options.segments)
+    elif options.lean and options.checkpoint == "non_invertible":  # stored layers set the peak
+        _plan_lean(gm, segments, {bp.name: bp for bp in block_plans})
     params_before = sum(p.numel() for p in gm.parameters())
     changed = sum(s.params_after - s.params_before for s in stages)
     return Plan(model=gm.__class__.__name__, options=options, blocks=block_plans, stages=stages,

@@ -20,11 +20,13 @@ def format_plan(plan, fmt: str = "simple") -> str:
                 roles[f], roles[g] = " (F)", " (G)"
     blocks = [[b.name, _shape(b.shape), b.action + roles.get(b.name, ""),
                "" if b.stage is None else plan.stages[b.stage].name,
-               f"{b.params_before:,}", f"{b.params_after:,}", b.reason] for b in plan.blocks]
+               f"{b.params_before:,}", f"{b.params_after:,}",
+               b.reason or (f"branch {b.lean.describe()}" if b.lean else "")] for b in plan.blocks]
     stages = [[s.name, len(s.blocks), len(s.couplings), s.channels, f"{s.channels // 2} + {s.channels // 2}",
                f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
                _delta(s.params_before, s.params_after)] for s in plan.stages]
-    segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-"] for s in plan.segments]
+    segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-",
+                 s.lean.describe() if s.lean else ""] for s in plan.segments]
     parts = [
         f"revify plan for {plan.model}: {len(plan.blocks)} residual blocks, "
         f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} "
@@ -35,7 +37,7 @@ def format_plan(plan, fmt: str = "simple") -> str:
         tabulate(stages, ["reversible stage", "blocks", "couplings", "channels", "halves", "width",
                           "params before", "params after", "change"], tablefmt=fmt)
         if stages else "no reversible stage",
-        tabulate(segments, ["unit", "kind", "runs as", "blocks"], tablefmt=fmt),
+        tabulate(segments, ["unit", "kind", "runs as", "blocks", "recompute"], tablefmt=fmt),
         f"parameters: {plan.params_before:,} -> {plan.params_after:,} "
         f"({_delta(plan.params_before, plan.params_after)})",
     ]

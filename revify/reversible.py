@@ -7,14 +7,24 @@ A stage is one autograd Function that saves only its output. Its backward walks 
 reverse; per block it recomputes G(y1) once, using the value both to rebuild x2 and to
 backpropagate through G, then does the same for F: one extra forward per block.
 
-Exact reconstruction. Subtracting F(x2) from a rounded sum does not give x1 back exactly, and
-the error compounds over a deep stage. With `exact=True` (the default) the coupled stream's
-*value* is carried in float64 while F and G run in the activation dtype: a sum of float32 (or
-bf16) values is exact in float64, so `y - F(x2)` returns x1 to the bit. Its *gradient* stays in
-the activation dtype, as in any network (float64 gradients would cost memory and buy nothing).
-The stage output is returned in the activation dtype (`hi`) and the float64 remainder is saved
-as a second tensor (`lo`, float32 for 16-bit activations): hi + lo holds y to 2^-48 relative for
-float32 activations and 2^-32 for 16-bit ones, far below the precision F and G see.
+Exact reconstruction on a fixed-point grid. In floating point `(x1 + f) - f` is not x1: the add
+rounds away the low bits of x1, and the error compounds over a deep stage. With `exact=True`
+(the default) every value of the coupled stream lies on a grid, the multiples of a power of two
+`step` chosen per channel at the stage entry from the input's magnitude, 2^-(P-H) of it (P: the
+significand bits of the stream dtype, H: headroom bits). The stage input and every branch
+output are rounded onto the grid (straight through: the rounding's gradient is the identity),
+so every add is a sum of two multiples of `step` below 2^P * step, which floating point
+computes exactly: the backward's subtraction gives x1 back to the bit, at any depth, with the
+stream in the activation dtype (float32 for 16-bit activations): no wider dtype, no second
+tensor. What it costs is that rounding: 2^-(P-H) of a channel's entry magnitude, about 1e-6 for
+float32 with H = 4, far finer than bfloat16 and about what float32 itself rounds the largest
+values of a channel to. Fixed-point arithmetic for exact reversal: MacKay et al., "Reversible
+Recurrent Neural Networks", NeurIPS 2018.
+
+The grid holds while no value reaches 2^P * step. Every add checks its channels (one sync per
+stage); a channel that outgrew its headroom gets 8 more bits and the stage runs its forward
+again, drawing the same random masks and leaving BatchNorm statistics as the first run updated
+them. The headroom is kept (a buffer), so a stage pays this once, not every step.
 
 Anchors. With `anchor_every=k` the forward also keeps the stream at the input of every k-th
 block, and the backward resets its rebuilt stream to it there: drift (native reconstruction)
@@ -22,12 +32,20 @@ then never spans more than k blocks, for one stored activation per anchor.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
-                    replay_autocast, replay_rng)
+                    replay_autocast, replay_rng, restore_rng)
+
+SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
+HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
+WIDEN_BITS = 8         # what a channel that outgrew its headroom gets on top
+MIN_BITS = 8           # a grid coarser than 2^-8 of a channel's magnitude is refused
+FLOOR_BITS = 8         # a channel's magnitude counts as at least 2^-8 of the largest one's
 
 
 class CouplingBlock(nn.Module):
@@ -38,49 +56,125 @@ class CouplingBlock(nn.Module):
         self.f, self.g = f, g
 
 
-def _remainder_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What the float64 remainder is kept in: at least float32, so hi + lo holds 32+ bits."""
-    return torch.float32 if dtype.itemsize < 4 else dtype
+def stream_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
+    """What the coupled stream is carried in: a 16-bit grid would be too coarse."""
+    return torch.float32 if exact and dtype.itemsize < 4 else dtype
 
 
-def stream_dtype(dtype: torch.dtype, device: torch.device, exact: bool) -> torch.dtype:
-    if not exact or dtype == torch.float64 or device.type == "mps":  # MPS has no float64
-        return dtype
-    return torch.float64
+def _data_dependent_ok(t: torch.Tensor) -> bool:
+    """Whether values can be read back: not on meta or fake tensors (shape-only runs)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return t.device.type != "meta" and not isinstance(t, FakeTensor)
+
+
+@dataclass
+class Grid:
+    """The fixed-point grid of a stage's two stream halves, per channel along `dim`."""
+    steps: tuple[torch.Tensor, torch.Tensor]    # spacing, shaped to broadcast against a half
+    limits: tuple[torch.Tensor, torch.Tensor]   # 2^P * step: every value stays below it
+    dims: list[int]                              # the dims a per-channel reduction runs over
+
+    @classmethod
+    def for_input(cls, x: torch.Tensor, dim: int, headroom: torch.Tensor, dtype: torch.dtype):
+        dims = [d for d in range(x.ndim) if d != dim]
+        with torch.no_grad():
+            x = x.detach()
+            size = torch.maximum(x.amax(dims), -x.amin(dims)).to(dtype)
+            size = torch.maximum(size, size.max() * 2.0 ** -FLOOR_BITS)
+            size = size.clamp_min(torch.finfo(dtype).tiny * 2.0 ** 64)  # keep steps normal
+            exponent = torch.frexp(size).exponent        # size < 2^exponent
+            bits = SIGNIFICAND_BITS[dtype]
+            step = torch.ldexp(torch.ones_like(size), exponent + headroom - bits)
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        steps = step.view(shape).chunk(2, dim)
+        return cls(steps, tuple(s * 2.0 ** bits for s in steps), dims)
+
+    def snap(self, t: torch.Tensor, half: int) -> torch.Tensor:
+        """`t` rounded onto half `half`'s grid, in the stream dtype (a new tensor)."""
+        step = self.steps[half]
+        return torch.round(t / step).mul_(step)
+
+    def add_snapped(self, stream: torch.Tensor, t: torch.Tensor, half: int, sign: int = 1,
+                    scratch: bool = True):
+        """stream += sign * snap(t), in place; `t` is used as scratch if `scratch` and it has the
+        stream's dtype. Every step is exact, so the result is the same bits as
+        `stream + snap(t)` computed any other way."""
+        step = self.steps[half]
+        if scratch and t.dtype == stream.dtype:
+            scaled = torch.round_(t.div_(step))
+        else:
+            scaled = torch.round(t / step)
+        return stream.addcmul_(scaled, step, value=sign)
+
+    def outgrown(self, t: torch.Tensor, half: int) -> torch.Tensor:
+        """Per channel of half `half`: whether `t` reached the grid's limit (no sync)."""
+        limit = self.limits[half].flatten()
+        return (t.amax(self.dims) >= limit) | (t.amin(self.dims) <= -limit)
+
+
+class _Snap(torch.autograd.Function):
+    """Rounding onto the grid for the plain-autograd path; its gradient is the identity."""
+
+    @staticmethod
+    def forward(ctx, t, grid, half):
+        ctx.dtype = t.dtype
+        return grid.snap(t, half)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.dtype), None, None
 
 
 class _ExactAdd(torch.autograd.Function):
-    """(h, v) + f for the plain-autograd path: v the stream's exact value (no gradient), h its
-    rounding to the activation dtype, which carries the gradient (that of `+`: the identity)."""
+    """(h, v) + f for 16-bit activations on the plain-autograd path: v the stream's float32
+    value on the grid (no gradient), h its rounding to the activation dtype, which carries the
+    gradient (that of `+`: the identity)."""
 
     @staticmethod
-    def forward(ctx, h, v, f):
-        v = v + f
+    def forward(ctx, h, v, f, grid, half):
+        v = v + grid.snap(f, half)
         ctx.f_dtype = f.dtype
         ctx.mark_non_differentiable(v)
         return v.to(h.dtype), v
 
     @staticmethod
     def backward(ctx, dh, dv):
-        return dh, None, dh.to(ctx.f_dtype)
+        return dh, None, dh.to(ctx.f_dtype), None, None
 
 
-def _add(h, v, f):
-    if v is None:
-        return h + f, None
-    return _ExactAdd.apply(h, v, f)
+@dataclass
+class Coupled:
+    """What the plain forward of a stage computed: for the backward's reference and `inverse`."""
+    output: torch.Tensor          # in the activation dtype
+    stream: torch.Tensor          # the stream at the output (the stream dtype, detached)
+    entry: torch.Tensor | None    # the stream at the input, what `inverse` must give back
+                                  # (kept with `couple(record=True)`)
+    grid: Grid | None             # None: native reconstruction
 
 
 class ReversibleStage(nn.Module):
     """A run of coupling blocks: split once at entry, concatenate once at exit."""
 
     def __init__(self, blocks: list[CouplingBlock], dim: int = 1, exact: bool = True,
-                 anchor_every: int | None = None):
+                 anchor_every: int | None = None, channels: int | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.dim = dim
         self.exact = exact
         self.anchor_every = anchor_every
+        # Headroom bits per stream channel (see the module docstring): the grid is part of the
+        # function the stage computes, so it is saved with the weights.
+        headroom = torch.full((channels,), HEADROOM_BITS, dtype=torch.int32) \
+            if channels and exact else None
+        self.register_buffer("headroom", headroom)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if prefix + "headroom" in missing_keys:  # weights saved before the grid: the first guess
+            missing_keys.remove(prefix + "headroom")
 
     def anchored(self, index: int) -> bool:
         """Whether the forward keeps the stream at the input of block `index`."""
@@ -90,43 +184,126 @@ class ReversibleStage(nn.Module):
         params = list(self.parameters())
         needs_grad = x.requires_grad or any(p.requires_grad for p in params)
         if exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
-            return self.forward_plain(x)
+            return self.couple(x).output
         _refuse_fsdp_inside(self)
         return _run_reversible(self, x, *params)
 
-    def couple(self, x, anchors: dict | None = None):
-        """Every block with plain autograd: (output, exact float64 stream or None).
+    # ------------------------------------------------------------------ the grid
+    def grid_for(self, x: torch.Tensor) -> Grid | None:
+        if not self.exact:
+            return None
+        if self.headroom is None or self.headroom.numel() != x.shape[self.dim]:
+            self.headroom = torch.full((x.shape[self.dim],), HEADROOM_BITS, dtype=torch.int32,
+                                       device=x.device)
+        return Grid.for_input(x, self.dim, self.headroom.to(x.device),
+                              stream_dtype(x.dtype, True))
 
-        `anchors`, if given, receives the stream at every anchored block input, as the
-        reversible forward keeps it (for `inverse`).
+    def widen(self, grid: Grid | None, outgrown: list[torch.Tensor | None]) -> bool:
+        """Give the channels that outgrew the grid more headroom; whether any did (one sync)."""
+        if grid is None or outgrown[0] is None or not _data_dependent_ok(outgrown[0]):
+            return False
+        over = torch.cat(outgrown).to(self.headroom.device)
+        if not bool(over.any()):
+            return False
+        self.headroom += over.to(torch.int32) * WIDEN_BITS
+        bits = SIGNIFICAND_BITS[grid.steps[0].dtype]
+        if int(self.headroom.max()) > bits - MIN_BITS:
+            raise RuntimeError(
+                f"revify: the coupled stream of a reversible stage grew over "
+                f"2^{bits - MIN_BITS - HEADROOM_BITS}x its input's magnitude; exact "
+                f"reconstruction cannot hold it. Use reconstruction='native' for this model.")
+        return True
+
+    def _attempts(self, x):
+        """Run the forward until the grid holds: yields (grid, context for the attempt).
+
+        A repeated attempt draws the random masks of the first and leaves the BatchNorm
+        statistics as the first one updated them.
         """
-        h1, h2 = x.chunk(2, self.dim)
-        exact = stream_dtype(x.dtype, x.device, self.exact) != x.dtype
-        v1, v2 = x.to(torch.float64).chunk(2, self.dim) if exact else (None, None)
-        for i, block in enumerate(self.blocks):  # inputs contiguous as in the Function (see _branch_input)
+        rng = capture_rng(x.device) if self.training else None
+        first = True
+        while True:
+            grid = self.grid_for(x)
+            if not first:
+                restore_rng(rng, x.device)
+            context = frozen_buffers(self) if not first else _nothing()
+            yield grid, context
+            first = False
+
+    # ------------------------------------------------------------------ plain autograd
+    def couple(self, x, anchors: dict | None = None, record: bool = False) -> Coupled:
+        """Every block with plain autograd (the reference of the reversible backward).
+
+        `record` keeps the stream at the stage entry and `anchors`, if given, receives it at
+        every anchored block input, as the reversible forward keeps it (for `inverse`).
+        """
+        for grid, context in self._attempts(x):
+            with context:
+                coupled, outgrown = self._couple_once(x, grid, anchors, record)
+            if not self.widen(grid, outgrown):
+                return coupled
+
+    def _couple_once(self, x, grid: Grid | None, anchors: dict | None, record: bool):
+        dtype, dim = x.dtype, self.dim
+        sdt = stream_dtype(dtype, grid is not None)
+        halves = x.chunk(2, dim)
+        if grid is None:
+            values = [None, None]
+            h = [h.contiguous() for h in halves]  # as the Function's branches see them
+        else:
+            snapped = [_Snap.apply(t.to(sdt), grid, k) for k, t in enumerate(halves)]
+            values = [s.detach() for s in snapped] if sdt != dtype else [None, None]
+            h = [s.to(dtype) for s in snapped] if sdt != dtype else snapped
+        stream = lambda: torch.cat([v if v is not None else t for v, t in zip(values, h)],
+                                   dim).detach()
+        entry = stream() if record else None
+        outgrown = [None, None]
+        for i, block in enumerate(self.blocks):
             if anchors is not None and self.anchored(i):
-                anchors[i] = torch.cat([v1, v2] if exact else [h1, h2], self.dim).detach()
-            h1, v1 = _add(h1, v1, block.f(h2.contiguous()))
-            h2, v2 = _add(h2, v2, block.g(h1.contiguous()))
-        stream = torch.cat([v1, v2], self.dim) if exact else None
-        return torch.cat([h1, h2], self.dim), stream
+                anchors[i] = stream()
+            for k, branch in ((0, block.f), (1, block.g)):
+                f = branch(h[1 - k].contiguous())
+                h[k], values[k] = _plain_add(h[k], values[k], f, grid, k)
+                if grid is not None:
+                    over = grid.outgrown((values[k] if values[k] is not None else h[k]).detach(), k)
+                    outgrown[k] = over if outgrown[k] is None else outgrown[k] | over
+        output = torch.cat(h, dim)
+        exit = output.detach() if values[0] is None else stream()
+        return Coupled(output, exit, entry, grid), outgrown
 
-    def forward_plain(self, x):
-        return self.couple(x)[0]
-
-    def inverse(self, y, dtype: torch.dtype | None = None, anchors: dict | None = None):
-        """The stage input rebuilt from the coupled stream `y` (the blocks run backwards),
-        restarting from `anchors` (see `couple`) where the backward would."""
-        dtype = dtype or y.dtype
-        anchors = anchors or {}
-        y1, y2 = y.chunk(2, self.dim)
+    def inverse(self, coupled: Coupled, anchors: dict | None = None) -> torch.Tensor:
+        """The stage input (as its blocks saw it) rebuilt from `coupled.stream` by running the
+        blocks backwards, restarting from `anchors` (see `couple`) where the backward would."""
+        anchors, grid = anchors or {}, coupled.grid
+        dtype = coupled.output.dtype
+        y1, y2 = coupled.stream.chunk(2, self.dim)
         for i in reversed(range(len(self.blocks))):
             block = self.blocks[i]
-            y2 = y2 - block.g(y1.to(dtype))
-            y1 = y1 - block.f(y2.to(dtype))
+            g = block.g(y1.to(dtype).contiguous())
+            y2 = y2 - (grid.snap(g, 1) if grid is not None else g)
+            f = block.f(y2.to(dtype).contiguous())
+            y1 = y1 - (grid.snap(f, 0) if grid is not None else f)
             if i in anchors:
-                y1, y2 = anchors[i].to(y.dtype).chunk(2, self.dim)
+                y1, y2 = anchors[i].to(y1.dtype).chunk(2, self.dim)
         return torch.cat([y1, y2], self.dim)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plain_add(h, v, f, grid, half):
+    """One coupling add with autograd: native, on the grid, or on a float32 grid beside 16-bit
+    activations (h the activation-dtype value carrying the gradient, v the exact value)."""
+    if grid is None:
+        return h + f, None
+    if v is None:
+        return h + _Snap.apply(f, grid, half), None
+    return _ExactAdd.apply(h, v, f, grid, half)
 
 
 # Under torch.compile the reversible stage runs eagerly between compiled graphs: its backward
@@ -153,31 +330,70 @@ def _refuse_fsdp_inside(stage: ReversibleStage) -> None:
 def _branch_input(half: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A stream half as F or G sees it: in the activation dtype and contiguous in every path
     (forward, recompute, plain autograd), so kernels such as BatchNorm's take the same path
-    and round alike: a channel half of NCHW is a strided view."""
+    and round alike. The stream's own halves already are: then this is the half itself."""
     return half.to(dtype).contiguous()
 
 
-def _rebuild_stream(hi, lo, dtype):
-    """The stream as a fresh tensor (the backward updates it in place)."""
-    stream = hi.to(dtype, copy=True)
-    if lo is not None:
-        stream += lo
-    return stream
+def _own_halves(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
+    """The two halves of `t` as fresh contiguous tensors the stage may update in place."""
+    return [h.clone(memory_format=torch.contiguous_format) for h in t.chunk(2, dim)]
 
 
-def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device):
-    """Run fn on a stream value once with autograd and backpropagate grad_out through it.
+def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebuild):
+    """Run fn on a stream value once with autograd, hand its value to `rebuild` (which rebuilds
+    the other stream half from it) and backpropagate grad_out through it.
 
-    Returns fn's value (used to rebuild the other half) and the gradients with respect to fn's
-    input and to `params`. Only the recomputation re-enters the forward's autocast state; the
-    backward through it runs outside autocast, as `loss.backward()` does.
+    Returns the gradients with respect to fn's input and to `params`. Only the recomputation
+    re-enters the forward's autocast state; the backward through it runs outside autocast, as
+    `loss.backward()` does. When fn's last op does not read its own output in the backward (a
+    norm, a conv, an add), `rebuild` may use the value as scratch. Either way the backward
+    starts from a stand-in (`_Seed`), so nothing but fn's own backward keeps the value alive.
     """
     with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast):
         inp = _branch_input(stream, dtype).detach().requires_grad_(True)
         out = fn(inp)
-    grads = torch.autograd.grad(out, [inp, *params], grad_out.to(out.dtype), allow_unused=True)
+        seed = _Seed.apply(out, grad_out.to(out.dtype))
+    scratch = _output_unread(out, stream)
+    rebuild(out.detach() if scratch else _scratch(out.detach(), stream), scratch)
+    del out
+    grads = torch.autograd.grad(seed, [inp, *params], allow_unused=True)
     d_inp = grads[0] if grads[0] is not None else torch.zeros_like(inp)
-    return out.detach(), d_inp, grads[1:]
+    return d_inp, grads[1:]
+
+
+class _Seed(torch.autograd.Function):
+    """A scalar standing for `out` as the root of a backward, which hands `out` the gradient
+    `grad`: the backward can start after `out` itself has been released."""
+
+    @staticmethod
+    def forward(ctx, out, grad):
+        ctx.grad = grad
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grad, ctx.grad = ctx.grad, None
+        return grad, None
+
+
+def _output_unread(out: torch.Tensor, branch_input: torch.Tensor) -> bool:
+    """Whether `out` is a tensor of its own that no backward reads: its op (one of torch's own
+    nodes) keeps no `_saved_result`, and it is neither a view nor the branch input."""
+    node = out.grad_fn
+    return (node is not None and out._base is None and not _shares(out, branch_input)
+            and not isinstance(node, torch.autograd.function.BackwardCFunction)
+            and not hasattr(type(node), "_saved_result"))
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors share memory (the same storage; fake tensors too)."""
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+def _scratch(value: torch.Tensor, branch_input: torch.Tensor) -> torch.Tensor:
+    """A branch output the stage may overwrite: a copy if it shares memory with the stream
+    (an identity branch, a view of its input)."""
+    return value.clone() if _shares(value, branch_input) else value
 
 
 class _ReversibleStageFunction(torch.autograd.Function):
@@ -191,77 +407,108 @@ class _ReversibleStageFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stage: ReversibleStage, x, *params):
-        device, dtype = x.device, x.dtype
-        ctx.stage, ctx.dtype = stage, dtype
-        ctx.autocast = capture_autocast(device)
-        ctx.rng, ctx.anchors = [], {}
-        x1, x2 = x.to(stream_dtype(dtype, device, stage.exact)).chunk(2, stage.dim)
-        for i, block in enumerate(stage.blocks):
-            if stage.anchored(i):  # x1, x2 are rebound below, never changed: no copy needed
-                ctx.anchors[i] = (x1, x2)
-            rng_f = capture_rng(device) if block.training else None
-            x1 = x1 + block.f(_branch_input(x2, dtype))  # a float64 stream absorbs it exactly
-            rng_g = capture_rng(device) if block.training else None
-            x2 = x2 + block.g(_branch_input(x1, dtype))
-            ctx.rng.append((rng_f, rng_g))
-        y = torch.cat([x1, x2], stage.dim)
-        del x1, x2
-        hi = y.to(dtype)
-        lo = (y - hi).to(_remainder_dtype(dtype)) if y.dtype != dtype else None
-        ctx.state = [hi.detach(), lo]
+        ctx.stage, ctx.dtype = stage, x.dtype
+        ctx.autocast = capture_autocast(x.device)
+        for grid, context in stage._attempts(x):
+            with context:
+                x1, x2, outgrown = _forward_once(ctx, stage, x, grid)
+            if not stage.widen(grid, outgrown):
+                break
+        ctx.grid = grid
+        hi = torch.cat([x1, x2], stage.dim).to(x.dtype)
+        # On a float32 (or float64) grid the output is the stream itself; beside 16-bit
+        # activations the float32 stream is kept too (6 bytes a value, as a float32 stream).
+        ctx.state = [hi.detach(), None if x1.dtype == x.dtype else (x1, x2)]
         ctx.version = hi._version
-        ctx.stream_dtype = y.dtype
         return hi
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        stage, dim, dtype = ctx.stage, ctx.stage.dim, ctx.dtype
+        stage, dim, dtype, grid = ctx.stage, ctx.stage.dim, ctx.dtype, ctx.grid
         if ctx.state is None:
             raise RuntimeError("revify: a reversible stage's backward ran twice; the stage output "
                                "it rebuilds from is released after the first backward.")
-        hi, lo = ctx.state
+        hi, halves = ctx.state
         ctx.state = None
         if hi._version != ctx.version:
             raise RuntimeError("revify: the output of a reversible stage was modified in place "
                                "before the backward; the stage rebuilds its activations from it.")
         device = hi.device
-        # The stream is our own buffer, updated in place: its halves become each block's input
-        # in turn. Gradients are summed out of place, as the autograd engine sums them: kernels
-        # take other paths for strided and contiguous gradients, and the reversible backward is
-        # meant to match plain autograd to the last bit.
-        y1, y2 = _rebuild_stream(hi, lo, ctx.stream_dtype).chunk(2, dim)
-        del hi, lo
+        # The stream is our own pair of buffers, updated in place: its halves become each
+        # block's input in turn. Gradients are summed out of place, as the autograd engine sums
+        # them: kernels take other paths for strided and contiguous gradients, and the
+        # reversible backward is meant to match plain autograd to the last bit.
+        y1, y2 = halves if halves is not None else _own_halves(hi, dim)
+        del hi, halves
         dy1, dy2 = dy.chunk(2, dim)
         del dy
         params = list(stage.parameters())
         trainable = {id(p) for p, need in zip(params, ctx.needs_input_grad[2:]) if need}
         grads: dict[int, torch.Tensor] = {}
 
-        def backprop(fn, stream, grad_out, rng):
+        def backprop(fn, stream, grad_out, rng, other, half):
+            """The gradient reaching `stream` through fn, accumulating parameter gradients;
+            on the way, fn's value rebuilds the `other` stream half (x2 from G(y1), x1 from F)."""
             fn_params = [p for p in fn.parameters() if id(p) in trainable]
-            value, d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng,
-                                                ctx.autocast, device)
+            rebuild = lambda value, scratch: _subtract(other, value, grid, half, scratch)
+            d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng,
+                                         ctx.autocast, device, rebuild)
             for p, g in zip(fn_params, d_params):
                 if g is not None:
                     grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
-            return value, d_inp
+            return d_inp
 
         with frozen_buffers(stage):
             for i in reversed(range(len(stage.blocks))):
                 block, (rng_f, rng_g) = stage.blocks[i], ctx.rng[i]
-                g_y1, d_y1 = backprop(block.g, y1, dy2, rng_g)
-                y2 -= g_y1                           # x2, rebuilt
+                d_y1 = backprop(block.g, y1, dy2, rng_g, y2, 1)  # rebuilds x2 in y2
                 dy1 = dy1 + d_y1                     # total gradient reaching y1
-                del g_y1, d_y1
-                f_x2, d_x2 = backprop(block.f, y2, dy1, rng_f)
-                y1 -= f_x2                           # x1, rebuilt
+                del d_y1
+                d_x2 = backprop(block.f, y2, dy1, rng_f, y1, 0)  # rebuilds x1 in y1
                 dy2 = dy2 + d_x2                     # gradient reaching x2
-                del f_x2, d_x2
+                del d_x2
                 if i in ctx.anchors:                 # drop the drift: restart from the anchor
                     a1, a2 = ctx.anchors.pop(i)
                     y1.copy_(a1), y2.copy_(a2)
         del y1, y2
         dx = torch.cat([dy1, dy2], dim) if ctx.needs_input_grad[1] else None
-        ctx.rng = ctx.anchors = None
+        ctx.rng = ctx.anchors = ctx.grid = None
         return (None, dx, *[grads.get(id(p)) for p in params])
+
+
+def _subtract(stream, value, grid, half, scratch=True):
+    """stream -= value, as the forward added it (snapped onto the grid when exact)."""
+    if grid is None:
+        stream -= value
+    else:
+        grid.add_snapped(stream, value, half, sign=-1, scratch=scratch)
+
+
+def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
+    """The stage's blocks without autograd, the stream updated in place; returns its halves
+    and, per half, the channels that outgrew the grid (None: nothing to check)."""
+    dtype, device = x.dtype, x.device
+    ctx.rng, ctx.anchors = [], {}
+    if grid is None:
+        stream = _own_halves(x, stage.dim)
+    else:
+        sdt = stream_dtype(dtype, True)
+        stream = [grid.snap(h.to(sdt), k) for k, h in enumerate(x.chunk(2, stage.dim))]
+    outgrown = [None, None]
+    for i, block in enumerate(stage.blocks):
+        if stage.anchored(i):
+            ctx.anchors[i] = tuple(h.clone() for h in stream)
+        rngs = []
+        for k, branch in ((0, block.f), (1, block.g)):
+            rngs.append(capture_rng(device) if block.training else None)
+            f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
+            if grid is None:
+                stream[k] += f
+            else:
+                grid.add_snapped(stream[k], f, k)
+            if grid is not None and _data_dependent_ok(stream[k]):
+                over = grid.outgrown(stream[k], k)
+                outgrown[k] = over if outgrown[k] is None else outgrown[k].logical_or_(over)
+        ctx.rng.append(tuple(rngs))
+    return stream[0], stream[1], outgrown

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from .blocks import module_path
 from .checkpoint import Checkpointed
+from .lean import LeanPlan, apply_lean
 from .plan import BlockPlan, Plan, StagePlan
 from .channels import inner_key
 from .resize import carry_over, rebuild
@@ -150,14 +151,21 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
     return branch
 
 
+def _lean_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.GraphModule:
+    branch = build_branch(gm, bp, stream_offset)
+    if bp.lean:
+        apply_lean(branch, bp.lean, _nest)
+    return branch
+
+
 def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     block_plans = [plan.block(name) for name in stage.blocks]
     half = stage.channels // 2
-    couplings = [CouplingBlock(build_branch(gm, plan.block(f), 0), build_branch(gm, plan.block(g), half))
+    couplings = [CouplingBlock(_lean_branch(gm, plan.block(f), 0), _lean_branch(gm, plan.block(g), half))
                  for f, g in stage.couplings]
     module = ReversibleStage(couplings, stage.dim, plan.options.reconstruction == "exact",
-                             stage.anchor_every)
+                             stage.anchor_every, stage.channels)
     _check_shape(module, nodes[stage.entry].meta["shape"], stage.name)
     attr = _unit_name(gm, stage.name)
     gm.add_submodule(attr, module)
@@ -191,8 +199,10 @@ def _check_shape(stage: ReversibleStage, shape: tuple[int, ...], name: str) -> N
                            f"{tuple(shape)}); please report this model.")
 
 
-def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:
-    """Move a contiguous run of nodes into a submodule and call it (wrapped) in their place."""
+def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap, lean: LeanPlan | None = None,
+             attr: str | None = None) -> None:
+    """Move a contiguous run of nodes into a submodule and call it (wrapped) in their place;
+    `lean` is what its recompute does differently (its nested layers are outlined likewise)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     members = [nodes[n] for n in names]
     inside = set(members)
@@ -207,7 +217,9 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:
     for i in inputs:  # checkpointing stores the inputs: nothing inside may overwrite them
         _protect(module, env[i])
     module.recompile()
-    attr = _unit_name(gm, label)
+    if lean:
+        apply_lean(module, lean, _nest)
+    attr = attr or _unit_name(gm, label)
     gm.add_submodule(attr, wrap(module))
     with gm.graph.inserting_after(members[-1]):
         call = gm.graph.call_module(attr, tuple(inputs))
@@ -221,12 +233,20 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap) -> None:
         gm.graph.erase_node(node)
 
 
+def _nest(gm: fx.GraphModule, names: list[str], label: str) -> None:
+    """A layer of a unit checkpointed once more inside it (see revify.lean); its modules stay
+    registered in the unit, under the names they had."""
+    taken = {name for name, _ in gm.named_children()}
+    _outline(gm, names, label, lambda region: Checkpointed(region, owned=False),
+             attr=_readable(label, taken))
+
+
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     """Execute `plan` on `gm` (whose graph is consumed) and return the rewritten module."""
     for stage in plan.stages:
         _replace_stage(gm, plan, stage)
     for segment in plan.segments:
         if segment.action == "checkpointed":
-            _outline(gm, segment.nodes, segment.name, Checkpointed)
+            _outline(gm, segment.nodes, segment.name, Checkpointed, segment.lean)
     gm.graph.lint()
     return _finalize(gm)

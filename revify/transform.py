@@ -50,7 +50,7 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
               checkpoint: Literal["non_invertible", "none"] = "non_invertible",
               reversible: bool = True, reconstruction: Literal["exact", "native"] = "exact",
               anchor_every: int | dict[str, int] | None = None,
-              segments: int | Literal["sqrt"] | None = None,
+              segments: int | Literal["sqrt"] | None = None, lean: bool = True,
               leaf_modules: Iterable[type | str] = ()) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
 
@@ -64,16 +64,19 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     segments: with reversible=False, checkpoint the units (stem, blocks, head) in this many
         contiguous groups instead, the last one stored ("sqrt": sqrt(n) groups, the
         `checkpoint_sequential` baseline).
-    reconstruction: "exact" carries the coupled stream in float64, so the backward rebuilds every
-        activation to the bit; "native" keeps it in the activation dtype: less memory and time,
-        but reconstruction error grows with depth (see README).
+    reconstruction: "exact" keeps the coupled stream on a fixed-point grid (revify.reversible), so
+        the backward rebuilds every activation to the bit; "native" adds in plain floating
+        point: reconstruction error then grows with depth (see README).
     anchor_every: keep the stream at every k-th block input of each reversible stage (or
         {stage name: k}); the backward restarts from it there, so native reconstruction never
         drifts over more than k blocks. Costs one stored activation per anchor.
+    lean: recompute checkpointed units leanly (revify.lean: cheap expanding layers recomputed
+        once more, in-place adds, masked ReLUs); False is plain per-unit checkpointing.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
-                      reconstruction=reconstruction, anchor_every=anchor_every, segments=segments)
+                      reconstruction=reconstruction, anchor_every=anchor_every, segments=segments,
+                      lean=lean)
     leaf_modules = list(leaf_modules)
     example_inputs = _example_inputs(model, example_inputs, input_size)
     gm = trace(model, leaf_modules, len(example_inputs))
@@ -102,7 +105,7 @@ def _recipe(model: nn.Module, example_inputs: tuple, options: Options, leaf_modu
         "transform": {"width": options.width, "checkpoint": options.checkpoint,
                       "reversible": options.reversible, "reconstruction": options.reconstruction,
                       "anchor_every": options.anchor_every, "segments": options.segments,
-                      "leaf_modules": leaf_names},
+                      "lean": options.lean, "leaf_modules": leaf_names},
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                    if isinstance(t, torch.Tensor) else None for t in example_inputs],
     }

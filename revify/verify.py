@@ -135,10 +135,11 @@ def reconstruction_errors(model: nn.Module, x: torch.Tensor) -> dict[str, float]
     for name, stage_input in _stage_inputs(model, x).items():
         stage, anchors = stages[name], {}
         with torch.no_grad():
-            out, stream = stage.couple(stage_input, anchors)
-            rebuilt = stage.inverse(stream if stream is not None else out, stage_input.dtype, anchors)
-        errors[_short(name)] = ((rebuilt.double() - stage_input.double()).abs().max()
-                                / stage_input.double().abs().max().clamp_min(1e-30)).item()
+            coupled = stage.couple(stage_input, anchors, record=True)
+            rebuilt = stage.inverse(coupled, anchors)
+        entry = coupled.entry.double()
+        errors[_short(name)] = ((rebuilt.double() - entry).abs().max()
+                                / entry.abs().max().clamp_min(1e-30)).item()
     return errors
 
 

@@ -75,7 +75,10 @@ def test_reversible_stage_keeps_no_saved_tensors():
     assert seen
 
 
-def test_native_reconstruction_trades_exactness_for_memory():
+def test_exact_reconstruction_costs_no_memory_over_native():
+    """The stream on a float32 grid is rebuilt to the bit with nothing stored beside the stage
+    output (no wider dtype, no remainder): exact holds what native holds after the forward,
+    peaks within a few small per-channel tensors of it, and only native drifts."""
     from conftest import step_grads, worst_rel_err
     torch.manual_seed(0)
     model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=10).train()
@@ -84,8 +87,11 @@ def test_native_reconstruction_trades_exactness_for_memory():
     native = revify.transform(model, input_size=(3, 64, 64), reconstruction="native").train()
     assert "native reconstruction" in str(native.revify_plan)
     native_step, exact_step = measure_step(native, x, y), measure_step(exact, x, y)
-    assert native_step.activation_bytes < 0.75 * exact_step.activation_bytes  # no float64 remainder
-    assert native_step.peak_activation_bytes <= exact_step.peak_activation_bytes
+    grid_bytes = 4 * 4 * sum(s.headroom.numel() for s in exact.modules()
+                             if isinstance(s, revify.ReversibleStage))  # steps and limits
+    assert exact_step.activation_bytes <= native_step.activation_bytes + grid_bytes
+    assert exact_step.peak_activation_bytes <= native_step.peak_activation_bytes + 2 * grid_bytes
+    assert worst_rel_err(step_grads(exact, x, y), step_grads(exact, x, y, exact=True))[0] == 0.0
     err, _ = worst_rel_err(step_grads(native, x, y), step_grads(native, x, y, exact=True))
     assert 0 < err < 1e-3  # float32 reconstruction drifts, a little, with depth
 

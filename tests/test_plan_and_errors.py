@@ -290,10 +290,37 @@ def test_stage_inverse_rebuilds_the_input_exactly():
     stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
     x = torch.randn(4, 8, 16, 16)
     with torch.no_grad():
-        assert torch.equal(stage.inverse(stage.couple(x)[1], x.dtype).to(x.dtype), x)
-        stage.exact = False  # the same coupling carried in float32 drifts
-        drift = (stage.inverse(stage.couple(x)[0]) - x).abs().max().item()
-    assert 0 < drift < 1e-3
+        coupled = stage.couple(x, record=True)
+        assert torch.equal(stage.inverse(coupled), coupled.entry)
+        # the entry is the input on the grid: 2^-20 of each channel's magnitude at most away
+        size = x.abs().amax((0, 2, 3), keepdim=True)
+        assert 0 < ((coupled.entry - x).abs() / size).max() <= 2.0 ** -20
+        stage.exact = False  # the same coupling in plain float32 drifts
+        coupled = stage.couple(x, record=True)
+        drift = (stage.inverse(coupled) - x).abs().max().item()
+    assert torch.equal(coupled.entry, x) and 0 < drift < 1e-3
+
+
+def test_a_stream_that_outgrows_its_grid_widens_it_and_stays_exact(data):
+    """Branch outputs far larger than the stage input overflow the first grid: the stage notices,
+    gives those channels more headroom and runs its forward again, with the same dropout masks
+    and BatchNorm counted once; the backward stays exact."""
+    torch.manual_seed(0)
+    model = TinyResNet(depth=4, dropout=0.2)
+    for block in model.modules():  # the last norm of every branch: outputs 100 times larger
+        if isinstance(block, Block):
+            nn.init.constant_(block.bn2.weight, 100.0)
+    rev = revify.transform(model, input_size=(3, 16, 16)).train()
+    stages = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    x, y = data
+    # step_grads restores every buffer afterwards: both paths start from the first grid
+    got, ref = step_grads(rev, x, y), step_grads(rev, x, y, exact=True)
+    assert worst_rel_err(got, ref)[0] == 0.0
+    before = {n: b.clone() for n, b in rev.named_buffers()}
+    F.cross_entropy(rev(x.requires_grad_()), y).backward()
+    assert all(int(s.headroom.max()) > revify.reversible.HEADROOM_BITS for s in stages)
+    counts = [n for n in before if n.endswith("num_batches_tracked")]
+    assert all(int(dict(rev.named_buffers())[n] - before[n]) == 1 for n in counts)
 
 
 class TokenMLP(nn.Module):
