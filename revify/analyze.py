@@ -18,6 +18,7 @@ the same allocations in the same order at both sizes, which is checked.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -150,6 +151,22 @@ class StageCost:
 
 
 @dataclass
+class Floor:
+    """The floor of revify's design for one step (bytes, the input batch left out): what must
+    be held between forward and backward (stage outputs, inputs of checkpointed units), plus
+    the working set of the one block whose plain recompute keeps the most and that block's
+    output gradient. Recomputing that block leanly (revify.lean) can go below it."""
+    boundary_bytes: int
+    block: str
+    working_bytes: int
+    grad_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.boundary_bytes + self.working_bytes + self.grad_bytes
+
+
+@dataclass
 class Analysis:
     """What `analyze` found: per strategy, per unit, and (with a budget) what fits.
 
@@ -194,6 +211,16 @@ class Analysis:
                          "params_per_block": stage.params // stage.blocks, "bytes_per_block": cost,
                          "extra_blocks": max(headroom, 0) // cost if cost else None})
         return rows
+
+    def floor(self) -> Floor:
+        """The design floor of `Floor`, from this analysis' units."""
+        itemsize = DTYPES[self.dtype].itemsize
+        batch_bytes = self.batch_size * math.prod(self.input_size) * itemsize
+        blocks = [b for u in self.units for b in (u.blocks or [u]) if u.kind != "other"]
+        worst = max(blocks, key=lambda b: b.activation_bytes["original"])
+        return Floor(self.strategies["revify"].activation_bytes - batch_bytes, worst.name,
+                     worst.activation_bytes["original"],
+                     self.batch_size * math.prod(worst.shape) * itemsize)
 
     def shares(self) -> dict[str, dict]:
         out = {}
@@ -399,8 +426,8 @@ def _net_labels(rev: nn.Module, report_plan) -> dict[str, tuple]:
 def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, report_plan) -> list:
     """Hooks that tell the tracker which unit (and which block of a stage) is running.
 
-    They fire again when the backward re-runs a unit, so the FLOPs counted under a label after
-    the forward are exactly its recomputation. Pre-hooks push the label and post-hooks restore
+    They fire again when the backward re-runs a unit (or a layer nested in it), so the FLOPs
+    counted under a label after the forward are exactly its recomputation. Pre-hooks push the label and post-hooks restore
     the previous one, also when a checkpoint stops its recomputation early by raising.
     """
     previous = []
@@ -423,6 +450,9 @@ def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, repor
         watched = [(unit.module, (row, block))] if isinstance(unit, Checkpointed) else [
             (fn, (row, name)) for name, coupling in zip(report_plan.segments[row].blocks, unit.blocks)
             for fn in (coupling.f, coupling.g)]
+        # a layer checkpointed inside a unit (revify.lean) reruns later, in the unit's backward
+        watched += [(inner.module, label) for module, label in watched
+                    for inner in module.modules() if isinstance(inner, Checkpointed)]
         for module, label in watched:
             handles.append(module.register_forward_pre_hook(enter(label)))
             handles.append(module.register_forward_hook(leave, always_call=True))
@@ -512,7 +542,7 @@ def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, cu
     input_size = _check(input_size, batch_size, optimizer)
     dtype, memory = parse_dtype(dtype), _default_budget(memory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = strategies(model, input_size, **(options or {}))
+    models = strategies(model, input_size, STRATEGIES, **(options or {}))
     report_plan = models["revify"].revify_plan
     prepared = _prepare(models, device, dtype)
 

@@ -1,21 +1,39 @@
 """Side-by-side measurement of one training step: original, per-block checkpointing, revify.
 
-Memory comes from `revify.memory.measure_step`: exact live-tensor accounting on CPU, the
-caching allocator on CUDA; time is the median of timed steps, the strategies interleaved so that machine noise hits
-all of them alike. Everything is reported as ratios to the original as well.
+Besides revify's own checkpointing baselines, the alternatives users know: timm's
+`set_grad_checkpointing` and torch.compile with an activation memory budget.
+
+Memory comes from `revify.memory`: exact live-tensor accounting on CPU (the CPU allocator's
+profiled records for compiled rows, whose kernels allocate out of the tracker's sight), the
+caching allocator on CUDA; time is the median of timed steps, the strategies interleaved so
+that machine noise hits all of them alike. Everything is reported as ratios to the original
+as well.
 """
 from __future__ import annotations
 
+import copy
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from .memory import measure_step
+from .blocks import find_blocks, module_path
+from .memory import measure_step, measure_step_profiled
+from .trace import trace
 from .transform import transform
+
+# torch.compile rows: name -> the min-cut partitioner's activation_memory_budget, the fraction
+# of the activations it would save that it may keep (1: all of them; 0: recompute what it can).
+COMPILE_BUDGETS = {"compile-budget-0.5": 0.5, "compile-budget-0": 0.0}
+COMPILE_BACKEND = "inductor"  # torch.compile's default
+
+# How a row's memory is measured on CPU (its `memory_method`; CUDA: the caching allocator).
+MEASURES = {"live tensors": measure_step, "allocator profile": measure_step_profiled}
 
 
 @dataclass
@@ -26,30 +44,164 @@ class BenchResult:
     peak_bytes: int
     activation_bytes: int
     params: int
+    memory_method: str = "live tensors"
+    compile_seconds: float | None = None   # compiled rows: the first step, never a timed one
+    graphs: int | None = None              # compiled rows: graphs compiled (>1: graph breaks)
 
 
-def strategies(model: nn.Module, input_size, native: bool = False, sequential: bool = False,
+def _note(text: str) -> None:
+    print(f"revify bench: {text}", file=sys.stderr)
+
+
+def _revify(**overrides):
+    return lambda model, example, options: transform(model, example, **(options | overrides))
+
+
+def _baseline(**how):
+    """revify's own checkpointing of the unchanged model: it shares only the leaf modules (the
+    other options concern reversible stages), and recomputes plainly (lean=False)."""
+    return lambda model, example, options: transform(
+        model, example, leaf_modules=options.get("leaf_modules", ()), reversible=False,
+        lean=False, **how)
+
+
+# Row name -> how the row's model is built from the original, the example input and revify's
+# options. `strategies` builds the rows asked for, in this order.
+ROWS = {
+    "original": lambda model, example, options: model,
+    # every unit checkpointed one by one, stem and head included
+    "checkpoint": _baseline(),
+    # timm's set_grad_checkpointing: the blocks checkpointed, stem and head stored
+    "checkpoint-timm": lambda model, example, options: timm_checkpointing(
+        model, options.get("leaf_modules", ())),
+    # checkpoint_sequential's sqrt(n) groups, the last stored
+    "checkpoint-sqrt": _baseline(segments="sqrt"),
+    "revify": _revify(),
+    # the RevNet paper's choice: the non-invertible layers stored, not recomputed
+    "revify-stored": _revify(checkpoint="none"),
+    "revify-native": _revify(reconstruction="native"),
+    **{name: (lambda model, example, options, budget=budget: Compiled(model, budget, COMPILE_BACKEND))
+       for name, budget in COMPILE_BUDGETS.items()},
+}
+DEFAULT_ROWS = ("original", "checkpoint", "checkpoint-timm", "checkpoint-sqrt", "revify",
+                "revify-stored")
+
+
+def strategies(model: nn.Module, input_size, rows=DEFAULT_ROWS, note=_note,
                **options) -> dict[str, nn.Module]:
-    """The model as is, with per-block checkpointing, optionally with sqrt(n) checkpointed groups
-    of blocks (`sequential`: `checkpoint_sequential`'s scheme), and revified (optionally also
-    "native").
+    """The model under each strategy of `rows` (names of ROWS), in ROWS' order.
 
-    options: revify.transform's keyword arguments for the revified model; the checkpointing
-    baseline shares only its leaf modules (the rest concerns reversible stages).
+    options: revify.transform's keyword arguments for the revified rows; the checkpointing
+    baselines share only its leaf modules. note(text) says why a row was left out (a model
+    with no block submodule for the timm-style row).
     """
     example = torch.empty(2, *input_size)
-    baseline = {k: v for k, v in options.items() if k == "leaf_modules"}
-    models = {
-        "original": model,
-        "checkpoint": transform(model, example, **baseline, reversible=False),
-    }
-    if sequential:
-        models["checkpoint-sqrt"] = transform(model, example, **baseline, reversible=False,
-                                              segments="sqrt")
-    models["revify"] = transform(model, example, **options)
-    if native:
-        models["revify-native"] = transform(model, example, **(options | {"reconstruction": "native"}))
+    models = {}
+    for name, build in ROWS.items():
+        if name not in rows:
+            continue
+        try:
+            models[name] = build(model, example, options)
+        except NoBlockModules as exc:
+            note(f"{name} left out: {exc}")
     return models
+
+
+# ----------------------------------------------------------------------------- timm's checkpointing
+class NoBlockModules(ValueError):
+    """No residual block of the model is a submodule of its own that could be wrapped."""
+
+
+class BlockCheckpointed(nn.Module):
+    """One block under plain non-reentrant checkpointing, as timm's `checkpoint_seq` runs each
+    (its BatchNorm statistics update again in the recompute, as there)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+def timm_checkpointing(model: nn.Module, leaf_modules=()) -> nn.Module:
+    """What timm's `model.set_grad_checkpointing(True)` makes of a ResNet, on a copy: every
+    residual block checkpointed, the stem and the head stored.
+
+    A timm model does it itself. Any other model gets its blocks wrapped in BlockCheckpointed:
+    the blocks revify finds, each where it is one submodule (torchvision's `layer1.0`...).
+    """
+    model = copy.deepcopy(model)
+    if hasattr(model, "set_grad_checkpointing"):
+        try:
+            model.set_grad_checkpointing(True)
+            return model
+        except Exception:  # some timm models assert they do not support it: wrap the blocks
+            pass
+    names = _block_modules(model, leaf_modules)
+    if not names:
+        raise NoBlockModules(f"no residual block of {type(model).__name__} is a submodule of its "
+                             f"own to wrap")
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, BlockCheckpointed(model.get_submodule(name)))
+    return model
+
+
+def _block_modules(model: nn.Module, leaf_modules) -> list[str]:
+    """The submodules that hold residual blocks and nothing else (a ViT block holds two)."""
+    try:
+        gm = trace(model, leaf_modules)
+    except Exception as exc:  # a model fx cannot trace: no blocks to find
+        raise NoBlockModules(f"tracing failed ({_first_line(exc)})") from None
+    owned: dict[str, set[str]] = {}
+    for block in find_blocks(gm):
+        owned.setdefault(module_path(block.name), set()).update(block.nodes)
+    names = []
+    for name, nodes in owned.items():
+        inside = {n.name for n in gm.graph.nodes
+                  if n.op == "call_module" and n.target.startswith(name + ".")}
+        if name and inside and inside <= nodes:  # wrapping it checkpoints the blocks, no more
+            names.append(name)
+    return [n for n in names if not any(m.startswith(n + ".") for m in names)]  # innermost
+
+
+# ----------------------------------------------------------------------------- torch.compile
+class Compiled(nn.Module):
+    """A copy of `model` under torch.compile (`backend`: a name or a backend callable), the
+    min-cut rematerialization partitioner held to `budget`
+    (torch._functorch.config.activation_memory_budget).
+
+    Its backend sets the budget around every compilation it makes, recompiles included, and,
+    being a callable of its own, never shares dynamo's cached graphs with another budget's.
+    `graphs` counts the graphs compiled: more than one means graph breaks or recompiles.
+    """
+    memory_method = "allocator profile"  # compiled kernels allocate below the dispatcher
+
+    def __init__(self, model: nn.Module, budget: float, backend="inductor"):
+        super().__init__()
+        import torch._dynamo
+        import torch._functorch.config
+        self.budget, self.graphs = budget, 0
+        compile_graph = torch._dynamo.lookup_backend(backend)
+
+        def with_budget(gm, example_inputs):
+            self.graphs += 1
+            with torch._functorch.config.patch(activation_memory_budget=budget):
+                return compile_graph(gm, example_inputs)
+
+        self.net = torch.compile(copy.deepcopy(model), backend=with_budget)
+
+    def forward(self, *args):
+        return self.net(*args)
+
+
+def _first_line(exc: BaseException) -> str:
+    """What went wrong, in one line: dynamo wraps the backend's own error ("backend=... raised:")."""
+    while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
+        exc = inner
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
@@ -64,25 +216,55 @@ def _step(model, x, y):
     F.cross_entropy(model(x), y).backward()
 
 
+def _compile(models: dict[str, nn.Module], x, y, tick, note) -> dict[str, float]:
+    """Runs the first step of every Compiled model (compiling it), timed apart; a model that
+    fails to compile is dropped from `models` with one line."""
+    seconds = {}
+    for name in [n for n, m in models.items() if isinstance(m, Compiled)]:
+        tick(f"compiling {name}")
+        start = time.perf_counter()
+        try:
+            _step(models[name], x, y)
+        except Exception as exc:  # no compiler, an unsupported op: the other rows go on
+            note(f"{name} left out: torch.compile failed: {_first_line(exc)}")
+            del models[name]
+            continue
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: int = 3,
-              device: str = "cpu", progress=None) -> list[BenchResult]:
-    """progress(done, total, what) is called before each measured piece of work."""
+              device: str = "cpu", progress=None, note=_note) -> list[BenchResult]:
+    """progress(done, total, what) is called before each measured piece of work; note(text)
+    says why a row was left out (a failed compilation)."""
     torch.manual_seed(0)
     x = torch.randn(batch_size, *input_size, device=device)
     models = {k: m.to(device).train() for k, m in models.items()}
     y = torch.randint(0, _num_classes(next(iter(models.values())), x), (batch_size,), device=device)
     progress = progress or (lambda done, total, what: None)
-    total, memory = len(models) * (steps + 2), {}
+    done, compiling = 0, sum(isinstance(m, Compiled) for m in models.values())
+
+    def tick(what):
+        nonlocal done
+        progress(done, compiling + len(models) * (steps + 2), what)
+        done += 1
+
+    compile_seconds = _compile(models, x, y, tick, note)
+    compiling = len(compile_seconds)
+    memory, methods = {}, {}
     for name, model in models.items():
-        progress(len(memory), total, f"memory of {name}")
-        memory[name] = measure_step(model, x, y)
+        tick(f"memory of {name}")
+        methods[name] = getattr(model, "memory_method", "live tensors")
+        memory[name] = MEASURES[methods[name]](model, x, y)
+        if device == "cuda":
+            methods[name] = "max_memory_allocated"
     times = {name: [] for name in models}
-    for i, (name, model) in enumerate(models.items()):
-        progress(len(models) + i, total, f"warm-up of {name}")
+    for name, model in models.items():
+        tick(f"warm-up of {name}")
         _step(model, x, y)
     for i in range(steps):
-        for j, (name, model) in enumerate(models.items()):  # interleaved: noise hits all alike
-            progress(len(models) * (2 + i) + j, total, f"step {i + 1}/{steps} of {name}")
+        for name, model in models.items():  # interleaved: noise hits all alike
+            tick(f"step {i + 1}/{steps} of {name}")
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -90,10 +272,11 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
             if device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
-    progress(total, total, "done")
+    progress(done, done, "done")
     return [BenchResult(name, statistics.median(times[name]), memory[name].peak_activation_bytes,
                         memory[name].peak_bytes, memory[name].activation_bytes,
-                        sum(p.numel() for p in models[name].parameters()))
+                        sum(p.numel() for p in models[name].parameters()), methods[name],
+                        compile_seconds.get(name), getattr(models[name], "graphs", None))
             for name in models]
 
 
@@ -107,6 +290,14 @@ def format_bench(results: list[BenchResult], fmt: str = "simple") -> str:
 
     rows = [[r.name, f"{r.step_seconds:.3f}", f"{r.step_seconds / base.step_seconds:.2f}x",
              *mib_and_ratio(r.peak_activation_bytes, base.peak_activation_bytes),
-             *mib_and_ratio(r.peak_bytes, base.peak_bytes), f"{r.params:,}"] for r in results]
+             *mib_and_ratio(r.peak_bytes, base.peak_bytes), f"{r.params:,}", r.memory_method]
+            for r in results]
     return tabulate(rows, ["strategy", "step s", "time", "peak act MiB", "act vs orig",
-                           "peak MiB", "peak vs orig", "params"], tablefmt=fmt)
+                           "peak MiB", "peak vs orig", "params", "memory by"], tablefmt=fmt)
+
+
+def format_compiles(results: list[BenchResult]) -> list[str]:
+    """One line per compiled row: its compile time and graph count."""
+    return [f"{r.name}: compiled {r.graphs} graph{'s' * (r.graphs != 1)} in "
+            f"{r.compile_seconds:.1f} s (its first step; never a timed one)"
+            for r in results if r.compile_seconds is not None]

@@ -71,7 +71,8 @@ def _add_transform_options(p) -> None:
     g.add_argument("--no-reversible", dest="reversible", action="store_false",
                    help="checkpoint every block instead (the per-block checkpointing baseline)")
     g.add_argument("--reconstruction", choices=["exact", "native"], default=None,
-                   help="stream in float64, rebuilt to the bit (default), or in the activation dtype")
+                   help="stream on a fixed-point grid, rebuilt to the bit (default), or in plain "
+                        "floating point (drifts with depth)")
     g.add_argument("--anchor-every", type=_positive_int, default=None, metavar="K",
                    help="keep the stream at every K-th block of each stage: bounds native drift")
     g.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
@@ -229,15 +230,17 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_bench, run_bench, strategies
+    from .bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles, run_bench,
+                        strategies)
     _positive_ints([args.batch_size, args.steps], "--batch-size and --steps")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
     source = _source(args)
-    models = strategies(source.model, source.input_size, native=args.native, sequential=True,
-                        **source.options)
+    rows = DEFAULT_ROWS + (("revify-native",) if args.native else ()) + \
+        (tuple(COMPILE_BUDGETS) if args.compile else ())
+    models = strategies(source.model, source.input_size, rows, **source.options)
     if source.payload is not None:  # the file's own weights for the revified row
         models["revify"] = source.revified()
     print(f"{source.name}: batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}, "
@@ -248,7 +251,11 @@ def cmd_bench(args) -> int:
     print("\npeak act: peak of all tensors a training step allocates except parameter gradients "
           "(exact live-storage accounting; not measurable on CUDA, where the allocator's peak "
           "includes gradients: '-'); peak: the same with gradients (max_memory_allocated on "
-          "CUDA); time: median step")
+          "CUDA); time: median step; memory by: live tensors (a dispatch mode), allocator "
+          "profile (the CPU allocator's profiled allocations and frees, for compiled code, which "
+          "allocates out of the dispatch mode's sight; kernel workspaces left out as there)")
+    for line in format_compiles(results):
+        print(line)
     return 0
 
 
@@ -369,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--native", action="store_true",
                    help="also measure reconstruction='native' (stream in the activation dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure torch.compile (inductor) of the original with "
+                        "activation_memory_budget 0.5 and 0 (slow on CPU: a minute or more each)")
     p.set_defaults(run=cmd_bench)
     p = _one_line_errors(sub.add_parser(
         "drift", help="reconstruction and gradient error against stage depth, per mode",

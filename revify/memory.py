@@ -4,10 +4,17 @@ A TorchDispatchMode sees every op's outputs; a storage is counted once (views sh
 released when its Python object dies (PyTorch keeps one Python object per live storage). This
 measures what a training step holds, independent of allocator caching, RSS or timing, and works
 on any device. On CUDA, `torch.cuda.max_memory_allocated` is the figure to compare with.
+
+Compiled code allocates its buffers below the dispatcher, out of the mode's sight:
+`measure_step_profiled` reads the CPU allocator's own records instead (the profiler's memory
+events), just as exact, and agrees with the tracker on eager models.
 """
 from __future__ import annotations
 
+import os
+import re
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,13 +86,17 @@ class LiveTensorTracker(TorchDispatchMode):
     def peak_without(self, tensors) -> int:
         """The peak had the given (still live) tensors' storages never been counted."""
         keys = {t.untyped_storage()._cdata for t in tensors if t is not None}
-        skip = {self.live[k][0] for k in keys if k in self.live}
-        current = peak = 0
-        for key, delta in self.events:
-            if key not in skip:
-                current += delta
-                peak = max(peak, current)
-        return peak
+        return _peak(self.events, skip={self.live[k][0] for k in keys if k in self.live})
+
+
+def _peak(events: list[tuple[int, int]], skip=frozenset()) -> int:
+    """The peak of a (birth id, +bytes / -bytes) timeline, the births in `skip` left out."""
+    current = peak = 0
+    for key, delta in events:
+        if key not in skip:
+            current += delta
+            peak = max(peak, current)
+    return peak
 
 
 @dataclass
@@ -135,3 +146,82 @@ def _measure_step_cuda(model, inputs, target, loss_fn) -> StepMemory:
 
 def _nbytes(tensors) -> int:
     return sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def measure_step_profiled(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor,
+                          loss_fn=torch.nn.functional.cross_entropy) -> StepMemory:
+    """`measure_step` from the CPU allocator's records: sees compiled kernels' buffers too.
+
+    The profiler (profile_memory=True) reports every allocation and free of the c10 CPU
+    allocator with its address. Blocks from before the step (parameters, the batch) are never
+    reported allocated, so their frees are ignored; parameter gradients are the blocks still
+    live at the end at the addresses of the final `p.grad` storages. A block an op allocates and
+    frees before it returns (a kernel's workspace) is left out: the tracker sees tensors, not
+    workspaces, and a compiled graph's extern kernels (convolutions) keep theirs just the same.
+    What the profiler sees and the tracker does not: storages made without an op, such as the
+    RNG states checkpointing keeps. CUDA: as `measure_step`.
+    """
+    if inputs.device.type == "cuda":
+        return _measure_step_cuda(model, inputs, target, loss_fn)
+    model.zero_grad(set_to_none=True)
+    # Two sessions: their boundary is the end of the forward, with no clock to compare.
+    with _cpu_allocations() as forward:
+        loss = loss_fn(model(inputs), target)
+    with _cpu_allocations() as backward:
+        loss.backward()
+        del loss
+    live: dict[int, tuple[int, int | None]] = {}  # address -> (birth id, op that allocated it)
+    events: list[tuple[int, int]] = []            # as LiveTensorTracker.events
+    workspaces, held = set(), 0
+    for i, (ptr, nbytes, op) in enumerate(forward + backward):
+        if nbytes > 0:
+            live[ptr] = (len(events), op)
+            events.append((len(events), nbytes))
+        elif ptr in live:
+            birth, born_in = live.pop(ptr)
+            events.append((birth, nbytes))
+            if op is not None and op == born_in:
+                workspaces.add(birth)
+        if i == len(forward) - 1:
+            held = sum(delta for _, delta in events)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    ptrs = {g.untyped_storage().data_ptr() for g in grads}
+    skip = workspaces | {birth for ptr, (birth, _) in live.items() if ptr in ptrs}
+    return StepMemory(peak_bytes=_peak(events, workspaces), peak_activation_bytes=_peak(events, skip),
+                      activation_bytes=held, grad_bytes=_nbytes(grads))
+
+
+_OPERATOR = re.compile(r"[A-Za-z_]\w*::[A-Za-z_]\w*$")
+
+
+@contextmanager
+def _cpu_allocations():
+    """Yields a list that gets (address, +bytes / -bytes, op) for every CPU allocation and free,
+    in order, once the block ends; op: the outermost operator call it happened in, or None.
+
+    Operators are the events named `namespace::name` (aten::convolution_backward); the profiler
+    gives the same scope to annotations around them ("autograd::engine::evaluate_function: ...",
+    "## Call CompiledFxGraph ... ##"), which enclose whole backward nodes and compiled graphs.
+    """
+    from torch._C._profiler import RecordScope, _EventType
+    from torch.profiler import ProfilerActivity, profile
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # else kineto logs every start and stop
+    found: list[tuple[int, int, int, int | None]] = []
+    ops = iter(range(1 << 62))
+
+    def walk(event, op):
+        kind, fields = event.typed
+        if kind == _EventType.Allocation and fields.device.type == "cpu":
+            found.append((event.start_time_ns, fields.ptr, fields.alloc_size, op))
+        if (op is None and kind == _EventType.TorchOp and fields.scope == RecordScope.FUNCTION
+                and _OPERATOR.match(fields.name)):
+            op = next(ops)
+        for child in event.children:  # allocations sit under the op that made them
+            walk(child, op)
+
+    allocations: list[tuple[int, int, int | None]] = []
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield allocations
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root, None)
+    allocations.extend(event[1:] for event in sorted(found, key=lambda f: f[0]))

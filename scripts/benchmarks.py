@@ -5,7 +5,12 @@
 
 Per model, one `revify bench` run (revify.bench.run_bench: the strategies interleaved in one
 process, memory by exact live-tensor accounting on CPU or max_memory_allocated on CUDA): the
-original, per-block checkpointing, checkpoint_sequential's sqrt(n) groups and revify. The table
+original, per-block checkpointing (revify's, and timm's set_grad_checkpointing: blocks only),
+checkpoint_sequential's sqrt(n) groups, revify, revify with its non-invertible layers stored
+(the RevNet paper's choice) and torch.compile with activation_memory_budget 0.5 and 0
+(`--no-compile` leaves those out: compiling takes minutes on CPU; their memory comes from the
+CPU allocator's profiled records); then the floor of revify's design (revify.analyze's
+`Floor`: the boundary tensors plus the largest block's plain recompute, projected). The table
 gives step time and peak activation memory as ratios to the original; the plot draws peak
 activation memory against the number of residual blocks.
 """
@@ -17,7 +22,8 @@ import torch
 import torchvision
 from torch import nn
 
-from revify.bench import run_bench, strategies
+from revify.analyze import analyze
+from revify.bench import COMPILE_BUDGETS, DEFAULT_ROWS, format_compiles, run_bench, strategies
 
 IMAGENET = {"resnet18": 8, "resnet50": 16, "resnet101": 33, "resnet152": 50}  # residual blocks
 
@@ -67,6 +73,8 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the markdown table here")
     p.add_argument("--plot", help="write the peak-memory-against-depth plot here (PNG)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="leave out the torch.compile rows (each compiles for minutes on CPU)")
     args = p.parse_args()
     rows, curves = [], {}
     for name in args.models:
@@ -75,18 +83,26 @@ def main():
         input_size = input_size or (3, args.image_size, args.image_size)
         print(f"{name}: batch {args.batch_size}, input {'x'.join(map(str, input_size))}",
               file=sys.stderr, flush=True)
-        results = run_bench(strategies(model, input_size, sequential=True), args.batch_size,
-                            input_size, args.steps, args.device)
+        names = DEFAULT_ROWS + (tuple(COMPILE_BUDGETS) if args.compile else ())
+        results = run_bench(strategies(model, input_size, names), args.batch_size, input_size,
+                            args.steps, args.device)
         base = results[0]
+        base_peak = base.peak_activation_bytes or base.peak_bytes
+        first = len(rows)
         for r in results:
             peak = r.peak_activation_bytes if r.peak_activation_bytes is not None else r.peak_bytes
-            base_peak = base.peak_activation_bytes or base.peak_bytes
             rows.append([name, blocks, r.name, f"{r.step_seconds:.3f}",
                          f"{r.step_seconds / base.step_seconds:.2f}x", f"{peak / 2**20:.1f}",
-                         f"{peak / base_peak:.2f}x"])
+                         f"{peak / base_peak:.2f}x", r.memory_method])
             if name in IMAGENET:
                 curves.setdefault(r.name, []).append((blocks, peak / 2**20))
-        print(_table(rows[-len(results):]), flush=True)
+        floor = analyze(model, input_size, args.batch_size, device="cpu").floor()
+        rows.append([name, blocks, f"floor ({floor.block})", "-", "-",
+                     f"{floor.total_bytes / 2**20:.1f}", f"{floor.total_bytes / base_peak:.2f}x",
+                     "projected"])
+        print(_table(rows[first:]), flush=True)
+        for line in format_compiles(results):
+            print(line, file=sys.stderr, flush=True)
     if args.out:
         _write(args, rows)
     if args.plot:
@@ -96,7 +112,7 @@ def main():
 def _table(rows, fmt="simple"):
     from tabulate import tabulate
     return tabulate(rows, ["model", "blocks", "strategy", "step s", "time", "peak act MiB",
-                           "peak act"], tablefmt=fmt, disable_numparse=True)
+                           "peak act", "memory by"], tablefmt=fmt, disable_numparse=True)
 
 
 def _write(args, rows):
@@ -106,7 +122,8 @@ def _write(args, rows):
         f"{args.image_size}x{args.image_size} for the ImageNet ResNets, 32x32 for ResNet-164, "
         f"fp32, median of {args.steps} steps; peak act: peak of everything a training step "
         f"allocates except parameter gradients (on CUDA: max_memory_allocated, gradients "
-        f"included); ratios to the original in the same run).\n\n{_table(rows, 'github')}\n")
+        f"included); memory by: live tensors, or the CPU allocator's profiled allocations "
+        f"for compiled rows; ratios to the original in the same run).\n\n{_table(rows, 'github')}\n")
 
 
 def _plot(curves, args):

@@ -78,10 +78,11 @@ def grad_error(rev, size):
     """Norm-wise relative error of all parameter gradients together: reversible backward vs
     plain autograd on the same model and input, in float32.
 
-    float32, where the coupled stream is carried in float64: every activation is rebuilt to the
-    bit, so the two backward passes run the same kernels on the same values and agree exactly
-    (0.0) unless something is wrong. float64 would be the weaker check: a float64 model's stream
-    has no wider type, reconstruction rounds at 1e-16, and these randomly initialised nets at
+    float32, where the coupled stream lies on a fixed-point grid: every activation is rebuilt to
+    the bit, so the two backward passes run the same kernels on the same values and agree
+    exactly (0.0) unless something is wrong. (This table was made when the exact stream was
+    carried in float64, which rebuilt activations to the bit as well.) float64 would be the
+    weaker check: these randomly initialised nets at
     32x32 and batch 2 (BatchNorm over 2 values in the last stage; resnet50x4_clip_gap's gradient
     norm is 1e21 for an output of 7) amplify that rounding to O(1). Norms are taken in float64
     (float32 squares overflow at such gradients), and over all tensors together: a bias in

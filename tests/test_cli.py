@@ -66,16 +66,16 @@ def test_verify_fails_when_reconstruction_is_broken(converted, capsys, monkeypat
     _, folder = converted
     real = revify.ReversibleStage.inverse
     monkeypatch.setattr(revify.ReversibleStage, "inverse",
-                        lambda self, y, dtype=None, anchors=None: real(self, y, dtype, anchors) * 1.001)
+                        lambda self, coupled, anchors=None: real(self, coupled, anchors) * 1.001)
     code, out, _ = run(capsys, "verify", folder / "model.pt")
     assert code == 1 and "FAIL" in out and "3 of 11 checks passed" in out
 
 
 def test_verify_catches_a_wrong_backward(capsys, monkeypatch):
     import revify.reversible as reversible
-    real = reversible._rebuild_stream
-    monkeypatch.setattr(reversible, "_rebuild_stream",
-                        lambda hi, lo, dtype: real(hi, lo, dtype) * 1.01)  # a rebuild 1% off
+    real = reversible._own_halves
+    monkeypatch.setattr(reversible, "_own_halves",
+                        lambda t, dim: [h * 1.01 for h in real(t, dim)])  # a rebuild 1% off
     code, out, _ = run(capsys, "verify", "resnet18", *SMALL)
     assert code == 1
     assert next(line for line in out.splitlines() if line.startswith("gradients")).endswith("FAIL")
@@ -89,8 +89,9 @@ def test_analyze_plan_and_bench_read_a_file(converted, capsys):
     assert code == 0 and "input 3x32x32" in out, err   # the file's own input size
     code, out, err = run(capsys, "bench", folder / "model.pt", "--batch-size", "2", "--steps", "1")
     assert code == 0, err
-    assert [line.split()[0] for line in out.splitlines()[2:6]] == ["original", "checkpoint",
-                                                              "checkpoint-sqrt", "revify"]
+    assert [line.split()[0] for line in out.splitlines()[2:7]] == [
+        "original", "checkpoint", "checkpoint-timm", "checkpoint-sqrt", "revify"]
+    assert "compile-budget" not in out  # --compile adds those rows (tests/test_bench.py)
     assert "1.00x" in out and "memory of revify" in err  # progress, one line per piece of work
 
 

@@ -1,0 +1,130 @@
+"""The side-by-side baselines: timm-style block checkpointing, torch.compile with an activation
+memory budget, and the profiler-based measurement the compiled rows need."""
+import math
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import revify
+from revify.bench import BlockCheckpointed, Compiled, run_bench, strategies, timm_checkpointing
+from revify.memory import measure_step, measure_step_profiled
+
+# The min-cut partitioner inductor uses, without inductor's C++ compile (a minute per model on
+# 2 cores): the budget is the partitioner's, so it applies just the same.
+PARTITIONED = "aot_eager_decomp_partition"
+
+
+def _resnet18(size=64, batch=2):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    return model, torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
+
+
+def test_timm_style_row_checkpoints_the_blocks_and_stores_stem_and_head():
+    model, x, y = _resnet18()
+    models = strategies(model, (3, 64, 64))
+    timm_style = models["checkpoint-timm"]
+    wrapped = [n for n, m in timm_style.named_modules() if isinstance(m, BlockCheckpointed)]
+    assert wrapped == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
+    assert isinstance(timm_style.conv1, nn.Conv2d) and isinstance(timm_style.fc, nn.Linear)
+    peak = {name: measure_step(models[name], x, y).peak_activation_bytes
+            for name in ("original", "checkpoint", "checkpoint-timm")}
+    # the stored stem and head cost more than revify's checkpointing of everything
+    assert peak["checkpoint"] < 0.95 * peak["checkpoint-timm"] < 0.95 * peak["original"]
+
+
+def test_wrapping_blocks_is_exactly_what_timm_set_grad_checkpointing_does():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).train()
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    own = timm_checkpointing(model)
+    assert own.grad_checkpointing and not model.grad_checkpointing  # on a copy
+    hidden = nn.Sequential(model)  # no set_grad_checkpointing: its blocks get wrapped instead
+    wrapped = timm_checkpointing(hidden)
+    assert sum(isinstance(m, BlockCheckpointed) for m in wrapped.modules()) == 8
+    assert (measure_step(own, x, y).peak_activation_bytes
+            == measure_step(wrapped.train(), x, y).peak_activation_bytes
+            < 0.8 * measure_step(model, x, y).peak_activation_bytes)
+
+
+class _FlatResidual(nn.Module):
+    """A residual whose branch layers sit in the root module: no block submodule to wrap."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.head(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+def test_a_model_without_block_modules_leaves_the_timm_row_out_with_a_note():
+    notes = []
+    models = strategies(_FlatResidual(), (3, 16, 16), note=notes.append)
+    assert "checkpoint-timm" not in models and {"original", "checkpoint", "revify"} <= models.keys()
+    assert len(notes) == 1 and notes[0].startswith("checkpoint-timm left out: ")
+
+
+@pytest.mark.parametrize("strategy", ["original", "checkpoint"])
+def test_profiled_memory_agrees_with_the_live_tensor_tracker(strategy):
+    """Both are exact on an eager step; the profiler also sees what no op makes (checkpointing's
+    saved RNG states, 5 KB a block), hence not to the byte."""
+    model, x, y = _resnet18()
+    if strategy == "checkpoint":
+        model = revify.transform(model, input_size=(3, 64, 64), reversible=False).train()
+    tracked, profiled = measure_step(model, x, y), measure_step_profiled(model, x, y)
+    assert profiled.peak_activation_bytes == pytest.approx(tracked.peak_activation_bytes, rel=0.02)
+    assert profiled.peak_bytes == pytest.approx(tracked.peak_bytes, rel=0.02)
+    assert profiled.activation_bytes == pytest.approx(tracked.activation_bytes, rel=0.10)
+    assert profiled.grad_bytes == tracked.grad_bytes
+
+
+def test_compiled_rows_follow_their_budget_and_report_it_by_profile():
+    model, x, y = _resnet18(size=32)
+    models = {"original": model, "compile-budget-0": Compiled(model, 0.0, PARTITIONED),
+              "compile-budget-1": Compiled(model, 1.0, PARTITIONED)}
+    rows = {r.name: r for r in run_bench(models, 2, (3, 32, 32), steps=1)}
+    assert rows.keys() == models.keys()
+    original, zero, one = rows.values()
+    assert original.memory_method == "live tensors" and original.compile_seconds is None
+    for row in (zero, one):
+        assert row.memory_method == "allocator profile"
+        assert row.graphs == 1 and row.compile_seconds > 0  # each budget compiled its own graph
+        assert math.isfinite(row.peak_activation_bytes) and row.step_seconds > 0
+    assert zero.peak_activation_bytes < original.peak_activation_bytes
+    # budget 0 recomputes: after the forward it holds next to nothing, budget 1 what it saved
+    assert zero.activation_bytes < 0.01 * one.activation_bytes
+    assert one.activation_bytes > 0.5 * original.activation_bytes
+
+
+def test_a_compilation_that_fails_leaves_its_row_out_with_one_line():
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no C++ compiler\nsecond line")
+
+    model, x, y = _resnet18(size=32)
+    notes = []
+    rows = run_bench({"original": model, "compile-budget-0": Compiled(model, 0.0, no_compiler)},
+                     2, (3, 32, 32), steps=1, note=notes.append)
+    assert [r.name for r in rows] == ["original"]
+    assert notes == ["compile-budget-0 left out: torch.compile failed: RuntimeError: no C++ compiler"]
+
+
+def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
+    from revify import bench
+    from revify.cli import main
+    monkeypatch.setattr(bench, "COMPILE_BACKEND", PARTITIONED)
+    assert main(["bench", "resnet18", "--input-size", "3", "32", "32", "--batch-size", "2",
+                 "--steps", "1", "--compile"]) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()
+            and not line.startswith(("peak act:", "compile-budget-0.5:", "compile-budget-0:"))}
+    assert list(rows)[-2:] == ["compile-budget-0.5", "compile-budget-0"]
+    assert rows["original"].endswith("live tensors")
+    assert rows["compile-budget-0"].endswith("allocator profile")
+    assert "compile-budget-0: compiled 1 graph in " in out and "compiling compile-budget-0" in err
