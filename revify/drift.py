@@ -66,7 +66,7 @@ def measure_drift(depths=(9, 18, 36, 54), modes=(("exact", None), ("native", Non
             rev = transform(model, input_size=(3, size, size), reconstruction=reconstruction,
                             anchor_every=anchor_every).to(device)
             with _autocast(device, autocast):
-                recon = max(reconstruction_errors(rev.eval(), x).values())
+                recon = max(reconstruction_errors(rev, x).values())
                 grads = gradient_error(rev.train(), x)[0]
             rows.append(DriftRow(depth, reconstruction, anchor_every, autocast, recon, grads))
     return rows

@@ -24,7 +24,10 @@ Recurrent Neural Networks", NeurIPS 2018.
 The grid holds while no value reaches 2^P * step. Every add checks its channels (one sync per
 stage); a channel that outgrew its headroom gets 8 more bits and the stage runs its forward
 again, drawing the same random masks and leaving BatchNorm statistics as the first run updated
-them. The headroom is kept (a buffer), so a stage pays this once, not every step.
+them. The headroom is kept (a buffer), so a stage pays this once, not every step. A stream that
+grows beyond what the grid can hold with 8 bits of precision left (`ReversibleStage.widen`) makes the
+overflowing adds round as plain floating point would, with a warning. A forward that needs no
+backward (inference) checks nothing.
 
 Anchors. With `anchor_every=k` the forward also keeps the stream at the input of every k-th
 block, and the backward resets its rebuilt stream to it there: drift (native reconstruction)
@@ -33,6 +36,8 @@ then never spans more than k blocks, for one stored activation per anchor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import warnings
 
 import torch
 from torch import nn
@@ -44,7 +49,7 @@ from .modes import (capture_autocast, capture_rng, exact_backward_enabled, froze
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
 WIDEN_BITS = 8         # what a channel that outgrew its headroom gets on top
-MIN_BITS = 8           # a grid coarser than 2^-8 of a channel's magnitude is refused
+MIN_BITS = 8           # the most headroom leaves 2^-8 of a channel's input magnitude as the step
 FLOOR_BITS = 8         # a channel's magnitude counts as at least 2^-8 of the largest one's
 
 
@@ -199,19 +204,34 @@ class ReversibleStage(nn.Module):
                               stream_dtype(x.dtype, True))
 
     def widen(self, grid: Grid | None, outgrown: list[torch.Tensor | None]) -> bool:
-        """Give the channels that outgrew the grid more headroom; whether any did (one sync)."""
+        """Give the channels that outgrew the grid more headroom; whether the forward must run
+        again (one sync).
+
+        A channel already at the most headroom that still leaves 2^MIN_BITS of precision stays
+        there: its stream grew over 2^(P - MIN_BITS - HEADROOM_BITS) times its input within the
+        stage (an untrained network whose activations explode), and the adds that overflowed
+        it rounded as plain floating point would (`native` reconstruction), said once.
+        """
         if grid is None or outgrown[0] is None or not _data_dependent_ok(outgrown[0]):
             return False
         over = torch.cat(outgrown).to(self.headroom.device)
         if not bool(over.any()):
             return False
-        self.headroom += over.to(torch.int32) * WIDEN_BITS
-        bits = SIGNIFICAND_BITS[grid.steps[0].dtype]
-        if int(self.headroom.max()) > bits - MIN_BITS:
-            raise RuntimeError(
-                f"revify: the coupled stream of a reversible stage grew over "
-                f"2^{bits - MIN_BITS - HEADROOM_BITS}x its input's magnitude; exact "
-                f"reconstruction cannot hold it. Use reconstruction='native' for this model.")
+        most = SIGNIFICAND_BITS[grid.steps[0].dtype] - MIN_BITS
+        room = over & (self.headroom < most)
+        if not bool(room.any()):
+            if not getattr(self, "_warned", False):
+                self._warned = True
+                warnings.warn(
+                    f"revify: the coupled stream of a reversible stage grew over "
+                    f"2^{most - HEADROOM_BITS}x its input's magnitude within the stage, beyond "
+                    f"what its fixed-point grid holds; those adds rounded as in floating point, "
+                    f"so that step's reconstruction was not exact (as with reconstruction="
+                    f"'native'). Activations that explode like this are typical of an untrained "
+                    f"network in eval mode.", RuntimeWarning, stacklevel=4)
+            return False
+        widened = (self.headroom + WIDEN_BITS).clamp_max(most)
+        self.headroom.copy_(torch.where(room, widened, self.headroom))
         return True
 
     def _attempts(self, x):
@@ -244,6 +264,8 @@ class ReversibleStage(nn.Module):
                 return coupled
 
     def _couple_once(self, x, grid: Grid | None, anchors: dict | None, record: bool):
+        # Without a backward to come (inference) nothing needs rebuilding: no overflow check.
+        check = grid is not None and (torch.is_grad_enabled() or record)
         dtype, dim = x.dtype, self.dim
         sdt = stream_dtype(dtype, grid is not None)
         halves = x.chunk(2, dim)
@@ -264,7 +286,7 @@ class ReversibleStage(nn.Module):
             for k, branch in ((0, block.f), (1, block.g)):
                 f = branch(h[1 - k].contiguous())
                 h[k], values[k] = _plain_add(h[k], values[k], f, grid, k)
-                if grid is not None:
+                if check:
                     over = grid.outgrown((values[k] if values[k] is not None else h[k]).detach(), k)
                     outgrown[k] = over if outgrown[k] is None else outgrown[k] | over
         output = torch.cat(h, dim)

@@ -4,7 +4,8 @@
   `exact_backward()` (plain autograd, activations stored), worst relative error over every
   parameter and the input;
 - reconstruction: per reversible stage, the input rebuilt from the output by running the blocks
-  backwards, in float32 and under bfloat16 autocast (relative max error);
+  backwards, in float32 and under bfloat16 autocast (relative max error), in training mode as
+  the backward meets it;
 - BatchNorm: after one step every running statistic equals plain autograd's and
   `num_batches_tracked` went up by exactly one (recomputation must not count twice).
 """
@@ -111,7 +112,7 @@ def _gradient_checks(model, x, reconstruction) -> list[Check]:
 
 
 def _stage_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input each reversible stage sees on `x` (eval mode: nothing is updated)."""
+    """The input each reversible stage sees on `x`."""
     seen, hooks = {}, []
     for name, m in model.named_modules():
         if isinstance(m, ReversibleStage):
@@ -129,17 +130,26 @@ def _stage_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 def reconstruction_errors(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     """Per reversible stage: the relative max error of its input rebuilt from its output, as
     the backward rebuilds it (from anchors where the stage keeps them), under the caller's
-    autocast state."""
+    autocast state. In training mode, as the backward meets it (an untrained network in eval
+    mode has activations that explode); every buffer is put back afterwards."""
     stages = dict(model.named_modules())
     errors = {}
-    for name, stage_input in _stage_inputs(model, x).items():
-        stage, anchors = stages[name], {}
+    before, training = copy.deepcopy(dict(model.named_buffers())), model.training
+    try:
+        model.train()
+        for name, stage_input in _stage_inputs(model, x).items():
+            stage, anchors = stages[name], {}
+            with torch.no_grad():
+                coupled = stage.couple(stage_input, anchors, record=True)
+                rebuilt = stage.inverse(coupled, anchors)
+            entry = coupled.entry.double()
+            errors[_short(name)] = ((rebuilt.double() - entry).abs().max()
+                                    / entry.abs().max().clamp_min(1e-30)).item()
+    finally:
+        model.train(training)
         with torch.no_grad():
-            coupled = stage.couple(stage_input, anchors, record=True)
-            rebuilt = stage.inverse(coupled, anchors)
-        entry = coupled.entry.double()
-        errors[_short(name)] = ((rebuilt.double() - entry).abs().max()
-                                / entry.abs().max().clamp_min(1e-30)).item()
+            for name, buf in model.named_buffers():
+                buf.copy_(before[name])
     return errors
 
 
@@ -163,7 +173,7 @@ def verify(model: nn.Module, example_input: torch.Tensor) -> list[Check]:
     x = torch.randn_like(example_input)
     try:
         checks = _gradient_checks(model.train(), x, reconstruction)
-        checks += _reconstruction_checks(model.eval(), x, reconstruction)
+        checks += _reconstruction_checks(model, x, reconstruction)
     finally:
         model.train(training)
     return checks

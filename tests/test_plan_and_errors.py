@@ -323,6 +323,25 @@ def test_a_stream_that_outgrows_its_grid_widens_it_and_stays_exact(data):
     assert all(int(dict(rev.named_buffers())[n] - before[n]) == 1 for n in counts)
 
 
+def test_a_stream_beyond_any_grid_warns_and_trains_on(data):
+    """Branch outputs 10^6 times the stage input outgrow even the widest grid that leaves 8 bits
+    of precision: those channels stop at that grid, the adds that overflow it round as plain
+    floating point would, one warning says so, and the step goes on."""
+    torch.manual_seed(0)
+    model = TinyResNet(depth=2)
+    for block in model.modules():
+        if isinstance(block, Block):
+            nn.init.constant_(block.bn2.weight, 1e6)
+    rev = revify.transform(model, input_size=(3, 16, 16)).train()
+    x, y = data
+    with pytest.warns(RuntimeWarning, match="beyond what its fixed-point grid holds"):
+        F.cross_entropy(rev(x.requires_grad_()), y).backward()
+    assert torch.isfinite(x.grad).all()
+    most = 24 - revify.reversible.MIN_BITS
+    assert all(int(s.headroom.max()) == most for s in rev.modules()
+               if isinstance(s, revify.ReversibleStage))
+
+
 class TokenMLP(nn.Module):
     """A residual MLP on (batch, tokens, features): channels are the last dim, not dim 1."""
 
