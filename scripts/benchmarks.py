@@ -97,7 +97,7 @@ def main():
             if name in IMAGENET:
                 curves.setdefault(r.name, []).append((blocks, peak / 2**20))
         floor = analyze(model, input_size, args.batch_size, device="cpu").floor()
-        rows.append([name, blocks, f"floor ({floor.block})", "-", "-",
+        rows.append([name, blocks, f"floor (block {floor.block})", "-", "-",
                      f"{floor.total_bytes / 2**20:.1f}", f"{floor.total_bytes / base_peak:.2f}x",
                      "projected"])
         print(_table(rows[first:]), flush=True)
