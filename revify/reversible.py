@@ -38,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -246,7 +247,7 @@ class ReversibleStage(nn.Module):
             grid = self.grid_for(x)
             if not first:
                 restore_rng(rng, x.device)
-            context = frozen_buffers(self) if not first else _nothing()
+            context = frozen_buffers(self) if not first else nullcontext()
             yield grid, context
             first = False
 
@@ -308,14 +309,6 @@ class ReversibleStage(nn.Module):
             if i in anchors:
                 y1, y2 = anchors[i].to(y1.dtype).chunk(2, self.dim)
         return torch.cat([y1, y2], self.dim)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _plain_add(h, v, f, grid, half):
