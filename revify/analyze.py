@@ -427,8 +427,9 @@ def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, repor
     """Hooks that tell the tracker which unit (and which block of a stage) is running.
 
     They fire again when the backward re-runs a unit (or a layer nested in it), so the FLOPs
-    counted under a label after the forward are exactly its recomputation. Pre-hooks push the label and post-hooks restore
-    the previous one, also when a checkpoint stops its recomputation early by raising.
+    counted under a label after the forward are exactly its recomputation. Pre-hooks push the
+    label and post-hooks restore the previous one, also when a checkpoint stops its
+    recomputation early by raising.
     """
     previous = []
 

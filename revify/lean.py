@@ -29,7 +29,6 @@ from torch import fx, nn
 from .ops import is_activation, is_add
 
 FLOPS_PER_BYTE = 96
-PRE_ACTIVATIONS = True
 HOT_FRACTION = 0.5     # a unit is hot if its largest tensor is over half the step's largest
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -72,8 +71,8 @@ class _Sizes:
     to a branch rebuilt at half width; without it the traced sizes are the unit's own.
     """
 
-    def __init__(self, gm: fx.GraphModule, channels: dict[str, int] | None, dim: int):
-        self.gm, self.channels, self.dim = gm, channels or {}, dim
+    def __init__(self, channels: dict[str, int] | None = None, dim: int = 1):
+        self.channels, self.dim = channels or {}, dim
 
     def scale(self, node: fx.Node) -> float:
         shape = node.meta.get("shape")
@@ -104,7 +103,7 @@ def _norm_after(gm, node: fx.Node, members: set[str]) -> fx.Node | None:
 
 def largest_tensor(nodes: list[fx.Node]) -> int:
     """The bytes of the largest tensor among `nodes` (what tells a unit's heat)."""
-    return max((_Sizes(None, None, 1).nbytes(n) for n in nodes), default=0)
+    return max((_Sizes().nbytes(n) for n in nodes), default=0)
 
 
 def _readers(node: fx.Node, members: set[str]) -> list[fx.Node]:
@@ -135,7 +134,7 @@ def _nested_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes) -> list
         norm = _norm_after(gm, node, members) if isinstance(module, LAYERS) else None
         if norm is None:  # a layer without a norm after it keeps nothing a nest would drop
             continue
-        act = _pre_activation(gm, node, members, modules) if PRE_ACTIVATIONS else None
+        act = _pre_activation(gm, node, members, modules)
         candidates[node] = ([node.name, norm.name], sizes.flops(module, node), sizes.nbytes(node),
                             act)
     chosen = {}
@@ -191,11 +190,9 @@ def _short_paths_first(gm: fx.GraphModule, members: set[str]) -> list[str]:
         if node.name not in members or not is_add(node):
             continue
         a, b = (_ancestry(arg, members) for arg in node.args)
-        own_a, own_b = a - b, b - a
-        if 0 < len(own_b) < len(own_a):
-            early += [n.name for n in gm.graph.nodes if n.name in own_b]
-        elif 0 < len(own_a) < len(own_b):
-            early += [n.name for n in gm.graph.nodes if n.name in own_a]
+        short, long = sorted((a - b, b - a), key=len)
+        if 0 < len(short) < len(long):
+            early += [n.name for n in gm.graph.nodes if n.name in short]
     return early
 
 
@@ -220,7 +217,7 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
     outputs without keeping them (reversible stages). Layers are nested only in a `hot` unit,
     one whose tensors are among the step's largest (where the peak is reached)."""
     members = set(nodes)
-    nested = _nested_layers(gm, members, _Sizes(gm, channels, dim)) if hot else []
+    nested = _nested_layers(gm, members, _Sizes(channels, dim)) if hot else []
     by_name = {n.name: n for n in gm.graph.nodes}
     layers = [by_name[r[-2]].target for r in nested]  # the conv or linear of each
     return LeanPlan(nested, layers, _in_place_adds(gm, members), _masked_relus(gm, members, unkept),

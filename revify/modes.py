@@ -67,12 +67,9 @@ def replay_rng(state, device: torch.device):
     if state is None:
         yield
         return
-    cpu, cuda = state
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
+        restore_rng(state, device)
         yield
 
 

@@ -35,10 +35,9 @@ then never spans more than k blocks, for one stored activation per anchor.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -277,8 +276,8 @@ class ReversibleStage(nn.Module):
             snapped = [_Snap.apply(t.to(sdt), grid, k) for k, t in enumerate(halves)]
             values = [s.detach() for s in snapped] if sdt != dtype else [None, None]
             h = [s.to(dtype) for s in snapped] if sdt != dtype else snapped
-        stream = lambda: torch.cat([v if v is not None else t for v, t in zip(values, h)],
-                                   dim).detach()
+        value = lambda k: (values[k] if values[k] is not None else h[k]).detach()
+        stream = lambda: torch.cat([value(0), value(1)], dim)
         entry = stream() if record else None
         outgrown = [None, None]
         for i, block in enumerate(self.blocks):
@@ -288,7 +287,7 @@ class ReversibleStage(nn.Module):
                 f = branch(h[1 - k].contiguous())
                 h[k], values[k] = _plain_add(h[k], values[k], f, grid, k)
                 if check:
-                    over = grid.outgrown((values[k] if values[k] is not None else h[k]).detach(), k)
+                    over = grid.outgrown(value(k), k)
                     outgrown[k] = over if outgrown[k] is None else outgrown[k] | over
         output = torch.cat(h, dim)
         exit = output.detach() if values[0] is None else stream()
@@ -466,7 +465,7 @@ class _ReversibleStageFunction(torch.autograd.Function):
             """The gradient reaching `stream` through fn, accumulating parameter gradients;
             on the way, fn's value rebuilds the `other` stream half (x2 from G(y1), x1 from F)."""
             fn_params = [p for p in fn.parameters() if id(p) in trainable]
-            rebuild = lambda value, scratch: _subtract(other, value, grid, half, scratch)
+            rebuild = lambda value, scratch: _accumulate(other, value, grid, half, -1, scratch)
             d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng,
                                          ctx.autocast, device, rebuild)
             for p, g in zip(fn_params, d_params):
@@ -492,12 +491,13 @@ class _ReversibleStageFunction(torch.autograd.Function):
         return (None, dx, *[grads.get(id(p)) for p in params])
 
 
-def _subtract(stream, value, grid, half, scratch=True):
-    """stream -= value, as the forward added it (snapped onto the grid when exact)."""
+def _accumulate(stream, value, grid, half, sign=1, scratch=True):
+    """stream += sign * value in place, snapped onto the grid when exact (the forward adds a
+    branch's value, the backward takes it off again)."""
     if grid is None:
-        stream -= value
+        stream.add_(value, alpha=sign)
     else:
-        grid.add_snapped(stream, value, half, sign=-1, scratch=scratch)
+        grid.add_snapped(stream, value, half, sign, scratch)
 
 
 def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
@@ -518,10 +518,7 @@ def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training else None)
             f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
-            if grid is None:
-                stream[k] += f
-            else:
-                grid.add_snapped(stream[k], f, k)
+            _accumulate(stream[k], f, grid, k)
             if grid is not None and _data_dependent_ok(stream[k]):
                 over = grid.outgrown(stream[k], k)
                 outgrown[k] = over if outgrown[k] is None else outgrown[k].logical_or_(over)
