@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -27,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import flop_registry
 
 from .bench import strategies
 from .checkpoint import Checkpointed
-from .memory import LiveTensorTracker, measure_step
+from .memory import ProjectionTracker, fake_copy, measure_step, parse_bytes  # noqa: F401 (re-exported)
 from .reversible import ReversibleStage
 from .trace import trace
 
@@ -40,24 +38,10 @@ OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}   # state tensors kept 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
                   "half": "float16"}
-_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 MiB = 2**20
 
 
 # ----------------------------------------------------------------------------- inputs
-def parse_bytes(text: str | int | float) -> int:
-    """A memory size: '24GiB', '24GB', '512MiB', '80e9' (bytes) or a number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).lower() not in _BYTE_UNITS:
-        raise ValueError(f"cannot read the memory size '{text}': write e.g. 24GiB, 24GB, 512MiB "
-                         f"or 80e9 (bytes)")
-    size = int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
-    if size <= 0:
-        raise ValueError(f"the memory size must be positive, got '{text}'")
-    return size
-
-
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
@@ -251,24 +235,18 @@ class Analysis:
 
 
 # ----------------------------------------------------------------------------- projection
-class _StepTracker(LiveTensorTracker):
+class _StepTracker(ProjectionTracker):
     """Live storages plus, per storage, the unit whose code created it; FLOPs per unit."""
 
     def __init__(self):
-        super().__init__(count_meta=True)
+        super().__init__()
         self.label = None                           # (row, block or None) running now
         self.born_in: dict[int, tuple] = {}         # birth id -> label
         self.flops: dict[tuple, int] = defaultdict(int)
-        self.total_flops = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        formula = flop_registry.get(func._overloadpacket)  # FlopCounterMode's formulas
-        if formula is not None:
-            flops = formula(*args, **(kwargs or {}), out_val=out)
-            self.flops[self.label] += flops
-            self.total_flops += flops
-        return out
+    def count(self, flops: int) -> None:
+        super().count(flops)
+        self.flops[self.label] += flops
 
     def _track(self, t: torch.Tensor) -> None:
         birth = len(self.events)
@@ -308,26 +286,6 @@ class _Labelled(fx.Interpreter):
         if label is not None and isinstance(result, torch.Tensor):
             self.shapes[label[0]] = tuple(result.shape[1:])  # the row's last node: its output
         return result
-
-
-def _fake_copy(model: nn.Module, mode: FakeTensorMode, device, dtype) -> nn.Module:
-    """`model` with fake parameters and buffers (floating ones in `dtype`): nothing allocated.
-
-    deepcopy's memo swaps each tensor for its fake twin, so tied weights stay tied and no real
-    weight is copied.
-    """
-    memo = {}
-    with mode:
-        for p in model.parameters():
-            memo[id(p)] = nn.Parameter(_fake_like(p, device, dtype), p.requires_grad)
-        for b in model.buffers():
-            memo[id(b)] = _fake_like(b, device, dtype)
-    return copy.deepcopy(model, memo).train()
-
-
-def _fake_like(t: torch.Tensor, device, dtype) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), device=device,
-                               dtype=dtype if t.is_floating_point() else t.dtype)
 
 
 @dataclass
@@ -411,7 +369,7 @@ def _net_labels(rev: nn.Module, report_plan) -> dict[str, tuple]:
     """Unit node of a revified net -> (row, block): units follow the plan's wrapped segments."""
     plan = rev.revify_plan
     wrapped = [(seg, row) for seg, row in zip(plan.segments, _rows_of(plan.segments, report_plan))
-               if seg.action != "stored"]
+               if seg.outlined]
     units = _units(rev.net)
     if len(units) != len(wrapped):  # an unexpected rewrite: report it all as unattributed
         return {}
@@ -476,11 +434,11 @@ def _prepare(models: dict[str, nn.Module], device, dtype) -> dict[str, _Prepared
     # attributed to the same units; it runs the same ops as the model itself.
     mode = FakeTensorMode()
     inputs = len((report_plan and models["revify"].revify_recipe or {}).get("inputs", [None]))
-    original = _fake_copy(trace(models["original"], num_inputs=inputs), mode, device, dtype)
+    original = fake_copy(trace(models["original"], num_inputs=inputs), mode, device, dtype)
     prepared = {"original": _Prepared(original, mode, _original_labels(report_plan))}
     for name in ("checkpoint", "revify"):
         mode = FakeTensorMode()
-        fake = _fake_copy(models[name], mode, device, dtype)
+        fake = fake_copy(models[name], mode, device, dtype)
         prepared[name] = _Prepared(fake.net, mode, _net_labels(fake, report_plan))
     return prepared
 

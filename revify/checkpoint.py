@@ -19,17 +19,23 @@ class Checkpointed(nn.Module):
 
     `owned=False` (a layer checkpointed inside a unit, revify.lean) leaves `module`'s layers
     registered where the unit has them, so parameter names do not depend on what is nested.
+    `stored=True` (revify.schedule: the unit's activations fit under the step's peak) runs it
+    with plain autograd instead: nothing recomputed.
     """
 
-    def __init__(self, module: nn.Module, owned: bool = True):
+    def __init__(self, module: nn.Module, owned: bool = True, stored: bool = False):
         super().__init__()
         if owned:
             self.module = module
         else:
             object.__setattr__(self, "module", module)
+        self.stored = stored
+
+    def extra_repr(self) -> str:
+        return "stored=True" if self.stored else ""
 
     def forward(self, *args):
-        if exact_backward_enabled() or not torch.is_grad_enabled():
+        if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
             return self.module(*args)
         # Non-reentrant checkpoint restores the RNG state for the recompute (same dropout masks)
         # and returns gradients through the autograd engine (DDP hooks fire as usual).

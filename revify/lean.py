@@ -226,10 +226,16 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
 
 # ----------------------------------------------------------------------------- execution
 class _MaskedReLU(torch.autograd.Function):
-    """relu(x) whose backward keeps where x <= 0 (one byte a value) instead of the output: the
-    same values and gradients as torch.relu. `inplace` overwrites x, as nn.ReLU(inplace=True)
-    does; `grad_in_place` zeroes the incoming gradient in place, for a ReLU whose only reader is
-    a conv or linear layer, whose backward hands it a gradient of its own."""
+    """relu(x) whose backward keeps where x > 0 (one byte a value) instead of the output: the
+    same values and gradients as torch.relu (a zero gradient may come out as -0.0, which equals
+    0.0, and an inf or NaN gradient where x <= 0 stays NaN, where relu's would be 0: a step that
+    overflows shows it, as GradScaler wants). `inplace` overwrites x, as nn.ReLU(inplace=True) does; `grad_in_place` zeroes the
+    incoming gradient in place, for a ReLU whose only reader is a conv or linear layer, whose
+    backward hands it a gradient of its own.
+
+    The gradient is multiplied by the mask as uint8 (a free reinterpretation of the bool): on
+    CPU that is several times faster than masked_fill with a bool mask, which dominated the cost
+    of the lean recompute's masks."""
 
     @staticmethod
     def forward(ctx, x, inplace, grad_in_place):
@@ -239,15 +245,13 @@ class _MaskedReLU(torch.autograd.Function):
         else:
             out = torch.relu(x)
         ctx.grad_in_place = grad_in_place
-        ctx.save_for_backward(out <= 0)
+        ctx.save_for_backward((out > 0).view(torch.uint8))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        off, = ctx.saved_tensors
-        if ctx.grad_in_place:
-            return grad.masked_fill_(off, 0), None, None
-        return grad.masked_fill(off, 0), None, None
+        on, = ctx.saved_tensors
+        return (grad.mul_(on) if ctx.grad_in_place else grad * on), None, None
 
 
 def masked_relu(x, inplace: bool = False, grad_in_place: bool = False):

@@ -11,6 +11,7 @@ events), just as exact, and agrees with the tracker on eager models.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import weakref
@@ -19,7 +20,24 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_leaves
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """A memory size: '24GiB', '24GB', '512MiB', '80e9' (bytes) or a number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _BYTE_UNITS:
+        raise ValueError(f"cannot read the memory size '{text}': write e.g. 24GiB, 24GB, 512MiB "
+                         f"or 80e9 (bytes)")
+    size = int(float(match.group(1)) * _BYTE_UNITS[match.group(2).lower()])
+    if size <= 0:
+        raise ValueError(f"the memory size must be positive, got '{text}'")
+    return size
 
 
 class LiveTensorTracker(TorchDispatchMode):
@@ -87,6 +105,46 @@ class LiveTensorTracker(TorchDispatchMode):
         """The peak had the given (still live) tensors' storages never been counted."""
         keys = {t.untyped_storage()._cdata for t in tensors if t is not None}
         return _peak(self.events, skip={self.live[k][0] for k in keys if k in self.live})
+
+
+def fake_copy(model: torch.nn.Module, mode, device=None, dtype=None) -> torch.nn.Module:
+    """`model` in training mode with fake parameters and buffers (of `mode`, a FakeTensorMode;
+    floating ones in `dtype`, all on `device`; None: as they are): nothing is allocated.
+
+    deepcopy's memo swaps each tensor for its fake twin, so tied weights stay tied and no real
+    weight is copied.
+    """
+    memo = {}
+    with mode:
+        for p in model.parameters():
+            memo[id(p)] = torch.nn.Parameter(_fake_like(p, device, dtype), p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = _fake_like(b, device, dtype)
+    return copy.deepcopy(model, memo).train()
+
+
+def _fake_like(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), device=device or t.device,
+                               dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+
+class ProjectionTracker(LiveTensorTracker):
+    """A LiveTensorTracker for projected steps (fake or meta tensors, counted at the bytes they
+    stand for) that also counts the FLOPs of every op, by FlopCounterMode's formulas."""
+
+    def __init__(self):
+        super().__init__(count_meta=True)
+        self.total_flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.count(formula(*args, **(kwargs or {}), out_val=out))
+        return out
+
+    def count(self, flops: int) -> None:
+        self.total_flops += flops
 
 
 def _peak(events: list[tuple[int, int]], skip=frozenset()) -> int:

@@ -35,6 +35,12 @@ class Options:
     # Leaner recompute of checkpointed units (revify.lean): nested cheap layers, in-place adds,
     # masked ReLUs. False: plain per-unit checkpointing (the baseline revify bench measures).
     lean: bool = True
+    # revify.schedule: "auto" lets the units whose activations fit under `budget` keep them
+    # (nothing recomputed in their backward); "none" recomputes every unit.
+    store: Literal["auto", "none"] = "auto"
+    # Peak activation bytes a training step at the example input may reach (None: the peak
+    # with every unit recomputing, so storing costs no memory).
+    budget: int | None = None
 
     def __post_init__(self):
         if self.checkpoint not in ("non_invertible", "none"):
@@ -49,9 +55,23 @@ class Options:
                 self.segments == "sqrt" or (isinstance(self.segments, int) and self.segments > 0))):
             raise ValueError(f"segments must be 'sqrt' or a positive number, with "
                              f"reversible=False, not {self.segments!r}.")
+        if self.store not in ("auto", "none"):
+            raise ValueError(f"store must be 'auto' or 'none', not {self.store!r}.")
+        if self.budget is not None and not (isinstance(self.budget, int) and self.budget > 0):
+            raise ValueError(f"budget must be a positive number of bytes, not {self.budget!r}.")
+        if self.budget is not None and not self.schedules:
+            raise ValueError("budget needs store='auto' and the default reversible plan "
+                             "(reversible=True, checkpoint='non_invertible', no segments).")
         if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in every):
             raise ValueError(f"anchor_every must be a positive whole number of blocks (or a dict "
                              f"of them by stage name), not {self.anchor_every!r}.")
+
+    @property
+    def schedules(self) -> bool:
+        """Whether revify.schedule may store units: only revify's own plan, not the baselines
+        (per-block checkpointing, sqrt(n) groups) nor the stored layers of checkpoint='none'."""
+        return (self.store == "auto" and self.reversible and self.segments is None
+                and self.checkpoint == "non_invertible")
 
     def anchors_for(self, stage: str) -> int | None:
         if isinstance(self.anchor_every, dict):
@@ -101,6 +121,22 @@ class SegmentPlan:
     nodes: list[str]
     blocks: list[str] = field(default_factory=list)
     lean: LeanPlan | None = None               # what a checkpointed unit's recompute drops
+    # A unit of its own in the rewritten net (a Checkpointed or ReversibleStage module); False:
+    # its nodes run inline, stored (checkpoint="none", the last of sqrt(n) groups). A unit
+    # revify.schedule stores stays a unit: its action becomes "stored".
+    outlined: bool = True
+
+
+@dataclass
+class Schedule:
+    """What revify.schedule chose: the units that keep their activations instead of recomputing
+    them. Bytes are projected for a training step at the example input."""
+    budget: int                                # the peak activation bytes allowed
+    peak_recompute: int                        # the peak with every unit recomputing
+    peak: int                                  # the peak with `stored` kept
+    stored: dict[str, int] = field(default_factory=dict)  # unit -> bytes it keeps
+    flops_saved: int = 0                       # recompute FLOPs a step no longer runs
+    skipped: str = ""                          # why no unit could be considered, if so
 
 
 @dataclass
@@ -113,6 +149,7 @@ class Plan:
     params_before: int
     params_after: int = 0
     opaque: dict[str, str] = field(default_factory=dict)  # modules fx could not trace -> why
+    schedule: Schedule | None = None           # revify.schedule's choice (None: not run)
 
     def __str__(self) -> str:
         from .report import format_plan
@@ -120,6 +157,9 @@ class Plan:
 
     def block(self, name: str) -> BlockPlan:
         return next(b for b in self.blocks if b.name == name)
+
+    def segment(self, name: str) -> SegmentPlan:
+        return next(s for s in self.segments if s.name == name)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -365,13 +405,15 @@ def _plan_segments(gm, block_plans: list[BlockPlan], stages: list[StagePlan],
             continue
         if loose and (key[0] == "stage" or not segments):
             segments.append(SegmentPlan("stem" if not segments else f"glue{len(segments)}",
-                                        "stem" if not segments else "glue", stored, loose))
+                                        "stem" if not segments else "glue", stored, loose,
+                                        outlined=stored != "stored"))
             loose = []
         action = "reversible" if key[0] == "stage" else stored
-        segments.append(SegmentPlan(key[1], key[0], action, loose + [node.name]))
+        segments.append(SegmentPlan(key[1], key[0], action, loose + [node.name],
+                                    outlined=action != "stored"))
         loose = []
     if loose:
-        segments.append(SegmentPlan("head", "head", stored, loose))
+        segments.append(SegmentPlan("head", "head", stored, loose, outlined=stored != "stored"))
     for seg in segments:
         seg.blocks = [bp.name for bp in block_plans if bp.block.add in seg.nodes]
     return segments
@@ -387,9 +429,10 @@ def _grouped(segments: list[SegmentPlan], count: int | str) -> list[SegmentPlan]
     for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
         members = segments[a:b]
         name = members[0].name if len(members) == 1 else f"{members[0].name}..{members[-1].name}"
-        groups.append(SegmentPlan(name, "group", "checkpointed" if i < k - 1 else "stored",
+        last = i == k - 1
+        groups.append(SegmentPlan(name, "group", "stored" if last else "checkpointed",
                                   [n for m in members for n in m.nodes],
-                                  [b for m in members for b in m.blocks]))
+                                  [b for m in members for b in m.blocks], outlined=not last))
     return groups
 
 

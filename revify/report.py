@@ -25,8 +25,12 @@ def format_plan(plan, fmt: str = "simple") -> str:
     stages = [[s.name, len(s.blocks), len(s.couplings), s.channels, f"{s.channels // 2} + {s.channels // 2}",
                f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
                _delta(s.params_before, s.params_after)] for s in plan.stages]
+    kept = plan.schedule.stored if plan.schedule else {}
     segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-",
-                 s.lean.describe() if s.lean else ""] for s in plan.segments]
+                 "; ".join(filter(None, [f"keeps {_mib(kept[s.name])} MiB: fits under the peak"
+                                         if s.name in kept else "",
+                                         s.lean.describe() if s.lean else ""]))]
+                for s in plan.segments]
     parts = [
         f"revify plan for {plan.model}: {len(plan.blocks)} residual blocks, "
         f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} "
@@ -41,10 +45,32 @@ def format_plan(plan, fmt: str = "simple") -> str:
         f"parameters: {plan.params_before:,} -> {plan.params_after:,} "
         f"({_delta(plan.params_before, plan.params_after)})",
     ]
+    if plan.schedule:
+        parts.insert(-1, format_schedule(plan.schedule))
     if plan.opaque:
         parts.insert(-1, "kept as opaque layers (not traced into):\n" + "\n".join(
             f"  {name}: {why}" for name, why in plan.opaque.items()))
     return "\n\n".join(parts)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f}"
+
+
+def format_schedule(schedule) -> str:
+    """One paragraph: which units store their activations, and what that costs and saves."""
+    if schedule.skipped:
+        return f"schedule: every unit recomputes ({schedule.skipped})."
+    head = (f"schedule (a training step at the example input, projected): every unit recomputing "
+            f"peaks at {_mib(schedule.peak_recompute)} MiB of activations; budget "
+            f"{_mib(schedule.budget)} MiB")
+    if not schedule.stored:
+        return f"{head}. No unit's activations fit under it: every unit recomputes."
+    units = ", ".join(schedule.stored)
+    return (f"{head}. Stored instead of recomputed: {units} (keeping "
+            f"{_mib(sum(schedule.stored.values()))} MiB between forward and backward): the peak "
+            f"is {_mib(schedule.peak)} MiB and the backward recomputes "
+            f"{schedule.flops_saved / 1e9:,.2f} GFLOP less.")
 
 
 def carried_weights(rev) -> dict[str, int]:

@@ -84,7 +84,8 @@ class Grid:
         dims = [d for d in range(x.ndim) if d != dim]
         with torch.no_grad():
             x = x.detach()
-            size = torch.maximum(x.amax(dims), -x.amin(dims)).to(dtype)
+            size = torch.maximum(_per_channel(x, dims, torch.amax),
+                                 -_per_channel(x, dims, torch.amin)).to(dtype)
             size = torch.maximum(size, size.max() * 2.0 ** -FLOOR_BITS)
             size = size.clamp_min(torch.finfo(dtype).tiny * 2.0 ** 64)  # keep steps normal
             exponent = torch.frexp(size).exponent        # size < 2^exponent
@@ -115,7 +116,19 @@ class Grid:
     def outgrown(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """Per channel of half `half`: whether `t` reached the grid's limit (no sync)."""
         limit = self.limits[half].flatten()
-        return (t.amax(self.dims) >= limit) | (t.amin(self.dims) <= -limit)
+        return (_per_channel(t, self.dims, torch.amax) >= limit) | \
+            (_per_channel(t, self.dims, torch.amin) <= -limit)
+
+
+def _per_channel(t: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:
+    """`reduce` (amax or amin) over `dims`, the trailing ones first: a reduction over the
+    contiguous inner dims and then over the batch is several times faster on CPU than one over
+    both at once when the inner dims are small (a 4x4 or 7x7 feature map)."""
+    inner = [d for d in dims if d > max(set(range(t.ndim)) - set(dims))]
+    if inner and len(inner) < len(dims):
+        t = reduce(t, inner)
+        dims = [d for d in dims if d not in inner]
+    return reduce(t, dims)
 
 
 class _Snap(torch.autograd.Function):
@@ -162,12 +175,16 @@ class ReversibleStage(nn.Module):
     """A run of coupling blocks: split once at entry, concatenate once at exit."""
 
     def __init__(self, blocks: list[CouplingBlock], dim: int = 1, exact: bool = True,
-                 anchor_every: int | None = None, channels: int | None = None):
+                 anchor_every: int | None = None, channels: int | None = None,
+                 stored: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.dim = dim
         self.exact = exact
         self.anchor_every = anchor_every
+        # stored: run with plain autograd, keeping the activations (revify.schedule: they fit
+        # under the step's peak). The same function, grid included: only the backward differs.
+        self.stored = stored
         # Headroom bits per stream channel (see the module docstring): the grid is part of the
         # function the stage computes, so it is saved with the weights.
         headroom = torch.full((channels,), HEADROOM_BITS, dtype=torch.int32) \
@@ -188,7 +205,7 @@ class ReversibleStage(nn.Module):
     def forward(self, x):
         params = list(self.parameters())
         needs_grad = x.requires_grad or any(p.requires_grad for p in params)
-        if exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
+        if self.stored or exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
             return self.couple(x).output
         _refuse_fsdp_inside(self)
         return _run_reversible(self, x, *params)

@@ -14,7 +14,7 @@ from torch import fx, nn
 from .blocks import module_path
 from .checkpoint import Checkpointed
 from .lean import LeanPlan, apply_lean
-from .plan import BlockPlan, Plan, StagePlan
+from .plan import BlockPlan, Plan, SegmentPlan, StagePlan
 from .channels import inner_key
 from .resize import carry_over, rebuild
 from .reversible import CouplingBlock, ReversibleStage
@@ -165,7 +165,8 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan) -> None:
     couplings = [CouplingBlock(_lean_branch(gm, plan.block(f), 0), _lean_branch(gm, plan.block(g), half))
                  for f, g in stage.couplings]
     module = ReversibleStage(couplings, stage.dim, plan.options.reconstruction == "exact",
-                             stage.anchor_every, stage.channels)
+                             stage.anchor_every, stage.channels,
+                             stored=plan.segment(stage.name).action == "stored")
     _check_shape(module, nodes[stage.entry].meta["shape"], stage.name)
     attr = _unit_name(gm, stage.name)
     gm.add_submodule(attr, module)
@@ -246,7 +247,33 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     for stage in plan.stages:
         _replace_stage(gm, plan, stage)
     for segment in plan.segments:
-        if segment.action == "checkpointed":
-            _outline(gm, segment.nodes, segment.name, Checkpointed, segment.lean)
+        if segment.outlined and segment.kind != "stage":
+            stored = segment.action == "stored"
+            _outline(gm, segment.nodes, segment.name,
+                     lambda module, stored=stored: Checkpointed(module, stored=stored), segment.lean)
     gm.graph.lint()
     return _finalize(gm)
+
+
+def unit_nodes(net: fx.GraphModule, plan: Plan) -> list[tuple[SegmentPlan, fx.Node]] | None:
+    """Each outlined segment of `plan` with the node of `net` that calls its unit (a
+    Checkpointed or ReversibleStage), in order; None if they do not pair up."""
+    nodes = [n for n in net.graph.nodes if n.op == "call_module"
+             and isinstance(net.get_submodule(n.target), (Checkpointed, ReversibleStage))]
+    outlined = [s for s in plan.segments if s.outlined]
+    return list(zip(outlined, nodes)) if len(nodes) == len(outlined) else None
+
+
+def set_stored(unit: nn.Module, stored: bool) -> None:
+    """Run a unit (and the layers checkpointed inside it) with plain autograd, or not."""
+    for module in unit.modules():
+        if isinstance(module, (Checkpointed, ReversibleStage)):
+            module.stored = stored
+
+
+def apply_schedule(net: fx.GraphModule, plan: Plan) -> None:
+    """Execute `plan.schedule` on a net rewritten before it: the units it stores run with plain
+    autograd, as `rewrite` builds them from the scheduled plan (whose stored units nest no
+    layer: the nested checkpoints left in place run plainly)."""
+    for segment, node in unit_nodes(net, plan):
+        set_stored(net.get_submodule(node.target), segment.action == "stored")

@@ -1,4 +1,5 @@
-"""`revify.transform`: trace -> find blocks -> plan -> rewrite, returning a trainable module."""
+"""`revify.transform`: trace -> find blocks -> plan -> rewrite -> schedule, returning a
+trainable module whose plan says what was done."""
 from __future__ import annotations
 
 from typing import Iterable, Literal
@@ -7,8 +8,10 @@ import torch
 from torch import nn
 
 from .blocks import find_blocks
+from .memory import parse_bytes
 from .plan import Options, Plan, make_plan
 from .rewrite import rewrite
+from .schedule import schedule
 from .trace import propagate_shapes, trace
 
 
@@ -51,6 +54,7 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
               reversible: bool = True, reconstruction: Literal["exact", "native"] = "exact",
               anchor_every: int | dict[str, int] | None = None,
               segments: int | Literal["sqrt"] | None = None, lean: bool = True,
+              store: Literal["auto", "none"] = "auto", budget: int | str | None = None,
               leaf_modules: Iterable[type | str] = ()) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
 
@@ -72,11 +76,18 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         drifts over more than k blocks. Costs one stored activation per anchor.
     lean: recompute checkpointed units leanly (revify.lean: cheap expanding layers recomputed
         once more, in-place adds, masked ReLUs); False is plain per-unit checkpointing.
+    store: "auto" lets the units whose activations fit under `budget` keep them instead of
+        recomputing them in the backward (revify.schedule; the plan says which); "none"
+        recomputes every unit.
+    budget: the peak activation memory (bytes, or a size such as '2GiB') a training step at the
+        example input may reach; default: the peak with every unit recomputing, so storing
+        costs no memory. Pass example_inputs at your batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
                       reconstruction=reconstruction, anchor_every=anchor_every, segments=segments,
-                      lean=lean)
+                      lean=lean, store=store,
+                      budget=None if budget is None else parse_bytes(budget))
     leaf_modules = list(leaf_modules)
     example_inputs = _example_inputs(model, example_inputs, input_size)
     gm = trace(model, leaf_modules, len(example_inputs))
@@ -87,6 +98,8 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
                                f"branch computed from x): there is nothing to make reversible.")
     plan = make_plan(gm, blocks, options)
     net = rewrite(gm, plan)
+    if options.schedules:
+        schedule(net, plan, example_inputs)
     recipe = _recipe(model, example_inputs, options, leaf_modules)
     return RevifiedModel(net, plan, recipe).train(model.training)
 
@@ -105,7 +118,8 @@ def _recipe(model: nn.Module, example_inputs: tuple, options: Options, leaf_modu
         "transform": {"width": options.width, "checkpoint": options.checkpoint,
                       "reversible": options.reversible, "reconstruction": options.reconstruction,
                       "anchor_every": options.anchor_every, "segments": options.segments,
-                      "lean": options.lean, "leaf_modules": leaf_names},
+                      "lean": options.lean, "store": options.store, "budget": options.budget,
+                      "leaf_modules": leaf_names},
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                    if isinstance(t, torch.Tensor) else None for t in example_inputs],
     }

@@ -181,10 +181,16 @@ def test_data_parallel_matches_one_process(case, ranks, reference):
     initial = reference["initial"]
     for name, param in reference["params"].items():
         assert torch.equal(results[0]["params"][name], results[1]["params"][name]), name
-        # 1e-4: a parameter whose two steps nearly cancel magnifies rounding in its update
-        # (9e-6 seen for one GroupNorm weight; a wrong gradient is off by far more).
-        moved = results[0]["params"][name] - initial[name]
-        assert rel_err(moved, param - initial[name]) <= 1e-4, name
+        # Against the larger of the net move and the first step's size: a parameter whose two
+        # steps nearly cancel magnifies differences in its net move. The second step differs
+        # from one process's by more than rounding: each rank puts its stream on a grid of its
+        # own (from its shard, widened by its own overflows), as BatchNorm without SyncBN keeps
+        # statistics of its own; 3.5e-3 of a step seen for the stem's conv weight. A wrong
+        # gradient is off by a whole step; the first step's gradients are held to 1e-5 above.
+        moved = (results[0]["params"][name] - initial[name]).double()
+        expected = (param - initial[name]).double()
+        scale = max(expected.norm(), LR * reference["grads"][name].double().norm())
+        assert (moved - expected).norm() <= 2e-2 * scale, name
 
 
 @pytest.mark.parametrize("case", INSIDE_STAGE)

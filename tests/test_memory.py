@@ -40,7 +40,10 @@ def test_doubling_blocks_leaves_revified_peak_nearly_unchanged():
     # the original stores every block's activations: its peak grows with depth
     assert orig4.peak_activation_bytes > 1.5 * orig2.peak_activation_bytes
     assert rev4.peak_activation_bytes <= 1.10 * rev2.peak_activation_bytes
-    assert rev4.activation_bytes <= 1.10 * rev2.activation_bytes
+    # What the stages hold between forward and backward does not grow either; with the default
+    # schedule the deeper net stores more units under the same peak (revify.schedule).
+    (_, every2), (_, every4) = (_peaks(BasicBlock, [k] * 4, store="none") for k in (2, 4))
+    assert every4.activation_bytes <= 1.10 * every2.activation_bytes
 
 
 def test_doubling_bottleneck_blocks_leaves_revified_peak_nearly_unchanged():

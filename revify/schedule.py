@@ -1,0 +1,287 @@
+"""Step 5 of the pipeline: let the units whose activations fit under the step's peak keep them.
+
+After the rewrite every non-invertible unit recomputes itself in the backward and every
+reversible stage rebuilds its activations: the least memory, for a second forward of compute.
+The peak of that step is reached in one place (in a ResNet, the backward of the first units, at
+full resolution); everywhere else the step holds less. A unit whose stored activations fit
+under the peak for as long as they live, from its forward to its backward, may keep them: its
+backward then recomputes nothing, and the peak does not move. The units that fit are the late
+ones: low resolution, and their backward runs first, while the step holds little else.
+
+How a choice is priced. Two projections of a training step (fake tensors: every op dispatched
+with its real shapes, nothing allocated, every storage counted; revify.memory) give the memory
+over time with every unit recomputing and with every unit storing. The memory during a unit's
+forward or backward depends on that unit's own mode; of the other units only those before it
+hold anything then (what they keep between forward and backward), and that differs between
+the two projections by a known constant. So the peak of any choice is the largest, over units,
+of the unit's own stretch in its mode's projection, shifted by what the units before it keep in
+their chosen modes instead. Units are taken greedily by the recompute FLOPs they save per byte
+they add while the priced peak stays within the budget (by default the all-recompute peak:
+storing then costs no memory); the chosen net is projected once more, and units are given back
+until it fits, so the budget holds to the byte at the example input.
+
+Activation bytes throughout: everything a step allocates except parameter gradients (which
+grow through the backward whatever is stored; with gradient accumulation they are all there
+from the start).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_leaves
+
+from .memory import ProjectionTracker, fake_copy
+from .plan import Plan, Schedule
+from .reversible import ReversibleStage
+from .rewrite import apply_schedule, set_stored, unit_nodes
+
+
+@dataclass
+class _Run:
+    """One projected training step, cut into the units' stretches of time."""
+    inner: list[int]   # per unit: bytes born in its forward (its output aside) and alive when
+                       # the backward begins
+    out: list[int]     # per unit: its output's bytes if alive when the backward begins, else 0
+    size: list[int]    # per unit: its output's bytes
+    saves_output: list[bool]  # per unit: whether its own ops save its output for the backward
+    saves_input: list[bool]   # per unit: whether its own ops save its input
+    flops: list[int]   # per unit: FLOPs of its forward and backward stretches
+    peaks: list[int]   # per unit: the most bytes live during its forward or its backward
+    peak: int
+
+    def held(self, k: int) -> int:
+        """What unit k keeps between forward and backward in this projection."""
+        return self.inner[k] + self.out[k]
+
+
+class _Mark(torch.autograd.Function):
+    """The identity on a unit's output; its backward runs just before the unit's backward."""
+
+    @staticmethod
+    def forward(ctx, x, at_backward):
+        ctx.at_backward = at_backward
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.at_backward()
+        return grad, None
+
+
+class _Marked(fx.Interpreter):
+    """Runs the net noting the tracker's position where each unit's forward and backward begin."""
+
+    def __init__(self, net: fx.GraphModule, units: list[str], tracker: ProjectionTracker):
+        super().__init__(net)
+        self.units, self.tracker = {name: k for k, name in enumerate(units)}, tracker
+        self.fwd = [(0, 0)] * len(units)   # (event index, FLOPs so far) per unit
+        self.bwd = [(0, 0)] * len(units)
+        self.births: list[int | None] = [None] * len(units)  # the birth of each unit's output
+        self.saved: list[set] = [set() for _ in units]  # births of what each unit's ops save
+
+    def here(self) -> tuple[int, int]:
+        return len(self.tracker.events), self.tracker.total_flops
+
+    def save(self, k: int, t: torch.Tensor) -> torch.Tensor:
+        self.saved[k].add(self.tracker.live.get(t.untyped_storage()._cdata, (None,))[0])
+        return t
+
+    def run_node(self, node: fx.Node):
+        k = self.units.get(node.name)
+        if k is not None:
+            self.fwd[k] = self.here()
+        if k is None:
+            return super().run_node(node)
+        # What autograd saves in the unit's own ops (a checkpoint's inside stays unseen: it
+        # saves through hooks of its own).
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: self.save(k, t), lambda t: t):
+            result = super().run_node(node)
+        if isinstance(result, torch.Tensor):
+            self.births[k] = self.tracker.live.get(result.untyped_storage()._cdata, (None,))[0]
+            if result.requires_grad:
+                result = _Mark.apply(result, lambda k=k: self.bwd.__setitem__(k, self.here()))
+        return result
+
+
+def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], inputs: tuple) -> _Run:
+    """One training step of `fake` (backward from a dense gradient, as a loss gives)."""
+    fake.zero_grad(set_to_none=True)
+    tracker = ProjectionTracker()
+    with mode:
+        args = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                if isinstance(t, torch.Tensor) else t for t in inputs]
+        with tracker:
+            marked = _Marked(fake, units, tracker)
+            outputs = [o for o in tree_leaves(marked.run(*args))
+                       if isinstance(o, torch.Tensor) and o.requires_grad]
+            start = marked.here()
+            torch.autograd.backward(outputs, [torch.empty_like(o) for o in outputs])
+            del outputs
+    grads = {tracker.live[p.grad.untyped_storage()._cdata][0] for p in fake.parameters()
+             if p.grad is not None and p.grad.untyped_storage()._cdata in tracker.live}
+    fake.zero_grad(set_to_none=True)
+    return _cut(tracker, marked, start, grads)
+
+
+def _cut(tracker: ProjectionTracker, marked: _Marked, start, grads: set[int]) -> _Run:
+    """The step's timeline cut into each unit's forward and backward stretches.
+
+    Unit k's forward runs from its start to the next unit's (the last one's to the start of
+    the backward); its backward from its mark to the previous unit's (the last one's from the
+    start of the backward, the loss's gradient included; the first one's to the end).
+    """
+    fwd, bwd, births, saved = marked.fwd, marked.bwd, marked.births, marked.saved
+    events, n = tracker.events, len(fwd)
+    timeline, live = [0], 0    # timeline[i]: bytes live after i events, gradients left out
+    for birth, delta in events:
+        live += 0 if birth in grads else delta
+        timeline.append(live)
+    end = (len(events), tracker.total_flops)
+    forward = [(fwd[k], fwd[k + 1] if k + 1 < n else start) for k in range(n)]
+    backward = [(bwd[k] if k + 1 < n else start, bwd[k - 1] if k else end) for k in range(n)]
+    died = {birth for birth, delta in events[:start[0]] if delta < 0}
+    size = [events[b][1] if b is not None else 0 for b in births]
+    kept = [size[k] if births[k] is not None and births[k] not in died else 0 for k in range(n)]
+    inner = [sum(delta for birth, delta in events[a[0]:b[0]] if delta > 0 and birth not in died
+                 and birth not in grads and birth != births[k])
+             for k, (a, b) in enumerate(forward)]
+    flops = [(fb[1] - fa[1]) + (bb[1] - ba[1]) for (fa, fb), (ba, bb) in zip(forward, backward)]
+    peaks = [max(max(timeline[fa[0]:fb[0] + 1]), max(timeline[ba[0]:bb[0] + 1]))
+             for (fa, fb), (ba, bb) in zip(forward, backward)]
+    saves_output = [births[k] is not None and births[k] in saved[k] for k in range(n)]
+    saves_input = [k > 0 and births[k - 1] is not None and births[k - 1] in saved[k]
+                   for k in range(n)]
+    return _Run(inner, kept, size, saves_output, saves_input, flops, peaks, max(timeline))
+
+
+class _Pricing:
+    """The peak of any choice of stored units, from the two projections (see the module
+    docstring). `stages[k]`: whether unit k is a reversible stage."""
+
+    def __init__(self, recompute: _Run, stored: _Run, stages: list[bool]):
+        self.runs, self.stages = {False: recompute, True: stored}, stages
+
+    def held(self, stored: list[bool], k: int) -> int:
+        """What unit k keeps between forward and backward when the units in `stored` store.
+
+        Its output is the next unit's input, kept if either of them keeps it: a recomputing
+        unit keeps what its kind keeps (a checkpoint its input, a reversible stage its output),
+        a stored one what its ops save (seen in the projection that stores every unit). The
+        last unit's output is the net's: kept as its own projection says.
+        """
+        run, every = self.runs[stored[k]], self.runs[True]
+        if k + 1 == len(stored):
+            return run.held(k)
+        ours = every.saves_output[k] if stored[k] else self.stages[k]
+        theirs = every.saves_input[k + 1] if stored[k + 1] else not self.stages[k + 1]
+        return run.inner[k] + (run.size[k] if ours or theirs else 0)
+
+    def peak(self, stored: list[bool]) -> int:
+        """Each unit's stretches in its own mode's projection, shifted by what the units before
+        it keep in their chosen modes instead of that projection's."""
+        peak = 0
+        for k, mode in enumerate(stored):
+            own = self.runs[mode]
+            shift = sum(self.held(stored, v) - own.held(v) for v in range(k))
+            peak = max(peak, own.peaks[k] + shift)
+        return peak
+
+    def saved_flops(self, k: int) -> int:
+        return self.runs[False].flops[k] - self.runs[True].flops[k]
+
+    def choose(self, budget: int) -> list[bool]:
+        """Units by recompute FLOPs saved per byte added, each kept if the priced peak fits."""
+        recompute, stored = self.runs[False], self.runs[True]
+        n = len(self.stages)
+        added = [max(stored.held(k) - recompute.held(k), 1) for k in range(n)]
+        chosen = [False] * n
+        for k in sorted((k for k in range(n) if self.saved_flops(k) > 0),
+                        key=lambda k: -self.saved_flops(k) / added[k]):
+            chosen[k] = True
+            if self.peak(chosen) > budget:
+                chosen[k] = False
+        return chosen
+
+
+def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
+    """Why the units do not run one after another, each on the one before's output (None: they
+    do). The pricing needs that order: a unit's backward then ends where the one before begins."""
+    chain = set(units)
+    for node in net.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            return None if node.all_input_nodes == units[-1:] else "the net's output is not its last unit's"
+        if node not in chain:
+            return f"'{node.name}' runs between its units"
+        k = units.index(node)
+        if k and node.all_input_nodes != [units[k - 1]]:
+            return f"unit '{node.target}' reads more than the unit before it"
+    return None
+
+
+def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule:
+    """Choose the units of `net` (rewritten from `plan`) that store their activations within
+    `plan.options.budget`, record the choice in the plan and execute it on `net`."""
+    pairs = unit_nodes(net, plan)
+    nodes = [node for _, node in pairs or []]
+    why = "no unit to store" if not nodes else _chain(net, nodes)
+    if why is not None:
+        plan.schedule = Schedule(plan.options.budget or 0, 0, 0, skipped=why)
+        return plan.schedule
+    names = [node.name for node in nodes]
+    mode = FakeTensorMode()
+    fake = fake_copy(net, mode)
+
+    def project(stored: list[bool]) -> _Run:
+        for node, keep in zip(nodes, stored):
+            set_stored(fake.get_submodule(node.target), keep)
+        return _project(fake, mode, names, example_inputs)
+
+    n = len(nodes)
+    stages = [isinstance(net.get_submodule(node.target), ReversibleStage) for node in nodes]
+    try:
+        pricing = _Pricing(project([False] * n), project([True] * n), stages)
+    except Exception as exc:  # a value the step reads (data-dependent control flow): no shapes
+        # alone can price it, and every unit recomputing is always right
+        plan.schedule = Schedule(plan.options.budget or 0, 0, 0, skipped=(
+            f"the step cannot be projected on shapes alone: {type(exc).__name__}"))
+        return plan.schedule
+    least = pricing.runs[False].peak
+    budget = plan.options.budget or least
+    if budget < least:
+        raise ValueError(f"a training step at the example input {_shapes(example_inputs)} needs "
+                         f"{least:,} bytes of activations with every unit recomputing; the "
+                         f"budget of {budget:,} bytes is below that.")
+    chosen = pricing.choose(budget)
+    peak = project(chosen).peak if any(chosen) else least
+    while peak > budget:  # the pricing was off (it is exact on the models tested): give back
+        chosen[max(k for k in range(n) if chosen[k])] = False
+        peak = project(chosen).peak
+    segments = [seg for seg, _ in pairs]
+    result = Schedule(budget, least, peak, {
+        seg.name: pricing.held(chosen, k) for k, seg in enumerate(segments) if chosen[k]},
+        sum(pricing.saved_flops(k) for k in range(n) if chosen[k]))
+    _record(plan, segments, chosen, result)
+    apply_schedule(net, plan)
+    return result
+
+
+def _record(plan: Plan, segments, chosen: list[bool], result: Schedule) -> None:
+    """Write the choice into the plan: stored units, and no layer nested in them (revify.lean's
+    nesting is a recompute; their in-place adds and masked ReLUs stay, and still save memory)."""
+    plan.schedule = result
+    for segment, keep in zip(segments, chosen):
+        if not keep:
+            continue
+        segment.action = "stored"
+        leans = [segment.lean] + [plan.block(b).lean for b in segment.blocks]
+        for lean in filter(None, leans):
+            lean.nested, lean.layers = [], []
+
+
+def _shapes(inputs: tuple) -> str:
+    return ", ".join("x".join(map(str, t.shape)) for t in inputs if isinstance(t, torch.Tensor))

@@ -1,0 +1,125 @@
+"""revify.schedule: units that fit under the step's peak keep their activations.
+
+The pricing is checked against a projection of the very choice it prices, the memory against
+exact accounting of a real step, and the gradients against plain autograd on the same model.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import revify
+from revify.checkpoint import Checkpointed
+from revify.memory import LiveTensorTracker, fake_copy
+from revify.reversible import ReversibleStage
+from revify.rewrite import set_stored, unit_nodes
+from revify.schedule import _Pricing, _project
+
+X = torch.empty(4, 3, 64, 64)
+
+
+def _step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def _peak(model, x, y) -> int:
+    """Peak activation bytes of one real training step (exact accounting, gradients left out)."""
+    model.zero_grad(set_to_none=True)
+    with LiveTensorTracker() as tracker:
+        F.cross_entropy(model(x), y).backward()
+    return tracker.peak_without([p.grad for p in model.parameters()])
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).train()
+
+
+@pytest.mark.parametrize("make", [lambda: torchvision.models.resnet18(num_classes=10),
+                                  lambda: torchvision.models.resnet50(num_classes=10)],
+                         ids=["resnet18", "resnet50"])
+def test_the_pricing_of_a_choice_is_its_projected_peak(make):
+    rev = revify.transform(make(), X, store="none")
+    nodes = [node for _, node in unit_nodes(rev.net, rev.revify_plan)]
+    mode = FakeTensorMode()
+    fake = fake_copy(rev.net, mode)
+
+    def project(stored):
+        for node, keep in zip(nodes, stored):
+            set_stored(fake.get_submodule(node.target), keep)
+        return _project(fake, mode, [n.name for n in nodes], (X,))
+
+    n = len(nodes)
+    stages = [isinstance(rev.net.get_submodule(node.target), ReversibleStage) for node in nodes]
+    pricing = _Pricing(project([False] * n), project([True] * n), stages)
+    random.seed(0)
+    choices = [[random.random() < 0.5 for _ in range(n)] for _ in range(6)]
+    priced = [pricing.peak(c) for c in choices]
+    assert priced == [project(c).peak for c in choices]
+    assert len(set(priced)) > 1  # the choices differ in their peaks: the check has teeth
+
+
+def test_stored_units_keep_the_peak_and_skip_their_recompute(resnet18):
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    every = revify.transform(resnet18, X, store="none").train()
+    rev = revify.transform(resnet18, X).train()
+    schedule = rev.revify_plan.schedule
+    assert schedule.stored and schedule.peak == schedule.peak_recompute == schedule.budget
+    assert _peak(rev, x, y) == _peak(every, x, y)  # storing cost no memory
+    # A conv of a stored unit runs once a step; recomputed, twice.
+    name = next(iter(schedule.stored))
+    unit = next(m for n, m in rev.net.named_children() if n == name.replace(".", "_"))
+    assert all(m.stored for m in unit.modules() if isinstance(m, (Checkpointed, ReversibleStage)))
+    conv = next(m for m in unit.modules() if isinstance(m, torch.nn.Conv2d))
+    twin = dict(every.named_modules())[next(n for n, m in rev.named_modules() if m is conv)]
+    calls = {id(conv): 0, id(twin): 0}
+    for m in (conv, twin):
+        m.register_forward_hook(lambda m, *_: calls.__setitem__(id(m), calls[id(m)] + 1))
+    _step(rev, x, y), _step(every, x, y)
+    assert (calls[id(conv)], calls[id(twin)]) == (1, 2)
+    assert f"Stored instead of recomputed: {', '.join(schedule.stored)}" in str(rev.revify_plan)
+
+
+def test_scheduled_gradients_equal_plain_autograd(resnet18):
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    rev = revify.transform(resnet18, X).train()
+    assert rev.revify_plan.schedule.stored
+    state = {k: v.clone() for k, v in rev.state_dict().items()}
+    _step(rev, x, y)
+    grads = [p.grad.clone() for p in rev.parameters()]
+    rev.load_state_dict(state)
+    with revify.exact_backward():
+        _step(rev, x, y)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, rev.parameters()))
+
+
+def test_a_larger_budget_stores_more_and_holds(resnet18):
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    least = revify.transform(resnet18, X).revify_plan.schedule
+    budget = least.peak + 2 * 2**20
+    rev = revify.transform(resnet18, X, budget=budget).train()
+    assert len(rev.revify_plan.schedule.stored) > len(least.stored)
+    assert least.peak < rev.revify_plan.schedule.peak <= budget
+    assert _peak(rev, x, y) <= budget
+
+
+def test_impossible_budgets_are_refused(resnet18):
+    with pytest.raises(ValueError, match="budget of 1,000 bytes is below that"):
+        revify.transform(resnet18, X, budget=1000)
+    with pytest.raises(ValueError, match="budget needs store='auto'"):
+        revify.transform(resnet18, X, budget="1GiB", reversible=False)
+    with pytest.raises(ValueError, match="store must be"):
+        revify.transform(resnet18, X, store="some")
+
+
+def test_baselines_store_nothing(resnet18):
+    for options in ({"reversible": False}, {"checkpoint": "none"}, {"store": "none"}):
+        plan = revify.transform(resnet18, X, **options).revify_plan
+        assert plan.schedule is None and all(s.action != "stored" or not s.outlined
+                                             for s in plan.segments)
