@@ -29,7 +29,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .bench import strategies
 from .checkpoint import Checkpointed
-from .memory import ProjectionTracker, fake_copy, measure_step, parse_bytes  # noqa: F401 (re-exported)
+from .memory import ProjectionTracker, fake_copy, measure_step
+from .memory import parse_bytes  # noqa: F401 (revify.analyze.parse_bytes, as before)
 from .reversible import ReversibleStage
 from .trace import trace
 
@@ -139,7 +140,9 @@ class Floor:
     """The floor of revify's design for one step (bytes, the input batch left out): what must
     be held between forward and backward (stage outputs, inputs of checkpointed units), plus
     the working set of the one block whose plain recompute keeps the most and that block's
-    output gradient. Recomputing that block leanly (revify.lean) can go below it."""
+    output gradient. Recomputing that block leanly (revify.lean) can go below it. Units that
+    revify.schedule stores count as held: analyze with options={"store": "none"} for the floor
+    of the design itself."""
     boundary_bytes: int
     block: str
     working_bytes: int

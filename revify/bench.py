@@ -77,6 +77,8 @@ ROWS = {
     # checkpoint_sequential's sqrt(n) groups, the last stored
     "checkpoint-sqrt": _baseline(segments="sqrt"),
     "revify": _revify(),
+    # every unit recomputed: what revify.schedule's stored units save in time, at the same peak
+    "revify-recompute": _revify(store="none"),
     # the RevNet paper's choice: the non-invertible layers stored, not recomputed
     "revify-stored": _revify(checkpoint="none"),
     "revify-native": _revify(reconstruction="native"),
@@ -84,7 +86,7 @@ ROWS = {
        for name, budget in COMPILE_BUDGETS.items()},
 }
 DEFAULT_ROWS = ("original", "checkpoint", "checkpoint-timm", "checkpoint-sqrt", "revify",
-                "revify-stored")
+                "revify-recompute", "revify-stored")
 
 
 def strategies(model: nn.Module, input_size, rows=DEFAULT_ROWS, note=_note,

@@ -75,6 +75,9 @@ def _add_transform_options(p) -> None:
                         "floating point (drifts with depth)")
     g.add_argument("--anchor-every", type=_positive_int, default=None, metavar="K",
                    help="keep the stream at every K-th block of each stage: bounds native drift")
+    g.add_argument("--store", choices=["auto", "none"], default=None,
+                   help="let units whose activations fit under the step's peak keep them instead "
+                        "of recomputing them (auto, default), or recompute every unit")
     g.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="a submodule torch.fx should not trace into (repeatable)")
 
@@ -92,7 +95,7 @@ def _transform_options(args) -> dict:
             raise UsageError("--no-reversible with --checkpoint none leaves nothing to change")
     options = {"width": args.width, "checkpoint": args.checkpoint,
                "reconstruction": args.reconstruction, "anchor_every": args.anchor_every,
-               "leaf_modules": args.leaf_module or None}
+               "store": args.store, "leaf_modules": args.leaf_module or None}
     options = {k: v for k, v in options.items() if v is not None}
     return options | ({} if args.reversible else {"reversible": False})
 

@@ -124,8 +124,9 @@ def fake_copy(model: torch.nn.Module, mode, device=None, dtype=None) -> torch.nn
 
 
 def _fake_like(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    floating = dtype is not None and t.is_floating_point()
     return torch.empty_strided(t.shape, t.stride(), device=device or t.device,
-                               dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                               dtype=dtype if floating else t.dtype)
 
 
 class ProjectionTracker(LiveTensorTracker):

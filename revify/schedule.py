@@ -214,7 +214,8 @@ def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
         if node.op in ("placeholder", "get_attr"):
             continue
         if node.op == "output":
-            return None if node.all_input_nodes == units[-1:] else "the net's output is not its last unit's"
+            last = node.all_input_nodes == units[-1:]
+            return None if last else "the net's output is not its last unit's"
         if node not in chain:
             return f"'{node.name}' runs between its units"
         k = units.index(node)

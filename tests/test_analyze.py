@@ -42,7 +42,7 @@ def test_projection_matches_a_real_training_step(name):
             projected = getattr(result.strategies[strategy], key)
             assert abs(projected / measured - 1) <= 0.05, (strategy, key, projected, measured)
     peak = {s: result.measured[s]["peak_activation_bytes"] for s in STRATEGIES}
-    assert peak["revify"] < peak["checkpoint"] < peak["original"]
+    assert peak["revify"] <= peak["checkpoint"] < peak["original"]
 
 
 def test_peak_extrapolates_exactly_and_the_largest_batch_is_the_largest(tiny, analysis):
