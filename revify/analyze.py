@@ -31,7 +31,7 @@ from .bench import strategies
 from .checkpoint import Checkpointed
 from .memory import ProjectionTracker, fake_copy, measure_step
 from .memory import parse_bytes  # noqa: F401 (revify.analyze.parse_bytes, as before)
-from .reversible import ReversibleStage
+from .rewrite import unit_calls
 from .trace import trace
 
 STRATEGIES = ("original", "checkpoint", "revify")
@@ -363,17 +363,12 @@ def _original_labels(report_plan) -> dict[str, tuple]:
     return labels
 
 
-def _units(net: fx.GraphModule):
-    return [n for n in net.graph.nodes if n.op == "call_module"
-            and isinstance(net.get_submodule(n.target), (Checkpointed, ReversibleStage))]
-
-
 def _net_labels(rev: nn.Module, report_plan) -> dict[str, tuple]:
     """Unit node of a revified net -> (row, block): units follow the plan's wrapped segments."""
     plan = rev.revify_plan
     wrapped = [(seg, row) for seg, row in zip(plan.segments, _rows_of(plan.segments, report_plan))
                if seg.outlined]
-    units = _units(rev.net)
+    units = unit_calls(rev.net)
     if len(units) != len(wrapped):  # an unexpected rewrite: report it all as unattributed
         return {}
     labels = {}
@@ -404,7 +399,7 @@ def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, repor
         tracker.label = previous.pop()
 
     handles = []
-    for node in _units(net):
+    for node in unit_calls(net):
         if node.name not in labels:
             continue
         row, block = labels[node.name]

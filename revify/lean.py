@@ -229,9 +229,9 @@ class _MaskedReLU(torch.autograd.Function):
     """relu(x) whose backward keeps where x > 0 (one byte a value) instead of the output: the
     same values and gradients as torch.relu (a zero gradient may come out as -0.0, which equals
     0.0, and an inf or NaN gradient where x <= 0 stays NaN, where relu's would be 0: a step that
-    overflows shows it, as GradScaler wants). `inplace` overwrites x, as nn.ReLU(inplace=True) does; `grad_in_place` zeroes the
-    incoming gradient in place, for a ReLU whose only reader is a conv or linear layer, whose
-    backward hands it a gradient of its own.
+    overflows shows it, as GradScaler wants). `inplace` overwrites x, as nn.ReLU(inplace=True)
+    does; `grad_in_place` zeroes the incoming gradient in place, for a ReLU whose only reader is
+    a conv or linear layer, whose backward hands it a gradient of its own.
 
     The gradient is multiplied by the mask as uint8 (a free reinterpretation of the bool): on
     CPU that is several times faster than masked_fill with a bool mask, which dominated the cost

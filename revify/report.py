@@ -1,4 +1,4 @@
-"""Step 5 of the pipeline: print the plan (what was found and what became of it)."""
+"""Step 6 of the pipeline: print the plan (what was found and what became of it)."""
 from __future__ import annotations
 
 from tabulate import tabulate

@@ -255,11 +255,16 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
     return _finalize(gm)
 
 
+def unit_calls(net: fx.GraphModule) -> list[fx.Node]:
+    """The nodes of `net` that call a unit (a Checkpointed or ReversibleStage), in order."""
+    return [n for n in net.graph.nodes if n.op == "call_module"
+            and isinstance(net.get_submodule(n.target), (Checkpointed, ReversibleStage))]
+
+
 def unit_nodes(net: fx.GraphModule, plan: Plan) -> list[tuple[SegmentPlan, fx.Node]] | None:
-    """Each outlined segment of `plan` with the node of `net` that calls its unit (a
-    Checkpointed or ReversibleStage), in order; None if they do not pair up."""
-    nodes = [n for n in net.graph.nodes if n.op == "call_module"
-             and isinstance(net.get_submodule(n.target), (Checkpointed, ReversibleStage))]
+    """Each outlined segment of `plan` with the node of `net` that calls its unit, in order;
+    None if they do not pair up."""
+    nodes = unit_calls(net)
     outlined = [s for s in plan.segments if s.outlined]
     return list(zip(outlined, nodes)) if len(nodes) == len(outlined) else None
 

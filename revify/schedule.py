@@ -126,6 +126,20 @@ def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], input
     return _cut(tracker, marked, start, grads)
 
 
+def projector(net: fx.GraphModule, units: list[fx.Node], inputs: tuple):
+    """project(stored) -> _Run: a training step of a fake copy of `net` (nothing allocated)
+    with the units marked in `stored` (one bool per node of `units`) keeping their activations."""
+    mode = FakeTensorMode()
+    fake = fake_copy(net, mode)
+    names = [node.name for node in units]
+
+    def project(stored: list[bool]) -> _Run:
+        for node, keep in zip(units, stored):
+            set_stored(fake.get_submodule(node.target), keep)
+        return _project(fake, mode, names, inputs)
+    return project
+
+
 def _cut(tracker: ProjectionTracker, marked: _Marked, start, grads: set[int]) -> _Run:
     """The step's timeline cut into each unit's forward and backward stretches.
 
@@ -233,15 +247,7 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
     if why is not None:
         plan.schedule = Schedule(plan.options.budget or 0, 0, 0, skipped=why)
         return plan.schedule
-    names = [node.name for node in nodes]
-    mode = FakeTensorMode()
-    fake = fake_copy(net, mode)
-
-    def project(stored: list[bool]) -> _Run:
-        for node, keep in zip(nodes, stored):
-            set_stored(fake.get_submodule(node.target), keep)
-        return _project(fake, mode, names, example_inputs)
-
+    project = projector(net, nodes, example_inputs)
     n = len(nodes)
     stages = [isinstance(net.get_submodule(node.target), ReversibleStage) for node in nodes]
     try:

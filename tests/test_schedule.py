@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import revify
 from revify.checkpoint import Checkpointed
-from revify.memory import LiveTensorTracker, fake_copy
+from revify.memory import LiveTensorTracker
 from revify.reversible import ReversibleStage
-from revify.rewrite import set_stored, unit_nodes
-from revify.schedule import _Pricing, _project
+from revify.rewrite import unit_nodes
+from revify.schedule import _Pricing, projector
 
 X = torch.empty(4, 3, 64, 64)
 
@@ -46,13 +45,7 @@ def resnet18():
 def test_the_pricing_of_a_choice_is_its_projected_peak(make):
     rev = revify.transform(make(), X, store="none")
     nodes = [node for _, node in unit_nodes(rev.net, rev.revify_plan)]
-    mode = FakeTensorMode()
-    fake = fake_copy(rev.net, mode)
-
-    def project(stored):
-        for node, keep in zip(nodes, stored):
-            set_stored(fake.get_submodule(node.target), keep)
-        return _project(fake, mode, [n.name for n in nodes], (X,))
+    project = projector(rev.net, nodes, (X,))
 
     n = len(nodes)
     stages = [isinstance(rev.net.get_submodule(node.target), ReversibleStage) for node in nodes]
