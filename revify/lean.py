@@ -257,6 +257,8 @@ class _MaskedReLU(torch.autograd.Function):
 def masked_relu(x, inplace: bool = False, grad_in_place: bool = False):
     if isinstance(x, fx.Proxy):  # traced again (a GraphModule being unpickled): stay one node
         return x.tracer.create_proxy("call_function", masked_relu, (x, inplace, grad_in_place), {})
+    if not (torch.is_grad_enabled() and x.requires_grad):  # no backward to come: no mask
+        return x.relu_() if inplace else torch.relu(x)
     return _MaskedReLU.apply(x, inplace, grad_in_place)
 
 

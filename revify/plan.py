@@ -135,6 +135,8 @@ class Schedule:
     peak_recompute: int                        # the peak with every unit recomputing
     peak: int                                  # the peak with `stored` kept
     stored: dict[str, int] = field(default_factory=dict)  # unit -> bytes it keeps
+    plain: list[str] = field(default_factory=list)  # units whose rerun nests no layer: the peak
+                                               # stays where it is without the nesting
     flops_saved: int = 0                       # recompute FLOPs a step no longer runs
     skipped: str = ""                          # why no unit could be considered, if so
 

@@ -26,9 +26,12 @@ def format_plan(plan, fmt: str = "simple") -> str:
                f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
                _delta(s.params_before, s.params_after)] for s in plan.stages]
     kept = plan.schedule.stored if plan.schedule else {}
+    plain = plan.schedule.plain if plan.schedule else []
     segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-",
                  "; ".join(filter(None, [f"keeps {_mib(kept[s.name])} MiB: fits under the peak"
                                          if s.name in kept else "",
+                                         "nests no layer: fits under the peak"
+                                         if s.name in plain else "",
                                          s.lean.describe() if s.lean else ""]))]
                 for s in plan.segments]
     parts = [
@@ -58,19 +61,23 @@ def _mib(nbytes: int) -> str:
 
 
 def format_schedule(schedule) -> str:
-    """One paragraph: which units store their activations, and what that costs and saves."""
+    """One paragraph: which units store their activations or rerun plainly, and what that costs
+    and saves."""
     if schedule.skipped:
         return f"schedule: every unit recomputes ({schedule.skipped})."
     head = (f"schedule (a training step at the example input, projected): every unit recomputing "
             f"peaks at {_mib(schedule.peak_recompute)} MiB of activations; budget "
             f"{_mib(schedule.budget)} MiB")
-    if not schedule.stored:
+    if not schedule.stored and not schedule.plain:
         return f"{head}. No unit's activations fit under it: every unit recomputes."
-    units = ", ".join(schedule.stored)
-    return (f"{head}. Stored instead of recomputed: {units} (keeping "
-            f"{_mib(sum(schedule.stored.values()))} MiB between forward and backward): the peak "
-            f"is {_mib(schedule.peak)} MiB and the backward recomputes "
-            f"{schedule.flops_saved / 1e9:,.2f} GFLOP less.")
+    parts = []
+    if schedule.stored:
+        parts.append(f"Stored instead of recomputed: {', '.join(schedule.stored)} (keeping "
+                     f"{_mib(sum(schedule.stored.values()))} MiB between forward and backward).")
+    if schedule.plain:
+        parts.append(f"Recomputed without nested layers: {', '.join(schedule.plain)}.")
+    return (f"{head}. {' '.join(parts)} The peak is {_mib(schedule.peak)} MiB and the backward "
+            f"recomputes {schedule.flops_saved / 1e9:,.2f} GFLOP less.")
 
 
 def carried_weights(rev) -> dict[str, int]:

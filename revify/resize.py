@@ -86,14 +86,24 @@ def _stateless_copy(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m)
 
 
+def shallow_copy(m: nn.Module) -> nn.Module:
+    """`copy.copy(m)` with its own containers: tensors, submodules and hooks in dicts (and the
+    non-persistent buffer set) of its own, so a hook registered on F's copy of a layer does not
+    fire on G's, nor a tensor replaced in one show in the other."""
+    new = copy.copy(m)
+    for name, value in vars(m).items():
+        if isinstance(value, (dict, set)):
+            new.__dict__[name] = copy.copy(value)
+    return new
+
+
 def clone_with(m: nn.Module, attrs: dict, shapes: dict[str, tuple], device=None) -> nn.Module:
     """A fresh copy of `m` with attributes replaced and tensors re-created at new shapes.
 
     Copying (rather than calling the constructor) keeps subclasses (timm's StdConv2d, Conv2dSame)
     and their extra attributes intact; `reset_parameters` then initialises the new tensors.
     """
-    new = copy.copy(m)
-    new._parameters, new._buffers, new._modules = dict(m._parameters), dict(m._buffers), dict(m._modules)
+    new = shallow_copy(m)
     new.__dict__.update(attrs)
     for name, shape in shapes.items():
         old = getattr(m, name)

@@ -11,7 +11,8 @@ import copy
 
 from torch import nn
 
-from .resize import copy_unchanged, layer_norm_channels, rebuild, register_resizer, resize_layer_norm
+from .resize import (copy_unchanged, layer_norm_channels, rebuild, register_resizer,
+                     resize_layer_norm, shallow_copy)
 
 try:
     import timm.layers as L
@@ -78,8 +79,8 @@ if L is not None:
     def _resize_attention(m, cin, cout, device=None, inner=None):
         # Heads keep their size; a narrower or wider attention has fewer or more of them.
         inner = inner or m.attn_dim
-        new = copy.copy(m)
-        new._modules, new._parameters, new._buffers = dict(m._modules), {}, {}
+        new = shallow_copy(m)
+        new._parameters, new._buffers = {}, {}
         new.num_heads, new.attn_dim = inner // m.head_dim, inner
         new.qkv = rebuild(m.qkv, cin, 3 * inner, device)
         new.proj = rebuild(m.proj, inner, cout, device)

@@ -269,16 +269,28 @@ def unit_nodes(net: fx.GraphModule, plan: Plan) -> list[tuple[SegmentPlan, fx.No
     return list(zip(outlined, nodes)) if len(nodes) == len(outlined) else None
 
 
-def set_stored(unit: nn.Module, stored: bool) -> None:
-    """Run a unit (and the layers checkpointed inside it) with plain autograd, or not."""
+LEAN, PLAIN, STORED = "lean", "plain", "stored"  # how a unit's backward runs (revify.schedule):
+# recompute the unit, its nested layers (revify.lean) once more; recompute it plainly, nested
+# layers stored inside the rerun; recompute nothing
+
+
+def nested(unit: nn.Module) -> list[Checkpointed]:
+    """The layers checkpointed inside a unit (revify.lean's nesting)."""
+    return [m for m in unit.modules() if isinstance(m, Checkpointed) and m is not unit]
+
+
+def set_mode(unit: nn.Module, mode: str) -> None:
+    """Run a unit's backward as `mode` says (LEAN, PLAIN or STORED)."""
     for module in unit.modules():
         if isinstance(module, (Checkpointed, ReversibleStage)):
-            module.stored = stored
+            module.stored = mode == STORED or (mode == PLAIN and module is not unit)
 
 
 def apply_schedule(net: fx.GraphModule, plan: Plan) -> None:
     """Execute `plan.schedule` on a net rewritten before it: the units it stores run with plain
-    autograd, as `rewrite` builds them from the scheduled plan (whose stored units nest no
-    layer: the nested checkpoints left in place run plainly)."""
+    autograd and those it runs plainly store what is nested in them, as `rewrite` builds them
+    from the scheduled plan (whose stored and plain units nest no layer)."""
+    plain = set(plan.schedule.plain)
     for segment, node in unit_nodes(net, plan):
-        set_stored(net.get_submodule(node.target), segment.action == "stored")
+        mode = STORED if segment.action == "stored" else PLAIN if segment.name in plain else LEAN
+        set_mode(net.get_submodule(node.target), mode)

@@ -36,7 +36,11 @@ from torch.utils._pytree import tree_leaves
 from .memory import ProjectionTracker, fake_copy
 from .plan import Plan, Schedule
 from .reversible import ReversibleStage
-from .rewrite import apply_schedule, set_stored, unit_nodes
+from .rewrite import LEAN, PLAIN, STORED, apply_schedule, nested, set_mode, unit_nodes
+
+
+SLACK = 0.01  # the default budget: the least peak and 1% (a plain rerun may add a few kilobytes
+# of per-channel statistics at the peak for a tenth of a step's time)
 
 
 @dataclass
@@ -127,15 +131,15 @@ def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], input
 
 
 def projector(net: fx.GraphModule, units: list[fx.Node], inputs: tuple):
-    """project(stored) -> _Run: a training step of a fake copy of `net` (nothing allocated)
-    with the units marked in `stored` (one bool per node of `units`) keeping their activations."""
+    """project(modes) -> _Run: a training step of a fake copy of `net` (nothing allocated)
+    with the units (nodes of `units`) in `modes` (one of LEAN, PLAIN, STORED each)."""
     mode = FakeTensorMode()
     fake = fake_copy(net, mode)
     names = [node.name for node in units]
 
-    def project(stored: list[bool]) -> _Run:
-        for node, keep in zip(units, stored):
-            set_stored(fake.get_submodule(node.target), keep)
+    def project(modes: list[str]) -> _Run:
+        for node, unit_mode in zip(units, modes):
+            set_mode(fake.get_submodule(node.target), unit_mode)
         return _project(fake, mode, names, inputs)
     return project
 
@@ -172,52 +176,63 @@ def _cut(tracker: ProjectionTracker, marked: _Marked, start, grads: set[int]) ->
 
 
 class _Pricing:
-    """The peak of any choice of stored units, from the two projections (see the module
-    docstring). `stages[k]`: whether unit k is a reversible stage."""
+    """The peak of any choice of modes (one per unit), from one projection per mode (see the
+    module docstring). `stages[k]`: whether unit k is a reversible stage."""
 
-    def __init__(self, recompute: _Run, stored: _Run, stages: list[bool]):
-        self.runs, self.stages = {False: recompute, True: stored}, stages
+    def __init__(self, runs: dict[str, _Run], stages: list[bool]):
+        self.runs, self.stages = runs, stages
 
-    def held(self, stored: list[bool], k: int) -> int:
-        """What unit k keeps between forward and backward when the units in `stored` store.
+    def held(self, modes: list[str], k: int) -> int:
+        """What unit k keeps between forward and backward when the units run in `modes`.
 
         Its output is the next unit's input, kept if either of them keeps it: a recomputing
         unit keeps what its kind keeps (a checkpoint its input, a reversible stage its output),
         a stored one what its ops save (seen in the projection that stores every unit). The
         last unit's output is the net's: kept as its own projection says.
         """
-        run, every = self.runs[stored[k]], self.runs[True]
-        if k + 1 == len(stored):
+        run, every = self.runs[modes[k]], self.runs[STORED]
+        if k + 1 == len(modes):
             return run.held(k)
-        ours = every.saves_output[k] if stored[k] else self.stages[k]
-        theirs = every.saves_input[k + 1] if stored[k + 1] else not self.stages[k + 1]
+        ours = every.saves_output[k] if modes[k] == STORED else self.stages[k]
+        theirs = every.saves_input[k + 1] if modes[k + 1] == STORED else not self.stages[k + 1]
         return run.inner[k] + (run.size[k] if ours or theirs else 0)
 
-    def peak(self, stored: list[bool]) -> int:
+    def peak(self, modes: list[str]) -> int:
         """Each unit's stretches in its own mode's projection, shifted by what the units before
         it keep in their chosen modes instead of that projection's."""
         peak = 0
-        for k, mode in enumerate(stored):
+        for k, mode in enumerate(modes):
             own = self.runs[mode]
-            shift = sum(self.held(stored, v) - own.held(v) for v in range(k))
+            shift = sum(self.held(modes, v) - own.held(v) for v in range(k))
             peak = max(peak, own.peaks[k] + shift)
         return peak
 
-    def saved_flops(self, k: int) -> int:
-        return self.runs[False].flops[k] - self.runs[True].flops[k]
+    def saved_flops(self, k: int, mode: str) -> int:
+        return self.runs[LEAN].flops[k] - self.runs[mode].flops[k]
 
-    def choose(self, budget: int) -> list[bool]:
-        """Units by recompute FLOPs saved per byte added, each kept if the priced peak fits."""
-        recompute, stored = self.runs[False], self.runs[True]
+    def choose(self, budget: int) -> list[str]:
+        """Modes by recompute FLOPs saved per byte added (a plain rerun adds none between
+        forward and backward, only to its own stretch: those come first), each taken if it saves
+        more than the unit's mode so far and the priced peak fits."""
+        lean = self.runs[LEAN]
         n = len(self.stages)
-        added = [max(stored.held(k) - recompute.held(k), 1) for k in range(n)]
-        chosen = [False] * n
-        for k in sorted((k for k in range(n) if self.saved_flops(k) > 0),
-                        key=lambda k: -self.saved_flops(k) / added[k]):
-            chosen[k] = True
-            if self.peak(chosen) > budget:
-                chosen[k] = False
-        return chosen
+        options = [(k, mode) for mode in self.runs if mode != LEAN for k in range(n)
+                   if self.saved_flops(k, mode) > 0]
+
+        def cost(k, mode):  # bytes the mode adds (at least 1): a stored unit between forward
+            # and backward, a plain rerun to its own stretch (what the others hold is the same)
+            run = self.runs[mode]
+            added = run.held(k) - lean.held(k) if mode == STORED else run.peaks[k] - lean.peaks[k]
+            return max(added, 1)
+
+        modes = [LEAN] * n
+        for k, mode in sorted(options, key=lambda o: -self.saved_flops(*o) / cost(*o)):
+            if self.saved_flops(k, mode) <= self.saved_flops(k, modes[k]):
+                continue
+            before, modes[k] = modes[k], mode
+            if self.peak(modes) > budget:
+                modes[k] = before
+        return modes
 
 
 def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
@@ -250,44 +265,50 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
     project = projector(net, nodes, example_inputs)
     n = len(nodes)
     stages = [isinstance(net.get_submodule(node.target), ReversibleStage) for node in nodes]
+    # A plain rerun differs from the lean one only in units with nested layers.
+    modes = [LEAN, STORED] + ([PLAIN] if any(nested(net.get_submodule(node.target))
+                                              for node in nodes) else [])
     try:
-        pricing = _Pricing(project([False] * n), project([True] * n), stages)
+        pricing = _Pricing({mode: project([mode] * n) for mode in modes}, stages)
     except Exception as exc:  # a value the step reads (data-dependent control flow): no shapes
         # alone can price it, and every unit recomputing is always right
         plan.schedule = Schedule(plan.options.budget or 0, 0, 0, skipped=(
             f"the step cannot be projected on shapes alone: {type(exc).__name__}"))
         return plan.schedule
-    least = pricing.runs[False].peak
-    budget = plan.options.budget or least
+    least = pricing.runs[LEAN].peak
+    budget = plan.options.budget or int(least * (1 + SLACK))
     if budget < least:
         raise ValueError(f"a training step at the example input {_shapes(example_inputs)} needs "
                          f"{least:,} bytes of activations with every unit recomputing; the "
                          f"budget of {budget:,} bytes is below that.")
     chosen = pricing.choose(budget)
-    peak = project(chosen).peak if any(chosen) else least
+    peak = project(chosen).peak if chosen != [LEAN] * n else least
     while peak > budget:  # the pricing was off (it is exact on the models tested): give back
-        chosen[max(k for k in range(n) if chosen[k])] = False
+        chosen[max(k for k in range(n) if chosen[k] != LEAN)] = LEAN
         peak = project(chosen).peak
     segments = [seg for seg, _ in pairs]
-    result = Schedule(budget, least, peak, {
-        seg.name: pricing.held(chosen, k) for k, seg in enumerate(segments) if chosen[k]},
-        sum(pricing.saved_flops(k) for k in range(n) if chosen[k]))
+    result = Schedule(
+        budget, least, peak,
+        stored={seg.name: pricing.held(chosen, k) for k, seg in enumerate(segments)
+                if chosen[k] == STORED},
+        plain=[seg.name for k, seg in enumerate(segments) if chosen[k] == PLAIN],
+        flops_saved=sum(pricing.saved_flops(k, chosen[k]) for k in range(n)))
     _record(plan, segments, chosen, result)
     apply_schedule(net, plan)
     return result
 
 
-def _record(plan: Plan, segments, chosen: list[bool], result: Schedule) -> None:
-    """Write the choice into the plan: stored units, and no layer nested in them (revify.lean's
-    nesting is a recompute; their in-place adds and masked ReLUs stay, and still save memory)."""
+def _record(plan: Plan, segments, chosen: list[str], result: Schedule) -> None:
+    """Write the choice into the plan: stored units, and no layer nested in the stored or plain
+    ones (their in-place adds and masked ReLUs stay, and still save memory)."""
     plan.schedule = result
-    for segment, keep in zip(segments, chosen):
-        if not keep:
-            continue
-        segment.action = "stored"
-        leans = [segment.lean] + [plan.block(b).lean for b in segment.blocks]
-        for lean in filter(None, leans):
-            lean.nested, lean.layers = [], []
+    for segment, mode in zip(segments, chosen):
+        if mode == STORED:
+            segment.action = "stored"
+        if mode != LEAN:
+            leans = [segment.lean] + [plan.block(b).lean for b in segment.blocks]
+            for lean in filter(None, leans):
+                lean.nested, lean.layers = [], []
 
 
 def _shapes(inputs: tuple) -> str:

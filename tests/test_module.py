@@ -32,6 +32,19 @@ def test_original_model_is_left_untouched(model_and_rev):
         assert torch.equal(v, before[k]), k
 
 
+def test_every_rebuilt_layer_has_hooks_of_its_own(model_and_rev):
+    """F's and G's copies of a layer are separate modules: a hook on one fires for it alone."""
+    _, rev = model_and_rev
+    block = next(m for m in rev.modules() if isinstance(m, revify.reversible.CouplingBlock))
+    fired = []
+    block.f.conv1.register_forward_hook(lambda m, *_: fired.append(m))
+    block.f.conv1.register_forward_pre_hook(lambda m, *_: fired.append(m))
+    with torch.no_grad():
+        rev.eval()(torch.randn(1, 3, 32, 32))
+    assert fired == [block.f.conv1, block.f.conv1]
+    assert not block.g.conv1._forward_hooks and not block.g.conv1._forward_pre_hooks
+
+
 def _count_calls(monkeypatch):
     calls = {"reversible": 0, "checkpoint": 0}
     apply, ckpt = revify.reversible._ReversibleStageFunction.apply, revify.checkpoint.checkpoint
