@@ -36,10 +36,11 @@ class Options:
     # masked ReLUs. False: plain per-unit checkpointing (the baseline revify bench measures).
     lean: bool = True
     # revify.schedule: "auto" lets the units whose activations fit under `budget` keep them
-    # (nothing recomputed in their backward); "none" recomputes every unit.
+    # (nothing recomputed in their backward) and the units whose rerun fits without the lean
+    # nesting run it plainly; "none" recomputes every unit, nested layers too.
     store: Literal["auto", "none"] = "auto"
     # Peak activation bytes a training step at the example input may reach (None: the peak
-    # with every unit recomputing, so storing costs no memory).
+    # with every unit recomputing and 1%).
     budget: int | None = None
 
     def __post_init__(self):

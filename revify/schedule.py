@@ -1,24 +1,29 @@
 """Step 5 of the pipeline: let the units whose activations fit under the step's peak keep them.
 
 After the rewrite every non-invertible unit recomputes itself in the backward and every
-reversible stage rebuilds its activations: the least memory, for a second forward of compute.
-The peak of that step is reached in one place (in a ResNet, the backward of the first units, at
-full resolution); everywhere else the step holds less. A unit whose stored activations fit
-under the peak for as long as they live, from its forward to its backward, may keep them: its
-backward then recomputes nothing, and the peak does not move. The units that fit are the late
-ones: low resolution, and their backward runs first, while the step holds little else.
+reversible stage rebuilds its activations: the least memory, for a second forward of compute
+(and a third of the layers revify.lean nests in the hottest units). The peak of that step is
+reached in one place (in a ResNet, the backward of the first units, at full resolution);
+everywhere else the step holds less. So each unit runs in one of three modes:
 
-How a choice is priced. Two projections of a training step (fake tensors: every op dispatched
-with its real shapes, nothing allocated, every storage counted; revify.memory) give the memory
-over time with every unit recomputing and with every unit storing. The memory during a unit's
-forward or backward depends on that unit's own mode; of the other units only those before it
-hold anything then (what they keep between forward and backward), and that differs between
-the two projections by a known constant. So the peak of any choice is the largest, over units,
-of the unit's own stretch in its mode's projection, shifted by what the units before it keep in
-their chosen modes instead. Units are taken greedily by the recompute FLOPs they save per byte
-they add while the priced peak stays within the budget (by default the all-recompute peak:
-storing then costs no memory); the chosen net is projected once more, and units are given back
-until it fits, so the budget holds to the byte at the example input.
+- LEAN: the rerun as the rewrite built it, nested layers recomputed once more;
+- PLAIN: the rerun without the nesting (the nested layers store inside it), where its own
+  backward still fits under the peak;
+- STORED: plain autograd, where its activations fit under the peak for as long as they live,
+  from its forward to its backward: its backward recomputes nothing. The units that fit are the
+  late ones: low resolution, and their backward runs first, while the step holds little else.
+
+How a choice is priced. One projection of a training step per mode (fake tensors: every op
+dispatched with its real shapes, nothing allocated, every storage counted; revify.memory), every
+unit in that mode, gives the memory over time. The memory during a unit's forward or backward
+depends on that unit's own mode; of the other units only those before it hold anything then
+(what they keep between forward and backward), and that differs between the projections by a
+known constant. So the peak of any choice is the largest, over units, of the unit's own stretch
+in its mode's projection, shifted by what the units before it keep in their chosen modes
+instead. Modes are taken greedily by the recompute FLOPs they save per byte they add while the
+priced peak stays within the budget (by default the all-LEAN peak and 1%: a plain rerun may add
+a few kilobytes of per-channel statistics there); the chosen net is projected once more, and
+units are given back until it fits, so the budget holds to the byte at the example input.
 
 Activation bytes throughout: everything a step allocates except parameter gradients (which
 grow through the backward whatever is stored; with gradient accumulation they are all there
@@ -39,8 +44,7 @@ from .reversible import ReversibleStage
 from .rewrite import LEAN, PLAIN, STORED, apply_schedule, nested, set_mode, unit_nodes
 
 
-SLACK = 0.01  # the default budget: the least peak and 1% (a plain rerun may add a few kilobytes
-# of per-channel statistics at the peak for a tenth of a step's time)
+SLACK = 0.01  # the default budget: the least peak and 1% (see the module docstring)
 
 
 @dataclass
