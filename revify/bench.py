@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import find_blocks, module_path
-from .memory import measure_step, measure_step_profiled
+from .memory import measure_step, measure_step_profiled, project_peak
 from .trace import trace
 from .transform import transform
 
@@ -57,6 +57,16 @@ def _revify(**overrides):
     return lambda model, example, options: transform(model, example, **(options | overrides))
 
 
+def _revify_at_timm_peak(model, example, options):
+    """revify allowed the memory timm's checkpointing takes (its projected peak at the bench's
+    input, as the schedule's budget): the two compared under the same memory constraint."""
+    budget = project_peak(timm_checkpointing(model, options.get("leaf_modules", ())), example)
+    try:
+        return transform(model, example, **(options | {"budget": budget}))
+    except ValueError as exc:  # revify's least peak is over it: nothing to compare at that memory
+        raise RowLeftOut(str(exc)) from None
+
+
 def _baseline(**how):
     """revify's own checkpointing of the unchanged model: it shares only the leaf modules (the
     other options concern reversible stages), and recomputes plainly (lean=False)."""
@@ -81,36 +91,43 @@ ROWS = {
     "revify-recompute": _revify(store="none"),
     # the RevNet paper's choice: the non-invertible layers stored, not recomputed
     "revify-stored": _revify(checkpoint="none"),
+    # the same memory as timm's checkpointing, spent by the schedule on speed
+    "revify-at-timm-peak": _revify_at_timm_peak,
     "revify-native": _revify(reconstruction="native"),
     **{name: (lambda model, example, options, budget=budget: Compiled(model, budget, COMPILE_BACKEND))
        for name, budget in COMPILE_BUDGETS.items()},
 }
 DEFAULT_ROWS = ("original", "checkpoint", "checkpoint-timm", "checkpoint-sqrt", "revify",
-                "revify-recompute", "revify-stored")
+                "revify-recompute", "revify-stored", "revify-at-timm-peak")
 
 
-def strategies(model: nn.Module, input_size, rows=DEFAULT_ROWS, note=_note,
+def strategies(model: nn.Module, input_size, rows=DEFAULT_ROWS, note=_note, batch_size: int = 2,
                **options) -> dict[str, nn.Module]:
     """The model under each strategy of `rows` (names of ROWS), in ROWS' order.
 
     options: revify.transform's keyword arguments for the revified rows; the checkpointing
-    baselines share only its leaf modules. note(text) says why a row was left out (a model
-    with no block submodule for the timm-style row).
+    baselines share only its leaf modules. batch_size: the batch the rows will run at (revify's
+    schedule chooses at it). note(text) says why a row was left out (a model with no block
+    submodule for the timm-style rows).
     """
-    example = torch.empty(2, *input_size)
+    example = torch.empty(batch_size, *input_size)
     models = {}
     for name, build in ROWS.items():
         if name not in rows:
             continue
         try:
             models[name] = build(model, example, options)
-        except NoBlockModules as exc:
+        except RowLeftOut as exc:
             note(f"{name} left out: {exc}")
     return models
 
 
 # ----------------------------------------------------------------------------- timm's checkpointing
-class NoBlockModules(ValueError):
+class RowLeftOut(ValueError):
+    """A row that cannot be built for this model; the message says why."""
+
+
+class NoBlockModules(RowLeftOut):
     """No residual block of the model is a submodule of its own that could be wrapped."""
 
 

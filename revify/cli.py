@@ -243,7 +243,8 @@ def cmd_bench(args) -> int:
     source = _source(args)
     rows = DEFAULT_ROWS + (("revify-native",) if args.native else ()) + \
         (tuple(COMPILE_BUDGETS) if args.compile else ())
-    models = strategies(source.model, source.input_size, rows, **source.options)
+    models = strategies(source.model, source.input_size, rows, batch_size=args.batch_size,
+                        **source.options)
     if source.payload is not None:  # the file's own weights for the revified row
         models["revify"] = source.revified()
     print(f"{source.name}: batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}, "

@@ -148,6 +148,23 @@ class ProjectionTracker(LiveTensorTracker):
         self.total_flops += flops
 
 
+def project_peak(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """The peak activation bytes (all but parameter gradients) of one training step of `model`
+    on an input shaped like `example`, projected on fake tensors: nothing is allocated. The
+    backward starts from a dense output gradient, as revify.schedule's projections do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()
+    fake = fake_copy(model, mode)
+    with mode:
+        x = torch.empty_strided(example.shape, example.stride(), dtype=example.dtype,
+                                device=example.device)
+        with ProjectionTracker() as tracker:  # the input is not counted, as in measure_step
+            out = fake(x)
+            out.backward(torch.empty_like(out))
+            del out
+    return tracker.peak_without([p.grad for p in fake.parameters()])
+
+
 def _peak(events: list[tuple[int, int]], skip=frozenset()) -> int:
     """The peak of a (birth id, +bytes / -bytes) timeline, the births in `skip` left out."""
     current = peak = 0

@@ -84,8 +84,8 @@ def main():
         print(f"{name}: batch {args.batch_size}, input {'x'.join(map(str, input_size))}",
               file=sys.stderr, flush=True)
         names = DEFAULT_ROWS + (tuple(COMPILE_BUDGETS) if args.compile else ())
-        results = run_bench(strategies(model, input_size, names), args.batch_size, input_size,
-                            args.steps, args.device)
+        results = run_bench(strategies(model, input_size, names, batch_size=args.batch_size),
+                            args.batch_size, input_size, args.steps, args.device)
         base = results[0]
         base_peak = base.peak_activation_bytes or base.peak_bytes
         first = len(rows)

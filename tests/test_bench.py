@@ -10,7 +10,7 @@ from torch import nn
 
 import revify
 from revify.bench import BlockCheckpointed, Compiled, run_bench, strategies, timm_checkpointing
-from revify.memory import measure_step, measure_step_profiled
+from revify.memory import measure_step, measure_step_profiled, project_peak
 
 # The min-cut partitioner inductor uses, without inductor's C++ compile (a minute per model on
 # 2 cores): the budget is the partitioner's, so it applies just the same.
@@ -68,7 +68,26 @@ def test_a_model_without_block_modules_leaves_the_timm_row_out_with_a_note():
     notes = []
     models = strategies(_FlatResidual(), (3, 16, 16), note=notes.append)
     assert "checkpoint-timm" not in models and {"original", "checkpoint", "revify"} <= models.keys()
-    assert len(notes) == 1 and notes[0].startswith("checkpoint-timm left out: ")
+    assert "revify-at-timm-peak" not in models  # its budget is the timm row's peak
+    assert [n.split(":")[0] for n in notes] == ["checkpoint-timm left out",
+                                                 "revify-at-timm-peak left out"]
+
+
+def test_revify_at_timms_peak_spends_that_memory_and_no_more():
+    """The comparison under the same constraint: the schedule's budget is timm's projected peak
+    at the bench's batch (a dense output gradient there: the loss's 128 KiB of log-softmax
+    aside, the very step)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10).train()
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    rows = ("original", "checkpoint-timm", "revify", "revify-at-timm-peak")
+    models = strategies(model, (3, 64, 64), rows, batch_size=4)
+    peak = {name: measure_step(models[name], x, y).peak_activation_bytes for name in rows}
+    default, spent = (models[n].revify_plan.schedule for n in ("revify", "revify-at-timm-peak"))
+    assert project_peak(models["checkpoint-timm"], x) == spent.budget
+    assert abs(spent.budget - peak["checkpoint-timm"]) <= 0.01 * spent.budget
+    assert peak["revify"] < peak["revify-at-timm-peak"] <= spent.budget
+    assert spent.flops_saved > default.flops_saved
 
 
 @pytest.mark.parametrize("strategy", ["original", "checkpoint"])
