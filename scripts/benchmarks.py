@@ -6,8 +6,9 @@
 Per model, one `revify bench` run (revify.bench.run_bench: the strategies interleaved in one
 process, memory by exact live-tensor accounting on CPU or max_memory_allocated on CUDA): the
 original, per-block checkpointing (revify's, and timm's set_grad_checkpointing: blocks only),
-checkpoint_sequential's sqrt(n) groups, revify, revify with its non-invertible layers stored
-(the RevNet paper's choice) and torch.compile with activation_memory_budget 0.5 and 0
+checkpoint_sequential's sqrt(n) groups, revify (and with every unit recomputing), revify with
+its non-invertible layers stored (the RevNet paper's choice), revify given timm's peak as its
+budget (the same memory constraint) and torch.compile with activation_memory_budget 0.5 and 0
 (`--no-compile` leaves those out: compiling takes minutes on CPU; their memory comes from the
 CPU allocator's profiled records); then the floor of revify's design (revify.analyze's
 `Floor`: the boundary tensors plus the largest block's plain recompute, projected). The table
