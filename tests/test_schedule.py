@@ -33,6 +33,16 @@ def _peak(model, x, y) -> int:
     return tracker.peak_without([p.grad for p in model.parameters()])
 
 
+def _calls_a_step(conv, rev, other, x, y) -> tuple[int, int]:
+    """How often `conv` (a layer of `rev`) and its namesake in `other` run in one step each."""
+    twin = dict(other.named_modules())[next(n for n, m in rev.named_modules() if m is conv)]
+    calls = {id(conv): 0, id(twin): 0}
+    for m in (conv, twin):
+        m.register_forward_hook(lambda m, *_: calls.__setitem__(id(m), calls[id(m)] + 1))
+    _step(rev, x, y), _step(other, x, y)
+    return calls[id(conv)], calls[id(twin)]
+
+
 @pytest.fixture(scope="module")
 def resnet18():
     torch.manual_seed(0)
@@ -70,12 +80,7 @@ def test_stored_units_keep_the_peak_and_skip_their_recompute(resnet18):
     unit = next(m for n, m in rev.net.named_children() if n == name.replace(".", "_"))
     assert all(m.stored for m in unit.modules() if isinstance(m, (Checkpointed, ReversibleStage)))
     conv = next(m for m in unit.modules() if isinstance(m, torch.nn.Conv2d))
-    twin = dict(every.named_modules())[next(n for n, m in rev.named_modules() if m is conv)]
-    calls = {id(conv): 0, id(twin): 0}
-    for m in (conv, twin):
-        m.register_forward_hook(lambda m, *_: calls.__setitem__(id(m), calls[id(m)] + 1))
-    _step(rev, x, y), _step(every, x, y)
-    assert (calls[id(conv)], calls[id(twin)]) == (1, 2)
+    assert _calls_a_step(conv, rev, every, x, y) == (1, 2)
     assert f"Stored instead of recomputed: {', '.join(schedule.stored)}" in str(rev.revify_plan)
 
 
@@ -97,12 +102,7 @@ def test_plain_reruns_drop_the_nesting_within_the_budget():
     nest = nested(unit)[0]
     assert nest.stored and not unit.stored
     conv = next(m for m in nest.module.modules() if isinstance(m, torch.nn.Conv2d))
-    twin = dict(lean.named_modules())[next(n for n, m in rev.named_modules() if m is conv)]
-    calls = {id(conv): 0, id(twin): 0}
-    for m in (conv, twin):
-        m.register_forward_hook(lambda m, *_: calls.__setitem__(id(m), calls[id(m)] + 1))
-    _step(rev, x, y), _step(lean, x, y)
-    assert (calls[id(conv)], calls[id(twin)]) == (2, 3)
+    assert _calls_a_step(conv, rev, lean, x, y) == (2, 3)
     grads = [p.grad.clone() for p in rev.parameters()]
     rev.zero_grad()
     with revify.exact_backward():  # the batch statistics moved twice: same weights, same step
