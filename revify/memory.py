@@ -117,13 +117,15 @@ def fake_copy(model: torch.nn.Module, mode, device=None, dtype=None) -> torch.nn
     memo = {}
     with mode:
         for p in model.parameters():
-            memo[id(p)] = torch.nn.Parameter(_fake_like(p, device, dtype), p.requires_grad)
+            memo[id(p)] = torch.nn.Parameter(fake_like(p, device, dtype), p.requires_grad)
         for b in model.buffers():
-            memo[id(b)] = _fake_like(b, device, dtype)
+            memo[id(b)] = fake_like(b, device, dtype)
     return copy.deepcopy(model, memo).train()
 
 
-def _fake_like(t: torch.Tensor, device, dtype) -> torch.Tensor:
+def fake_like(t: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """An empty tensor shaped like `t` (in the active mode: fake under a FakeTensorMode), on
+    `device` and, if floating, in `dtype` (None: as `t` is)."""
     floating = dtype is not None and t.is_floating_point()
     return torch.empty_strided(t.shape, t.stride(), device=device or t.device,
                                dtype=dtype if floating else t.dtype)
@@ -156,8 +158,7 @@ def project_peak(model: torch.nn.Module, example: torch.Tensor) -> int:
     mode = FakeTensorMode()
     fake = fake_copy(model, mode)
     with mode:
-        x = torch.empty_strided(example.shape, example.stride(), dtype=example.dtype,
-                                device=example.device)
+        x = fake_like(example)
         with ProjectionTracker() as tracker:  # the input is not counted, as in measure_step
             out = fake(x)
             out.backward(torch.empty_like(out))

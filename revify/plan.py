@@ -131,10 +131,11 @@ class SegmentPlan:
 @dataclass
 class Schedule:
     """What revify.schedule chose: the units that keep their activations instead of recomputing
-    them. Bytes are projected for a training step at the example input."""
+    them, and those that rerun without revify.lean's nesting. Bytes are projected for a
+    training step at the example input."""
     budget: int                                # the peak activation bytes allowed
     peak_recompute: int                        # the peak with every unit recomputing
-    peak: int                                  # the peak with `stored` kept
+    peak: int                                  # the peak with `stored` kept, `plain` plain
     stored: dict[str, int] = field(default_factory=dict)  # unit -> bytes it keeps
     plain: list[str] = field(default_factory=list)  # units whose rerun nests no layer: the peak
                                                # stays where it is without the nesting

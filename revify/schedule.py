@@ -38,7 +38,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
-from .memory import ProjectionTracker, fake_copy
+from .memory import ProjectionTracker, fake_copy, fake_like
 from .plan import Plan, Schedule
 from .reversible import ReversibleStage
 from .rewrite import LEAN, PLAIN, STORED, apply_schedule, nested, set_mode, unit_nodes
@@ -119,8 +119,7 @@ def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], input
     fake.zero_grad(set_to_none=True)
     tracker = ProjectionTracker()
     with mode:
-        args = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-                if isinstance(t, torch.Tensor) else t for t in inputs]
+        args = [fake_like(t) if isinstance(t, torch.Tensor) else t for t in inputs]
         with tracker:
             marked = _Marked(fake, units, tracker)
             outputs = [o for o in tree_leaves(marked.run(*args))
@@ -258,8 +257,9 @@ def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
 
 
 def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule:
-    """Choose the units of `net` (rewritten from `plan`) that store their activations within
-    `plan.options.budget`, record the choice in the plan and execute it on `net`."""
+    """Choose the units of `net` (rewritten from `plan`) that store their activations or rerun
+    plainly within `plan.options.budget`, record the choice in the plan and execute it on
+    `net`."""
     pairs = unit_nodes(net, plan)
     nodes = [node for _, node in pairs or []]
     why = "no unit to store" if not nodes else _chain(net, nodes)

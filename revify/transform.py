@@ -77,11 +77,12 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     lean: recompute checkpointed units leanly (revify.lean: cheap expanding layers recomputed
         once more, in-place adds, masked ReLUs); False is plain per-unit checkpointing.
     store: "auto" lets the units whose activations fit under `budget` keep them instead of
-        recomputing them in the backward (revify.schedule; the plan says which); "none"
-        recomputes every unit.
+        recomputing them in the backward, and the units whose rerun fits without revify.lean's
+        nesting rerun plainly (revify.schedule; the plan says which); "none" recomputes every
+        unit, nested layers too.
     budget: the peak activation memory (bytes, or a size such as '2GiB') a training step at the
-        example input may reach; default: the peak with every unit recomputing, so storing
-        costs no memory. Pass example_inputs at your batch size for a budget to mean your step.
+        example input may reach; default: the peak with every unit recomputing and 1%. Pass
+        example_inputs at your batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
