@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .keep import Tape, recording, replaying
 from .modes import exact_backward_enabled, frozen_buffers
 
 
@@ -30,9 +31,10 @@ class Checkpointed(nn.Module):
         else:
             object.__setattr__(self, "module", module)
         self.stored = stored
+        self.keep = False  # the forward keeps its kept layers' outputs (revify.keep)
 
     def extra_repr(self) -> str:
-        return "stored=True" if self.stored else ""
+        return ", ".join(f"{flag}=True" for flag in ("stored", "keep") if getattr(self, flag))
 
     def forward(self, *args):
         if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
@@ -46,4 +48,24 @@ class Checkpointed(nn.Module):
         return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts)
 
     def _contexts(self):
-        return nullcontext(), frozen_buffers(self.module)
+        if not self.keep:
+            return nullcontext(), frozen_buffers(self.module)
+        tape = Tape()
+        return recording(tape), _Rerun(frozen_buffers(self.module), replaying(tape))
+
+
+class _Rerun:
+    """The recompute's contexts, entered together (a checkpoint enters it once per rerun)."""
+
+    def __init__(self, *contexts):
+        self.contexts = contexts
+
+    def __enter__(self):
+        for context in self.contexts:
+            context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for context in reversed(self.contexts):
+            context.__exit__(*exc)
+        return False

@@ -16,6 +16,9 @@ value:
   adds into it (tracing turns the original's `out += identity` into a new tensor).
 - masked ReLU: a ReLU whose output nothing after it keeps (the unit output, fed to a reversible
   stage, which stores nothing of its input) keeps a one-byte mask for its backward instead.
+
+The plan also names the unit's dearest layers, whose outputs the forward may keep for the rerun
+(revify.keep): the opposite trade, taken where revify.schedule finds the memory for it.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept
 from .ops import is_activation, is_add
 
 FLOPS_PER_BYTE = 96
@@ -45,13 +49,17 @@ class LeanPlan:
     in_place: dict[str, str] = field(default_factory=dict)  # add -> the operand it adds into
     masked: list[str] = field(default_factory=list)        # ReLUs that keep a mask
     early: list[str] = field(default_factory=list)         # nodes run first (a short shortcut)
+    kept: list[str] = field(default_factory=list)          # layers whose outputs the forward
+    kept_layers: list[str] = field(default_factory=list)   # may keep (revify.keep); their modules
 
     def __bool__(self) -> bool:
-        return bool(self.nested or self.in_place or self.masked or self.early)
+        return bool(self.nested or self.in_place or self.masked or self.early or self.kept)
 
     def describe(self) -> str:
         parts = [f"recomputes {', '.join(self.layers)} once more in its backward"] \
             if self.nested else []
+        if self.kept:
+            parts.append(f"keeps the output of {', '.join(self.kept_layers)} for the rerun")
         if self.in_place:
             parts.append(f"{len(self.in_place)} add{'s' if len(self.in_place) > 1 else ''} in place")
         if self.masked:
@@ -211,17 +219,38 @@ def _masked_relus(gm, members: set[str], unkept: set[str]) -> list[str]:
 
 
 def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool = True,
-              channels: dict[str, int] | None = None, dim: int = 1) -> LeanPlan:
+              channels: dict[str, int] | None = None, dim: int = 1, keep: bool = False) -> LeanPlan:
     """The lean recompute of the unit made of `nodes` (a checkpointed unit, or a reversible
     block's branch rebuilt at `channels`); `unkept` names the nodes outside it that read its
     outputs without keeping them (reversible stages). Layers are nested only in a `hot` unit,
-    one whose tensors are among the step's largest (where the peak is reached)."""
+    one whose tensors are among the step's largest (where the peak is reached); `keep` names
+    the layers whose outputs the forward may keep."""
     members = set(nodes)
-    nested = _nested_layers(gm, members, _Sizes(channels, dim)) if hot else []
+    sizes = _Sizes(channels, dim)
+    nested = _nested_layers(gm, members, sizes) if hot else []
+    in_place = _in_place_adds(gm, members)
     by_name = {n.name: n for n in gm.graph.nodes}
     layers = [by_name[r[-2]].target for r in nested]  # the conv or linear of each
-    return LeanPlan(nested, layers, _in_place_adds(gm, members), _masked_relus(gm, members, unkept),
-                    _short_paths_first(gm, members))
+    kept = _kept_layers(gm, members, sizes, {n for r in nested for n in r}, set(in_place.values())) \
+        if keep else []
+    return LeanPlan(nested, layers, in_place, _masked_relus(gm, members, unkept),
+                    _short_paths_first(gm, members), kept, [by_name[n].target for n in kept])
+
+
+def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: set[str],
+                 added_into: set[str]) -> list[str]:
+    """The layers dear enough to keep the output of (revify.keep), outside the nested ones and
+    with an output nothing changes in place."""
+    kept = []
+    for node in gm.graph.nodes:
+        module = _module(gm, node)
+        if node.name not in members or node.name in nested or type(module) not in KEPT_LAYERS:
+            continue
+        if node.name in added_into or any(_inplace(gm, u) for u in node.users):
+            continue
+        if sizes.flops(module, node) >= KEEP_FLOPS_PER_BYTE * sizes.nbytes(node):
+            kept.append(node.name)
+    return kept
 
 
 # ----------------------------------------------------------------------------- execution
@@ -286,8 +315,17 @@ def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline) -> None:
             (nodes[operand], other), {}
     for region, layer in zip(lean.nested, lean.layers):
         outline(gm, _own_pre_activation(gm, region), layer)
+    for name in lean.kept:
+        _keep(gm, nodes[name])
     gm.graph.lint()
     gm.recompile()
+
+
+def _keep(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Call the layer of `node` through a Kept wrapper (the layer stays where it is)."""
+    attr = f"{node.target.replace('.', '_')}_kept"
+    gm.add_submodule(attr, Kept(gm.get_submodule(node.target)))
+    node.target = attr
 
 
 def _run_first(gm: fx.GraphModule, early: list[fx.Node]) -> None:

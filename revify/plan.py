@@ -131,14 +131,17 @@ class SegmentPlan:
 @dataclass
 class Schedule:
     """What revify.schedule chose: the units that keep their activations instead of recomputing
-    them, and those that rerun without revify.lean's nesting. Bytes are projected for a
-    training step at the example input."""
+    them, those that rerun without revify.lean's nesting and those that keep their dearest
+    layers' outputs for the rerun. Bytes are projected for a training step at the example
+    input."""
     budget: int                                # the peak activation bytes allowed
     peak_recompute: int                        # the peak with every unit recomputing
     peak: int                                  # the peak with `stored` kept, `plain` plain
     stored: dict[str, int] = field(default_factory=dict)  # unit -> bytes it keeps
     plain: list[str] = field(default_factory=list)  # units whose rerun nests no layer: the peak
                                                # stays where it is without the nesting
+    kept: dict[str, int] = field(default_factory=dict)  # unit -> bytes of layer outputs its
+                                               # forward keeps for its rerun (revify.keep)
     flops_saved: int = 0                       # recompute FLOPs a step no longer runs
     skipped: str = ""                          # why no unit could be considered, if so
 
@@ -440,11 +443,13 @@ def _grouped(segments: list[SegmentPlan], count: int | str) -> list[SegmentPlan]
     return groups
 
 
-def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str, BlockPlan]):
+def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str, BlockPlan],
+               keep: bool):
     """What each unit's recompute drops (revify.lean): layers are nested in the units whose
     tensors are the largest of the step, where its peak is reached, and nowhere else, since
     each costs its FLOPs once more (the stem neither: it runs its backward last, with little
-    else alive)."""
+    else alive). With `keep` (revify.schedule will choose) every unit names its dearest layers
+    too, whose outputs its forward may keep (revify.keep)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     largest = {seg.name: largest_tensor([nodes[n] for n in seg.nodes]) for seg in segments}
     hottest = max(largest.values(), default=0)
@@ -452,11 +457,11 @@ def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str
     for seg in segments:
         hot = largest[seg.name] > HOT_FRACTION * hottest
         if seg.action == "checkpointed":
-            seg.lean = plan_lean(gm, seg.nodes, unkept, hot and seg.kind != "stem")
-        elif seg.action == "reversible" and hot:
+            seg.lean = plan_lean(gm, seg.nodes, unkept, hot and seg.kind != "stem", keep=keep)
+        elif seg.action == "reversible" and (hot or keep):
             for bp in (blocks[b] for b in seg.blocks):
                 branch = [*bp.block.branch, *([bp.pre_op] if bp.pre_op else [])]
-                bp.lean = plan_lean(gm, branch, set(), True, bp.channels, bp.dim) or None
+                bp.lean = plan_lean(gm, branch, set(), hot, bp.channels, bp.dim, keep) or None
 
 
 def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options) -> Plan:
@@ -478,7 +483,7 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
     if options.segments is not None:
         segments = _grouped(segments, options.segments)
     elif options.lean and options.checkpoint == "non_invertible":  # stored layers set the peak
-        _plan_lean(gm, segments, {bp.name: bp for bp in block_plans})
+        _plan_lean(gm, segments, {bp.name: bp for bp in block_plans}, options.schedules)
     params_before = sum(p.numel() for p in gm.parameters())
     changed = sum(s.params_after - s.params_before for s in stages)
     return Plan(model=gm.__class__.__name__, options=options, blocks=block_plans, stages=stages,

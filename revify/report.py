@@ -25,13 +25,17 @@ def format_plan(plan, fmt: str = "simple") -> str:
     stages = [[s.name, len(s.blocks), len(s.couplings), s.channels, f"{s.channels // 2} + {s.channels // 2}",
                f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
                _delta(s.params_before, s.params_after)] for s in plan.stages]
-    kept = plan.schedule.stored if plan.schedule else {}
+    stored = plan.schedule.stored if plan.schedule else {}
     plain = plan.schedule.plain if plan.schedule else []
+    keeping = plan.schedule.kept if plan.schedule else {}
     segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-",
-                 "; ".join(filter(None, [f"keeps {_mib(kept[s.name])} MiB: fits under the peak"
-                                         if s.name in kept else "",
+                 "; ".join(filter(None, [f"keeps {_mib(stored[s.name])} MiB: fits under the peak"
+                                         if s.name in stored else "",
                                          "nests no layer: fits under the peak"
                                          if s.name in plain else "",
+                                         f"keeps {_mib(keeping[s.name])} MiB of layer outputs "
+                                         f"for the rerun: fits under the peak"
+                                         if s.name in keeping else "",
                                          s.lean.describe() if s.lean else ""]))]
                 for s in plan.segments]
     parts = [
@@ -68,7 +72,7 @@ def format_schedule(schedule) -> str:
     head = (f"schedule (a training step at the example input, projected): every unit recomputing "
             f"peaks at {_mib(schedule.peak_recompute)} MiB of activations; budget "
             f"{_mib(schedule.budget)} MiB")
-    if not schedule.stored and not schedule.plain:
+    if not schedule.stored and not schedule.plain and not schedule.kept:
         return f"{head}. No unit's activations fit under it: every unit recomputes."
     parts = []
     if schedule.stored:
@@ -76,6 +80,9 @@ def format_schedule(schedule) -> str:
                      f"{_mib(sum(schedule.stored.values()))} MiB between forward and backward).")
     if schedule.plain:
         parts.append(f"Recomputed without nested layers: {', '.join(schedule.plain)}.")
+    if schedule.kept:
+        parts.append(f"Keeping their dearest layers' outputs for the rerun: "
+                     f"{', '.join(schedule.kept)} ({_mib(sum(schedule.kept.values()))} MiB).")
     return (f"{head}. {' '.join(parts)} The peak is {_mib(schedule.peak)} MiB and the backward "
             f"recomputes {schedule.flops_saved / 1e9:,.2f} GFLOP less.")
 

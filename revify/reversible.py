@@ -43,6 +43,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .keep import Tape, recording, replaying
 from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
                     replay_autocast, replay_rng, restore_rng)
 
@@ -185,6 +186,7 @@ class ReversibleStage(nn.Module):
         # stored: run with plain autograd, keeping the activations (revify.schedule: they fit
         # under the step's peak). The same function, grid included: only the backward differs.
         self.stored = stored
+        self.keep = False  # the forward keeps its kept layers' outputs (revify.keep)
         # Headroom bits per stream channel (see the module docstring): the grid is part of the
         # function the stage computes, so it is saved with the weights.
         headroom = torch.full((channels,), HEADROOM_BITS, dtype=torch.int32) \
@@ -370,7 +372,7 @@ def _own_halves(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
     return [h.clone(memory_format=torch.contiguous_format) for h in t.chunk(2, dim)]
 
 
-def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebuild):
+def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebuild, tape=None):
     """Run fn on a stream value once with autograd, hand its value to `rebuild` (which rebuilds
     the other stream half from it) and backpropagate grad_out through it.
 
@@ -380,7 +382,7 @@ def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebui
     norm, a conv, an add), `rebuild` may use the value as scratch. Either way the backward
     starts from a stand-in (`_Seed`), so nothing but fn's own backward keeps the value alive.
     """
-    with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast):
+    with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast), replaying(tape):
         inp = _branch_input(stream, dtype).detach().requires_grad_(True)
         out = fn(inp)
         seed = _Seed.apply(out, grad_out.to(out.dtype))
@@ -478,13 +480,13 @@ class _ReversibleStageFunction(torch.autograd.Function):
         trainable = {id(p) for p, need in zip(params, ctx.needs_input_grad[2:]) if need}
         grads: dict[int, torch.Tensor] = {}
 
-        def backprop(fn, stream, grad_out, rng, other, half):
+        def backprop(fn, stream, grad_out, rng, other, half, tape):
             """The gradient reaching `stream` through fn, accumulating parameter gradients;
             on the way, fn's value rebuilds the `other` stream half (x2 from G(y1), x1 from F)."""
             fn_params = [p for p in fn.parameters() if id(p) in trainable]
             rebuild = lambda value, scratch: _accumulate(other, value, grid, half, -1, scratch)
             d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng,
-                                         ctx.autocast, device, rebuild)
+                                         ctx.autocast, device, rebuild, tape)
             for p, g in zip(fn_params, d_params):
                 if g is not None:
                     grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
@@ -492,11 +494,12 @@ class _ReversibleStageFunction(torch.autograd.Function):
 
         with frozen_buffers(stage):
             for i in reversed(range(len(stage.blocks))):
-                block, (rng_f, rng_g) = stage.blocks[i], ctx.rng[i]
-                d_y1 = backprop(block.g, y1, dy2, rng_g, y2, 1)  # rebuilds x2 in y2
+                block, (rng_f, rng_g), (tape_f, tape_g) = stage.blocks[i], ctx.rng[i], ctx.tapes[i]
+                ctx.tapes[i] = None
+                d_y1 = backprop(block.g, y1, dy2, rng_g, y2, 1, tape_g)  # rebuilds x2 in y2
                 dy1 = dy1 + d_y1                     # total gradient reaching y1
                 del d_y1
-                d_x2 = backprop(block.f, y2, dy1, rng_f, y1, 0)  # rebuilds x1 in y1
+                d_x2 = backprop(block.f, y2, dy1, rng_f, y1, 0, tape_f)  # rebuilds x1 in y1
                 dy2 = dy2 + d_x2                     # gradient reaching x2
                 del d_x2
                 if i in ctx.anchors:                 # drop the drift: restart from the anchor
@@ -504,7 +507,7 @@ class _ReversibleStageFunction(torch.autograd.Function):
                     y1.copy_(a1), y2.copy_(a2)
         del y1, y2
         dx = torch.cat([dy1, dy2], dim) if ctx.needs_input_grad[1] else None
-        ctx.rng = ctx.anchors = ctx.grid = None
+        ctx.rng = ctx.anchors = ctx.grid = ctx.tapes = None
         return (None, dx, *[grads.get(id(p)) for p in params])
 
 
@@ -521,7 +524,7 @@ def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
     """The stage's blocks without autograd, the stream updated in place; returns its halves
     and, per half, the channels that outgrew the grid (None: nothing to check)."""
     dtype, device = x.dtype, x.device
-    ctx.rng, ctx.anchors = [], {}
+    ctx.rng, ctx.anchors, ctx.tapes = [], {}, []
     if grid is None:
         stream = _own_halves(x, stage.dim)
     else:
@@ -531,13 +534,16 @@ def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
     for i, block in enumerate(stage.blocks):
         if stage.anchored(i):
             ctx.anchors[i] = tuple(h.clone() for h in stream)
-        rngs = []
+        rngs, tapes = [], []
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training else None)
-            f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
+            tapes.append(Tape() if stage.keep else None)
+            with recording(tapes[-1]):
+                f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)
             if grid is not None and _data_dependent_ok(stream[k]):
                 over = grid.outgrown(stream[k], k)
                 outgrown[k] = over if outgrown[k] is None else outgrown[k].logical_or_(over)
         ctx.rng.append(tuple(rngs))
+        ctx.tapes.append(tuple(tapes))
     return stream[0], stream[1], outgrown

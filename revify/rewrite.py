@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from .blocks import module_path
 from .checkpoint import Checkpointed
+from .keep import Kept
 from .lean import LeanPlan, apply_lean
 from .plan import BlockPlan, Plan, SegmentPlan, StagePlan
 from .channels import inner_key
@@ -272,6 +273,7 @@ def unit_nodes(net: fx.GraphModule, plan: Plan) -> list[tuple[SegmentPlan, fx.No
 LEAN, PLAIN, STORED = "lean", "plain", "stored"  # how a unit's backward runs (revify.schedule):
 # recompute the unit, its nested layers (revify.lean) once more; recompute it plainly, nested
 # layers stored inside the rerun; recompute nothing
+KEEP = "+keep"  # after LEAN or PLAIN: the forward keeps its kept layers' outputs (revify.keep)
 
 
 def nested(unit: nn.Module) -> list[Checkpointed]:
@@ -279,18 +281,27 @@ def nested(unit: nn.Module) -> list[Checkpointed]:
     return [m for m in unit.modules() if isinstance(m, Checkpointed) and m is not unit]
 
 
+def kept(unit: nn.Module) -> list[Kept]:
+    """The layers whose outputs a unit's forward may keep (revify.keep)."""
+    return [m for m in unit.modules() if isinstance(m, Kept)]
+
+
 def set_mode(unit: nn.Module, mode: str) -> None:
-    """Run a unit's backward as `mode` says (LEAN, PLAIN or STORED)."""
+    """Run a unit's backward as `mode` says (LEAN, PLAIN or STORED, the first two with KEEP or
+    not)."""
+    rerun = mode.removesuffix(KEEP)
     for module in unit.modules():
         if isinstance(module, (Checkpointed, ReversibleStage)):
-            module.stored = mode == STORED or (mode == PLAIN and module is not unit)
+            module.stored = rerun == STORED or (rerun == PLAIN and module is not unit)
+    unit.keep = mode.endswith(KEEP)
 
 
 def apply_schedule(net: fx.GraphModule, plan: Plan) -> None:
     """Execute `plan.schedule` on a net rewritten before it: the units it stores run with plain
-    autograd and those it runs plainly store what is nested in them, as `rewrite` builds them
-    from the scheduled plan (whose stored and plain units nest no layer)."""
-    plain = set(plan.schedule.plain)
+    autograd, those it runs plainly store what is nested in them and those that keep record
+    their kept layers' outputs, as `rewrite` builds them from the scheduled plan (whose stored
+    and plain units nest no layer)."""
+    plain, keeping = set(plan.schedule.plain), set(plan.schedule.kept)
     for segment, node in unit_nodes(net, plan):
         mode = STORED if segment.action == "stored" else PLAIN if segment.name in plain else LEAN
-        set_mode(net.get_submodule(node.target), mode)
+        set_mode(net.get_submodule(node.target), mode + (KEEP if segment.name in keeping else ""))

@@ -13,6 +13,10 @@ everywhere else the step holds less. So each unit runs in one of three modes:
   from its forward to its backward: its backward recomputes nothing. The units that fit are the
   late ones: low resolution, and their backward runs first, while the step holds little else.
 
+and a LEAN or PLAIN rerun may also KEEP: the forward keeps the outputs of the unit's dearest
+layers (revify.keep: 3x3 convolutions, wide 1x1 ones) and the rerun skips them. That buys most
+of a unit's recompute FLOPs for a fraction of what storing it costs, so it fits in more units.
+
 How a choice is priced. One projection of a training step per mode (fake tensors: every op
 dispatched with its real shapes, nothing allocated, every storage counted; revify.memory), every
 unit in that mode, gives the memory over time. The memory during a unit's forward or backward
@@ -41,7 +45,7 @@ from torch.utils._pytree import tree_leaves
 from .memory import ProjectionTracker, fake_copy, fake_like
 from .plan import Plan, Schedule
 from .reversible import ReversibleStage
-from .rewrite import LEAN, PLAIN, STORED, apply_schedule, nested, set_mode, unit_nodes
+from .rewrite import KEEP, LEAN, PLAIN, STORED, apply_schedule, kept, nested, set_mode, unit_nodes
 
 
 SLACK = 0.01  # the default budget: the least peak and 1% (see the module docstring)
@@ -222,11 +226,12 @@ class _Pricing:
         options = [(k, mode) for mode in self.runs if mode != LEAN for k in range(n)
                    if self.saved_flops(k, mode) > 0]
 
-        def cost(k, mode):  # bytes the mode adds (at least 1): a stored unit between forward
-            # and backward, a plain rerun to its own stretch (what the others hold is the same)
+        def cost(k, mode):  # bytes the mode adds (at least 1): between forward and backward
+            # (a stored unit, kept outputs) or to the unit's own stretch (a plain rerun), the
+            # units before it holding what they hold recomputing
             run = self.runs[mode]
-            added = run.held(k) - lean.held(k) if mode == STORED else run.peaks[k] - lean.peaks[k]
-            return max(added, 1)
+            before = sum(run.held(v) - lean.held(v) for v in range(k))
+            return max(run.held(k) - lean.held(k), run.peaks[k] - before - lean.peaks[k], 1)
 
         modes = [LEAN] * n
         for k, mode in sorted(options, key=lambda o: -self.saved_flops(*o) / cost(*o)):
@@ -264,21 +269,20 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
     nodes = [node for _, node in pairs or []]
     why = "no unit to store" if not nodes else _chain(net, nodes)
     if why is not None:
-        plan.schedule = Schedule(plan.options.budget or 0, 0, 0, skipped=why)
-        return plan.schedule
+        return _skip(plan, why)
     project = projector(net, nodes, example_inputs)
     n = len(nodes)
     stages = [isinstance(net.get_submodule(node.target), ReversibleStage) for node in nodes]
-    # A plain rerun differs from the lean one only in units with nested layers.
-    modes = [LEAN, STORED] + ([PLAIN] if any(nested(net.get_submodule(node.target))
-                                              for node in nodes) else [])
+    # A plain rerun differs from the lean one only in units with nested layers, keeping only
+    # in units with kept layers.
+    units = [net.get_submodule(node.target) for node in nodes]
+    reruns = [LEAN] + ([PLAIN] if any(map(nested, units)) else [])
+    modes = reruns + [STORED] + ([r + KEEP for r in reruns] if any(map(kept, units)) else [])
     try:
         pricing = _Pricing({mode: project([mode] * n) for mode in modes}, stages)
     except Exception as exc:  # a value the step reads (data-dependent control flow): no shapes
         # alone can price it, and every unit recomputing is always right
-        plan.schedule = Schedule(plan.options.budget or 0, 0, 0, skipped=(
-            f"the step cannot be projected on shapes alone: {type(exc).__name__}"))
-        return plan.schedule
+        return _skip(plan, f"the step cannot be projected on shapes alone: {type(exc).__name__}")
     least = pricing.runs[LEAN].peak
     budget = plan.options.budget or int(least * (1 + SLACK))
     if budget < least:
@@ -295,24 +299,40 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
         budget, least, peak,
         stored={seg.name: pricing.held(chosen, k) for k, seg in enumerate(segments)
                 if chosen[k] == STORED},
-        plain=[seg.name for k, seg in enumerate(segments) if chosen[k] == PLAIN],
+        plain=[seg.name for k, seg in enumerate(segments) if chosen[k].removesuffix(KEEP) == PLAIN],
+        kept={seg.name: pricing.held(chosen, k) - pricing.held(_without_keep(chosen, k), k)
+              for k, seg in enumerate(segments) if chosen[k].endswith(KEEP)},
         flops_saved=sum(pricing.saved_flops(k, chosen[k]) for k in range(n)))
     _record(plan, segments, chosen, result)
     apply_schedule(net, plan)
     return result
 
 
+def _skip(plan: Plan, why: str) -> Schedule:
+    """No choice: every unit recomputes as the rewrite built it, keeping nothing."""
+    _record(plan, plan.segments, [LEAN] * len(plan.segments),
+            Schedule(plan.options.budget or 0, 0, 0, skipped=why))
+    return plan.schedule
+
+
+def _without_keep(modes: list[str], k: int) -> list[str]:
+    return modes[:k] + [modes[k].removesuffix(KEEP)] + modes[k + 1:]
+
+
 def _record(plan: Plan, segments, chosen: list[str], result: Schedule) -> None:
-    """Write the choice into the plan: stored units, and no layer nested in the stored or plain
-    ones (their in-place adds and masked ReLUs stay, and still save memory)."""
+    """Write the choice into the plan: stored units, no layer nested in the stored or plain
+    ones (their in-place adds and masked ReLUs stay, and still save memory), and no layer kept
+    in the units that do not keep."""
     plan.schedule = result
     for segment, mode in zip(segments, chosen):
         if mode == STORED:
             segment.action = "stored"
-        if mode != LEAN:
-            leans = [segment.lean] + [plan.block(b).lean for b in segment.blocks]
-            for lean in filter(None, leans):
+        leans = [segment.lean] + [plan.block(b).lean for b in segment.blocks]
+        for lean in filter(None, leans):
+            if mode.removesuffix(KEEP) != LEAN:
                 lean.nested, lean.layers = [], []
+            if not mode.endswith(KEEP):
+                lean.kept, lean.kept_layers = [], []
 
 
 def _shapes(inputs: tuple) -> str:

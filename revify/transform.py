@@ -77,8 +77,9 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     lean: recompute checkpointed units leanly (revify.lean: cheap expanding layers recomputed
         once more, in-place adds, masked ReLUs); False is plain per-unit checkpointing.
     store: "auto" lets the units whose activations fit under `budget` keep them instead of
-        recomputing them in the backward, and the units whose rerun fits without revify.lean's
-        nesting rerun plainly (revify.schedule; the plan says which); "none" recomputes every
+        recomputing them in the backward, the units whose rerun fits without revify.lean's
+        nesting rerun plainly, and the units whose dearest layers' outputs fit keep those for
+        the rerun (revify.schedule, revify.keep; the plan says which); "none" recomputes every
         unit, nested layers too.
     budget: the peak activation memory (bytes, or a size such as '2GiB') a training step at the
         example input may reach; default: the peak with every unit recomputing and 1%. Pass

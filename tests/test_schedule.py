@@ -14,7 +14,7 @@ import revify
 from revify.checkpoint import Checkpointed
 from revify.memory import LiveTensorTracker
 from revify.reversible import ReversibleStage
-from revify.rewrite import LEAN, PLAIN, STORED, nested, unit_nodes
+from revify.rewrite import KEEP, LEAN, PLAIN, STORED, nested, unit_nodes
 from revify.schedule import _Pricing, projector
 
 X = torch.empty(4, 3, 64, 64)
@@ -59,7 +59,7 @@ def test_the_pricing_of_a_choice_is_its_projected_peak(make):
 
     n = len(nodes)
     stages = [isinstance(rev.net.get_submodule(node.target), ReversibleStage) for node in nodes]
-    modes = (LEAN, PLAIN, STORED)
+    modes = (LEAN, PLAIN, STORED, LEAN + KEEP, PLAIN + KEEP)
     pricing = _Pricing({mode: project([mode] * n) for mode in modes}, stages)
     random.seed(0)
     choices = [[random.choice(modes) for _ in range(n)] for _ in range(6)]

@@ -1,0 +1,112 @@
+"""Kept layers: the outputs of a unit's dearest layers, kept from its forward for its rerun.
+
+A recomputing unit (a checkpointed block, a reversible stage's branches) reruns every layer in
+the backward. Most of that compute sits in a few layers whose outputs are small for what they
+cost: a 3x3 convolution does 2 * 9 * C_in FLOPs per value it writes, so keeping its output
+costs 4 bytes per 18 * C_in FLOPs saved, a hundred times better than keeping a whole unit. The
+plan marks such layers (`KEEP_FLOPS_PER_BYTE`); when the schedule lets a unit keep them, its
+forward records their outputs on a `Tape` that the unit's backward holds, and the rerun takes
+each output from the tape instead of computing it: the layer's backward (gradients of its
+input and weights) runs as plain autograd's, from the same saved input and weights, so nothing
+changes by a bit. The tape lives as long as the unit's piece of the autograd graph and is
+emptied as the rerun consumes it.
+
+This is the opposite of revify.lean, which nests the cheapest layers (recomputing them once
+more); the two thresholds leave no layer in both.
+"""
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+KEEP_FLOPS_PER_BYTE = 192  # a layer is kept if its forward costs at least this per output byte
+# (twice revify.lean's FLOPS_PER_BYTE for nesting, so no layer is both)
+KEPT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # one aten.convolution each: the op skipped
+
+_local = threading.local()
+
+
+class Tape:
+    """Outputs of kept layers from one forward, per layer in call order."""
+
+    def __init__(self):
+        self.values: dict[int, list[tuple[torch.Tensor, int]]] = {}
+
+    def put(self, layer: nn.Module, value: torch.Tensor) -> None:
+        value = value.detach()
+        self.values.setdefault(id(layer), []).append((value, value._version))
+
+    def take(self, layer: nn.Module) -> torch.Tensor | None:
+        """The layer's next recorded output, or None (not recorded, or changed in place since:
+        the rerun then computes it)."""
+        queue = self.values.get(id(layer))
+        if not queue:
+            return None
+        value, version = queue.pop(0)
+        return value if value._version == version else None
+
+
+@contextmanager
+def _using(tape: Tape | None, recording: bool):
+    previous = getattr(_local, "tape", None), getattr(_local, "recording", False)
+    _local.tape, _local.recording = tape, recording
+    try:
+        yield tape
+    finally:
+        _local.tape, _local.recording = previous
+
+
+def recording(tape: Tape | None):
+    """Kept layers run inside record their outputs on `tape` (None: they just run)."""
+    return _using(tape, True)
+
+
+def replaying(tape: Tape | None):
+    """Kept layers run inside take their outputs from `tape` (None: they just run)."""
+    return _using(tape, False)
+
+
+class _Returning(TorchDispatchMode):
+    """Below autograd: the layer's convolution returns `value` instead of computing it, so
+    autograd records the convolution's backward with the input and weight it saves as usual."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default and self.value is not None:
+            value, self.value = self.value, None
+            return value.detach()
+        return func(*args, **(kwargs or {}))
+
+
+class Kept(nn.Module):
+    """A layer whose output a recording forward keeps and a replaying rerun reuses. The layer
+    stays registered where it was (parameter names do not change)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
+
+    def extra_repr(self) -> str:
+        return repr(self.layer)
+
+    def forward(self, x):
+        tape = None if torch.compiler.is_compiling() else getattr(_local, "tape", None)
+        if tape is None:
+            return self.layer(x)
+        if _local.recording:
+            out = self.layer(x)
+            tape.put(self, out)
+            return out
+        value = tape.take(self)
+        if value is None:
+            return self.layer(x)
+        with _Returning(value):
+            return self.layer(x)
+

@@ -1,0 +1,136 @@
+"""revify.keep: a unit's forward keeps its dearest layers' outputs and the rerun reuses them.
+
+Checked against plain autograd (the same layer run normally, the same model under
+exact_backward) and by counting the layer's calls and the step's live memory.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import revify
+from revify.keep import Kept, Tape, recording, replaying
+from revify.memory import LiveTensorTracker
+from revify.rewrite import unit_nodes
+
+X = torch.empty(4, 3, 64, 64)
+
+
+class _Convolutions(TorchDispatchMode):
+    """Counts the convolutions computed with each weight (by its data pointer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            self.counts[args[1].data_ptr()] = self.counts.get(args[1].data_ptr(), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def of(self, layer: nn.Module) -> int:
+        return self.counts.get(layer.weight.data_ptr(), 0)
+
+
+def _conv_and_input():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    return conv, torch.randn(2, 4, 8, 8, requires_grad=True)
+
+
+def test_a_replayed_layer_gives_plain_autograds_value_and_gradients():
+    conv, x = _conv_and_input()
+    kept, tape = Kept(conv), Tape()
+    with _Convolutions() as computed:
+        with torch.no_grad(), recording(tape):
+            first = kept(x)
+        with replaying(tape):
+            again = kept(x)
+    assert computed.of(conv) == 1  # the rerun took the output from the tape
+    grad = torch.randn_like(again)
+    replayed = torch.autograd.grad(again, [x, conv.weight, conv.bias], grad)
+    reference = conv(x)
+    assert torch.equal(again, reference) and torch.equal(first, reference)
+    plain = torch.autograd.grad(reference, [x, conv.weight, conv.bias], grad)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, plain))
+    assert not tape.values[id(kept)]  # taken: the tape holds it no longer
+
+
+def test_an_output_changed_in_place_after_recording_is_computed_again():
+    conv, x = _conv_and_input()
+    kept, tape = Kept(conv), Tape()
+    with _Convolutions() as computed:
+        with torch.no_grad(), recording(tape):
+            kept(x).mul_(2)
+        with replaying(tape):
+            again = kept(x)
+    assert computed.of(conv) == 2 and torch.equal(again, conv(x))
+
+
+def test_without_a_tape_a_kept_layer_just_runs():
+    conv, x = _conv_and_input()
+    kept = Kept(conv)
+    with _Convolutions() as computed:
+        assert torch.equal(kept(x), conv(x)) and computed.of(conv) == 2
+        with replaying(Tape()):  # nothing recorded: computed
+            assert torch.equal(kept(x), conv(x)) and computed.of(conv) == 4
+    assert list(kept.parameters()) == []  # the layer stays registered where it was
+
+
+@pytest.fixture(scope="module")
+def resnet50():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(num_classes=10).train()
+    return model, revify.transform(model, X).train(), revify.transform(model, X, store="none").train()
+
+
+def _step(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def test_keeping_units_skip_their_kept_layers_in_the_rerun(resnet50):
+    _, rev, every = resnet50
+    schedule = rev.revify_plan.schedule
+    assert schedule.kept and schedule.peak <= schedule.budget
+    units = {seg.name: rev.net.get_submodule(node.target)
+             for seg, node in unit_nodes(rev.net, rev.revify_plan)}
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    with _Convolutions() as computed:
+        _step(rev, x, y), _step(every, x, y)
+    for name in schedule.kept:
+        assert units[name].keep
+        layer = next(m for m in units[name].modules() if isinstance(m, Kept)).layer
+        twin = dict(every.named_modules())[next(n for n, m in rev.named_modules() if m is layer)]
+        assert (computed.of(layer), computed.of(twin)) == (1, 2), name  # recomputed: twice
+    plan = str(rev.revify_plan)
+    assert f"Keeping their dearest layers' outputs for the rerun: {', '.join(schedule.kept)}" in plan
+    assert "keeps the output of" in plan
+
+
+def test_keeping_changes_no_gradient_and_leaves_nothing_behind(resnet50):
+    _, rev, _ = resnet50
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    state = {k: v.clone() for k, v in rev.state_dict().items()}
+    rev.zero_grad(set_to_none=True)
+    with LiveTensorTracker() as tracker:
+        F.cross_entropy(rev(x), y).backward()
+    grads = [p.grad.clone() for p in rev.parameters()]
+    # every tape was emptied or released with the graph: only the gradients are left
+    assert tracker.current == sum(p.grad.untyped_storage().nbytes() for p in rev.parameters())
+    assert tracker.peak_without([p.grad for p in rev.parameters()]) <= rev.revify_plan.schedule.budget
+    rev.load_state_dict(state)
+    with revify.exact_backward():
+        _step(rev, x, y)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, rev.parameters()))
+
+
+def test_baselines_and_plain_checkpointing_keep_nothing(resnet50):
+    model, _, every = resnet50
+    for rev in (every, revify.transform(model, X, lean=False),
+                revify.transform(model, X, reversible=False)):
+        assert not any(isinstance(m, Kept) for m in rev.modules())
+        assert "keeps the output of" not in str(rev.revify_plan)
