@@ -5,14 +5,12 @@ updates running statistics twice per step; here the recompute runs with statisti
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .keep import Tape, recording, replaying
-from .modes import exact_backward_enabled, frozen_buffers
+from .modes import discarding, exact_backward_enabled, frozen_buffers
 
 
 class Checkpointed(nn.Module):
@@ -48,14 +46,13 @@ class Checkpointed(nn.Module):
         return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts)
 
     def _contexts(self):
-        if not self.keep:
-            return nullcontext(), frozen_buffers(self.module)
-        tape = Tape()
-        return recording(tape), _Rerun(frozen_buffers(self.module), replaying(tape))
+        tape = Tape() if self.keep else None
+        return (_Together(discarding(), recording(tape)),
+                _Together(frozen_buffers(self.module), replaying(tape)))
 
 
-class _Rerun:
-    """The recompute's contexts, entered together (a checkpoint enters it once per rerun)."""
+class _Together:
+    """Contexts entered together (a checkpoint enters its recompute context once per rerun)."""
 
     def __init__(self, *contexts):
         self.contexts = contexts

@@ -17,7 +17,6 @@ more); the two thresholds leave no layer in both.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -50,24 +49,31 @@ class Tape:
         return value if value._version == version else None
 
 
-@contextmanager
-def _using(tape: Tape | None, recording: bool):
-    previous = getattr(_local, "tape", None), getattr(_local, "recording", False)
-    _local.tape, _local.recording = tape, recording
-    try:
-        yield tape
-    finally:
-        _local.tape, _local.recording = previous
+class _Using:
+    """Sets the thread's tape while inside; re-enterable (a checkpoint enters its recompute
+    context once per rerun)."""
+
+    def __init__(self, tape: Tape | None, recording: bool):
+        self.tape, self.recording, self.previous = tape, recording, []
+
+    def __enter__(self):
+        self.previous.append((getattr(_local, "tape", None), getattr(_local, "recording", False)))
+        _local.tape, _local.recording = self.tape, self.recording
+        return self.tape
+
+    def __exit__(self, *exc):
+        _local.tape, _local.recording = self.previous.pop()
+        return False
 
 
-def recording(tape: Tape | None):
+def recording(tape: Tape | None) -> _Using:
     """Kept layers run inside record their outputs on `tape` (None: they just run)."""
-    return _using(tape, True)
+    return _Using(tape, True)
 
 
-def replaying(tape: Tape | None):
+def replaying(tape: Tape | None) -> _Using:
     """Kept layers run inside take their outputs from `tape` (None: they just run)."""
-    return _using(tape, False)
+    return _Using(tape, False)
 
 
 class _Returning(TorchDispatchMode):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept
+from .modes import discarding_enabled
 from .ops import is_activation, is_add
 
 FLOPS_PER_BYTE = 96
@@ -274,7 +275,11 @@ class _MaskedReLU(torch.autograd.Function):
         else:
             out = torch.relu(x)
         ctx.grad_in_place = grad_in_place
-        ctx.save_for_backward((out > 0).view(torch.uint8))
+        # In a checkpoint's first forward the mask is dropped as soon as it is saved: an empty
+        # stand-in of its shape and dtype (what the checkpoint checks against the recompute's).
+        mask = torch.empty_like(out, dtype=torch.uint8) if discarding_enabled() else \
+            (out > 0).view(torch.uint8)
+        ctx.save_for_backward(mask)
         return out
 
     @staticmethod

@@ -29,6 +29,24 @@ def exact_backward_enabled() -> bool:
     return getattr(_local, "exact", False)
 
 
+class discarding:
+    """A checkpoint's first forward: what autograd saves is dropped (and recomputed later), so
+    a tensor computed only to be saved (a masked ReLU's mask) need not be computed."""
+
+    def __enter__(self):
+        self.previous = getattr(_local, "discarding", False)
+        _local.discarding = True
+        return self
+
+    def __exit__(self, *exc):
+        _local.discarding = self.previous
+        return False
+
+
+def discarding_enabled() -> bool:
+    return getattr(_local, "discarding", False)
+
+
 class frozen_buffers:
     """Recompute without net effect on buffers: running statistics were updated in the forward.
 

@@ -134,3 +134,20 @@ def test_baselines_and_plain_checkpointing_keep_nothing(resnet50):
                 revify.transform(model, X, reversible=False)):
         assert not any(isinstance(m, Kept) for m in rev.modules())
         assert "keeps the output of" not in str(rev.revify_plan)
+
+
+def test_a_keeping_checkpoint_backpropagates_twice():
+    """The tape is used up by the first rerun; a second backward (retain_graph) reruns the
+    checkpoint again, computing the kept layers: the same gradients twice."""
+    from revify.checkpoint import Checkpointed
+    conv, x = _conv_and_input()
+    unit = Checkpointed(nn.Sequential(Kept(conv), nn.ReLU()))
+    unit.keep = True
+    out = unit(x)
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    assert torch.equal(x.grad, 2 * first)
+    ref = x.detach().clone().requires_grad_()
+    torch.relu(conv(ref)).sum().backward()
+    assert torch.equal(first, ref.grad)

@@ -96,3 +96,35 @@ def test_masked_relu_is_relu_keeping_one_byte_a_value(inplace, grad_in_place):
     out.backward(g.clone())
     assert torch.equal(out, ref) and torch.equal(leaf.grad, ref_in.grad)
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, x.numel())]  # one byte a value
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched (by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_checkpoints_first_forward_computes_no_mask():
+    """The checkpoint drops what its first forward saves, so the mask is computed only in the
+    recompute, whose mask the backward uses: relu's gradients all the same."""
+    from revify.checkpoint import Checkpointed
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, requires_grad=True)
+    unit = Checkpointed(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Identity()))
+    unit.module[1].forward = lambda t: masked_relu(t)
+    with _Ops() as forward:
+        out = unit(x)
+    g = torch.randn_like(out)
+    with _Ops() as backward:
+        out.backward(g)
+    assert forward.counts.get("gt", 0) == 0 and backward.counts["gt"] == 1
+    ref_x = x.detach().clone().requires_grad_()
+    torch.relu(unit.module[0](ref_x)).backward(g)
+    assert torch.equal(x.grad, ref_x.grad)
