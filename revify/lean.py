@@ -241,13 +241,16 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
 def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: set[str],
                  added_into: set[str]) -> list[str]:
     """The layers dear enough to keep the output of (revify.keep), outside the nested ones and
-    with an output nothing changes in place."""
+    with an output nothing changes in place: read only by layers and norms of the unit (not by
+    an in-place op, nor by an op that may hand it on as it is, like an identity drop path,
+    towards a branch output that the stream adds in place)."""
     kept = []
     for node in gm.graph.nodes:
         module = _module(gm, node)
         if node.name not in members or node.name in nested or type(module) not in KEPT_LAYERS:
             continue
-        if node.name in added_into or any(_inplace(gm, u) for u in node.users):
+        if node.name in added_into or not all(
+                u.name in members and isinstance(_module(gm, u), OUTPUT_UNREAD) for u in node.users):
             continue
         if sizes.flops(module, node) >= KEEP_FLOPS_PER_BYTE * sizes.nbytes(node):
             kept.append(node.name)
@@ -328,7 +331,11 @@ def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline) -> None:
 
 def _keep(gm: fx.GraphModule, node: fx.Node) -> None:
     """Call the layer of `node` through a Kept wrapper (the layer stays where it is)."""
-    attr = f"{node.target.replace('.', '_')}_kept"
+    taken = {name for name, _ in gm.named_children()}
+    attr = base = f"{node.target.replace('.', '_')}_kept"
+    while attr in taken:
+        attr = f"{base}_{len(taken)}"
+        taken.add(attr)
     gm.add_submodule(attr, Kept(gm.get_submodule(node.target)))
     node.target = attr
 

@@ -151,3 +151,24 @@ def test_a_keeping_checkpoint_backpropagates_twice():
     ref = x.detach().clone().requires_grad_()
     torch.relu(conv(ref)).sum().backward()
     assert torch.equal(first, ref.grad)
+
+
+def test_every_kept_output_is_reused_in_a_pre_activation_resnet(monkeypatch):
+    """ResNetV2's branches end in a conv handed on by an identity drop path to the stream,
+    which adds it in place: that conv is not kept (its output would be changed before the
+    rerun, which would then compute it again and have held it for nothing)."""
+    import timm
+    recorded, reused = [0], [0]
+    put, take = Tape.put, Tape.take
+    monkeypatch.setattr(Tape, "put", lambda self, layer, value: (
+        recorded.__setitem__(0, recorded[0] + 1), put(self, layer, value))[1])
+    monkeypatch.setattr(Tape, "take", lambda self, layer: (
+        lambda value: (reused.__setitem__(0, reused[0] + (value is not None)), value)[1])(
+        take(self, layer)))
+    torch.manual_seed(0)
+    model = timm.create_model("resnetv2_50", num_classes=10).train()
+    rev = revify.transform(model, X).train()
+    assert rev.revify_plan.schedule.kept
+    recorded[0] = reused[0] = 0
+    _step(rev, torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
+    assert recorded[0] > 0 and reused[0] == recorded[0]
