@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept
+from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS
 from .modes import discarding_enabled
 from .ops import is_activation, is_add
 
@@ -309,9 +309,10 @@ def _inplace(gm, node: fx.Node) -> bool:
                 or (node.op == "call_method" and node.target.endswith("_")))
 
 
-def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline) -> None:
+def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, keep) -> None:
     """Execute `lean` on a checkpointed unit's own graph; `outline(gm, names, label)` moves a
-    nested layer into a checkpointed submodule."""
+    nested layer into a checkpointed submodule, `keep(gm, node)` calls a kept layer through a
+    Kept wrapper."""
     nodes = {n.name: n for n in gm.graph.nodes}
     _run_first(gm, [nodes[n] for n in lean.early])
     for name in lean.masked:
@@ -324,20 +325,9 @@ def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline) -> None:
     for region, layer in zip(lean.nested, lean.layers):
         outline(gm, _own_pre_activation(gm, region), layer)
     for name in lean.kept:
-        _keep(gm, nodes[name])
+        keep(gm, nodes[name])
     gm.graph.lint()
     gm.recompile()
-
-
-def _keep(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Call the layer of `node` through a Kept wrapper (the layer stays where it is)."""
-    taken = {name for name, _ in gm.named_children()}
-    attr = base = f"{node.target.replace('.', '_')}_kept"
-    while attr in taken:
-        attr = f"{base}_{len(taken)}"
-        taken.add(attr)
-    gm.add_submodule(attr, Kept(gm.get_submodule(node.target)))
-    node.target = attr
 
 
 def _run_first(gm: fx.GraphModule, early: list[fx.Node]) -> None:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_leaves
@@ -154,7 +155,6 @@ def project_peak(model: torch.nn.Module, example: torch.Tensor) -> int:
     """The peak activation bytes (all but parameter gradients) of one training step of `model`
     on an input shaped like `example`, projected on fake tensors: nothing is allocated. The
     backward starts from a dense output gradient, as revify.schedule's projections do."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
     mode = FakeTensorMode()
     fake = fake_copy(model, mode)
     with mode:

@@ -25,19 +25,9 @@ def format_plan(plan, fmt: str = "simple") -> str:
     stages = [[s.name, len(s.blocks), len(s.couplings), s.channels, f"{s.channels // 2} + {s.channels // 2}",
                f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
                _delta(s.params_before, s.params_after)] for s in plan.stages]
-    stored = plan.schedule.stored if plan.schedule else {}
-    plain = plan.schedule.plain if plan.schedule else []
-    keeping = plan.schedule.kept if plan.schedule else {}
     segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-",
-                 "; ".join(filter(None, [f"keeps {_mib(stored[s.name])} MiB: fits under the peak"
-                                         if s.name in stored else "",
-                                         "nests no layer: fits under the peak"
-                                         if s.name in plain else "",
-                                         f"keeps {_mib(keeping[s.name])} MiB of layer outputs "
-                                         f"for the rerun: fits under the peak"
-                                         if s.name in keeping else "",
-                                         s.lean.describe() if s.lean else ""]))]
-                for s in plan.segments]
+                 "; ".join(_scheduled(s.name, plan.schedule) +
+                           ([s.lean.describe()] if s.lean else []))] for s in plan.segments]
     parts = [
         f"revify plan for {plan.model}: {len(plan.blocks)} residual blocks, "
         f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} "
@@ -58,6 +48,21 @@ def format_plan(plan, fmt: str = "simple") -> str:
         parts.insert(-1, "kept as opaque layers (not traced into):\n" + "\n".join(
             f"  {name}: {why}" for name, why in plan.opaque.items()))
     return "\n\n".join(parts)
+
+
+def _scheduled(unit: str, schedule) -> list[str]:
+    """What revify.schedule chose for one unit, as the plan's recompute column says it."""
+    if schedule is None:
+        return []
+    notes = []
+    if unit in schedule.stored:
+        notes.append(f"keeps {_mib(schedule.stored[unit])} MiB: fits under the peak")
+    if unit in schedule.plain:
+        notes.append("nests no layer: fits under the peak")
+    if unit in schedule.kept:
+        notes.append(f"keeps {_mib(schedule.kept[unit])} MiB of layer outputs for the rerun: "
+                     f"fits under the peak")
+    return notes
 
 
 def _mib(nbytes: int) -> str:

@@ -155,7 +155,7 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
 def _lean_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.GraphModule:
     branch = build_branch(gm, bp, stream_offset)
     if bp.lean:
-        apply_lean(branch, bp.lean, _nest)
+        apply_lean(branch, bp.lean, _nest, _keep)
     return branch
 
 
@@ -220,7 +220,7 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap, lean: LeanP
         _protect(module, env[i])
     module.recompile()
     if lean:
-        apply_lean(module, lean, _nest)
+        apply_lean(module, lean, _nest, _keep)
     attr = attr or _unit_name(gm, label)
     gm.add_submodule(attr, wrap(module))
     with gm.graph.inserting_after(members[-1]):
@@ -241,6 +241,15 @@ def _nest(gm: fx.GraphModule, names: list[str], label: str) -> None:
     taken = {name for name, _ in gm.named_children()}
     _outline(gm, names, label, lambda region: Checkpointed(region, owned=False),
              attr=_readable(label, taken))
+
+
+def _keep(gm: fx.GraphModule, node: fx.Node) -> None:
+    """A layer of a unit called through a Kept wrapper (revify.keep); the layer stays
+    registered in the unit, under the name it had."""
+    taken = {name for name, _ in gm.named_children()}
+    wrapper = Kept(gm.get_submodule(node.target))
+    node.target = _readable(f"{node.target}_kept", taken)
+    gm.add_submodule(node.target, wrapper)
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:

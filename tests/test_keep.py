@@ -158,17 +158,24 @@ def test_every_kept_output_is_reused_in_a_pre_activation_resnet(monkeypatch):
     which adds it in place: that conv is not kept (its output would be changed before the
     rerun, which would then compute it again and have held it for nothing)."""
     import timm
-    recorded, reused = [0], [0]
+    counts = {"recorded": 0, "reused": 0}
     put, take = Tape.put, Tape.take
-    monkeypatch.setattr(Tape, "put", lambda self, layer, value: (
-        recorded.__setitem__(0, recorded[0] + 1), put(self, layer, value))[1])
-    monkeypatch.setattr(Tape, "take", lambda self, layer: (
-        lambda value: (reused.__setitem__(0, reused[0] + (value is not None)), value)[1])(
-        take(self, layer)))
+
+    def counted_put(self, layer, value):
+        counts["recorded"] += 1
+        put(self, layer, value)
+
+    def counted_take(self, layer):
+        value = take(self, layer)
+        counts["reused"] += value is not None
+        return value
+
+    monkeypatch.setattr(Tape, "put", counted_put)
+    monkeypatch.setattr(Tape, "take", counted_take)
     torch.manual_seed(0)
     model = timm.create_model("resnetv2_50", num_classes=10).train()
     rev = revify.transform(model, X).train()
     assert rev.revify_plan.schedule.kept
-    recorded[0] = reused[0] = 0
+    counts.update(recorded=0, reused=0)  # the schedule's projections recorded too
     _step(rev, torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
-    assert recorded[0] > 0 and reused[0] == recorded[0]
+    assert counts["recorded"] > 0 and counts["reused"] == counts["recorded"]
