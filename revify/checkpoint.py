@@ -46,7 +46,7 @@ class Checkpointed(nn.Module):
         return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts)
 
     def _contexts(self):
-        tape = Tape() if self.keep else None
+        tape = Tape(outputs=self.keep)
         return (_Together(discarding(), recording(tape)),
                 _Together(frozen_buffers(self.module), replaying(tape)))
 

@@ -30,23 +30,37 @@ _local = threading.local()
 
 
 class Tape:
-    """Outputs of kept layers from one forward, per layer in call order."""
+    """What one forward of a unit keeps for its rerun, per layer in call order: kept layers'
+    outputs (if `outputs`: the schedule lets the unit keep them) and BatchNorms' batch
+    statistics (revify.stats; always, being two values a channel)."""
 
-    def __init__(self):
-        self.values: dict[int, list[tuple[torch.Tensor, int]]] = {}
+    def __init__(self, outputs: bool = True):
+        self.outputs = outputs
+        self.values: dict[int, list[tuple[object, list[int]]]] = {}
 
-    def put(self, layer: nn.Module, value: torch.Tensor) -> None:
-        value = value.detach()
-        self.values.setdefault(id(layer), []).append((value, value._version))
+    def put(self, layer: nn.Module, value) -> None:
+        """Record a tensor, a tuple of tensors or None (nothing to reuse from this call)."""
+        value = _detached(value)
+        self.values.setdefault(id(layer), []).append((value, [t._version for t in _tensors(value)]))
 
-    def take(self, layer: nn.Module) -> torch.Tensor | None:
-        """The layer's next recorded output, or None (not recorded, or changed in place since:
-        the rerun then computes it)."""
+    def take(self, layer: nn.Module):
+        """The layer's next record, or None (none recorded, or changed in place since: the
+        rerun then computes it)."""
         queue = self.values.get(id(layer))
         if not queue:
             return None
-        value, version = queue.pop(0)
-        return value if value._version == version else None
+        value, versions = queue.pop(0)
+        return value if [t._version for t in _tensors(value)] == versions else None
+
+
+def _tensors(value) -> tuple[torch.Tensor, ...]:
+    return () if value is None else (value,) if isinstance(value, torch.Tensor) else tuple(value)
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    return None if value is None else tuple(t.detach() for t in value)
 
 
 class _Using:
@@ -57,12 +71,16 @@ class _Using:
         self.tape, self.recording, self.previous = tape, recording, []
 
     def __enter__(self):
-        self.previous.append((getattr(_local, "tape", None), getattr(_local, "recording", False)))
-        _local.tape, _local.recording = self.tape, self.recording
+        tape, recording, enclosing = getattr(_local, "state", (None, False, None))
+        self.previous.append((tape, recording, enclosing))
+        # A forward recording inside a unit's forward or rerun (a checkpoint nested in the
+        # unit) may also record on, or take from, the unit's tape.
+        enclosing = (tape, recording) if self.recording and tape is not None else None
+        _local.state = (self.tape, self.recording, enclosing)
         return self.tape
 
     def __exit__(self, *exc):
-        _local.tape, _local.recording = self.previous.pop()
+        _local.state = self.previous.pop()
         return False
 
 
@@ -74,6 +92,21 @@ def recording(tape: Tape | None) -> _Using:
 def replaying(tape: Tape | None) -> _Using:
     """Kept layers run inside take their outputs from `tape` (None: they just run)."""
     return _Using(tape, False)
+
+
+def current() -> tuple[Tape | None, bool]:
+    """The thread's tape (None outside a unit's forward or rerun, and while compiling) and
+    whether the unit records on it (its forward) or takes from it (its rerun)."""
+    if torch.compiler.is_compiling():
+        return None, False
+    tape, recording, _ = getattr(_local, "state", (None, False, None))
+    return tape, recording
+
+
+def enclosing() -> tuple[Tape, bool] | None:
+    """While recording inside an enclosing unit's forward or rerun: that unit's tape and
+    whether it records on it."""
+    return None if torch.compiler.is_compiling() else getattr(_local, "state", (None,) * 3)[2]
 
 
 class _Returning(TorchDispatchMode):
@@ -91,9 +124,9 @@ class _Returning(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class Kept(nn.Module):
-    """A layer whose output a recording forward keeps and a replaying rerun reuses. The layer
-    stays registered where it was (parameter names do not change)."""
+class Wrapper(nn.Module):
+    """A module around `layer` that leaves it registered where it was: parameter names, state
+    dicts and optimizers see the model as before the wrapping."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -102,11 +135,15 @@ class Kept(nn.Module):
     def extra_repr(self) -> str:
         return repr(self.layer)
 
+
+class Kept(Wrapper):
+    """A layer whose output a recording forward keeps and a replaying rerun reuses."""
+
     def forward(self, x):
-        tape = None if torch.compiler.is_compiling() else getattr(_local, "tape", None)
-        if tape is None:
+        tape, recording = current()
+        if tape is None or not tape.outputs:
             return self.layer(x)
-        if _local.recording:
+        if recording:
             out = self.layer(x)
             tape.put(self, out)
             return out

@@ -18,7 +18,8 @@ value:
   stage, which stores nothing of its input) keeps a one-byte mask for its backward instead.
 
 The plan also names the unit's dearest layers, whose outputs the forward may keep for the rerun
-(revify.keep): the opposite trade, taken where revify.schedule finds the memory for it.
+(revify.keep): the opposite trade, taken where revify.schedule finds the memory for it; and its
+BatchNorms, whose rerun reuses the forward's batch statistics (revify.stats).
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS
+from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept
 from .modes import discarding_enabled
 from .ops import is_activation, is_add
+from .stats import NORMS as BATCH_NORMS, KeptStats
 
 FLOPS_PER_BYTE = 96
 HOT_FRACTION = 0.5     # a unit is hot if its largest tensor is over half the step's largest
@@ -52,9 +54,12 @@ class LeanPlan:
     early: list[str] = field(default_factory=list)         # nodes run first (a short shortcut)
     kept: list[str] = field(default_factory=list)          # layers whose outputs the forward
     kept_layers: list[str] = field(default_factory=list)   # may keep (revify.keep); their modules
+    norms: list[str] = field(default_factory=list)         # BatchNorms rerun from the forward's
+    # batch statistics (revify.stats)
 
     def __bool__(self) -> bool:
-        return bool(self.nested or self.in_place or self.masked or self.early or self.kept)
+        return bool(self.nested or self.in_place or self.masked or self.early or self.kept
+                    or self.norms)
 
     def describe(self) -> str:
         parts = [f"recomputes {', '.join(self.layers)} once more in its backward"] \
@@ -66,6 +71,9 @@ class LeanPlan:
         if self.masked:
             parts.append(f"{len(self.masked)} ReLU{'s' if len(self.masked) > 1 else ''} keep"
                          f"{'s' if len(self.masked) == 1 else ''} a mask")
+        if self.norms:
+            parts.append(f"{len(self.norms)} BatchNorm{'s' if len(self.norms) > 1 else ''} "
+                         f"rerun from kept statistics")
         return "; ".join(parts)
 
 
@@ -232,10 +240,12 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
     in_place = _in_place_adds(gm, members)
     by_name = {n.name: n for n in gm.graph.nodes}
     layers = [by_name[r[-2]].target for r in nested]  # the conv or linear of each
-    kept = _kept_layers(gm, members, sizes, {n for r in nested for n in r}, set(in_place.values())) \
-        if keep else []
+    kept = _kept_layers(gm, members, sizes, {n for r in nested for n in r},
+                        set(in_place.values())) if keep else []
+    norms = [n.name for n in gm.graph.nodes
+             if n.name in members and isinstance(_module(gm, n), BATCH_NORMS)]
     return LeanPlan(nested, layers, in_place, _masked_relus(gm, members, unkept),
-                    _short_paths_first(gm, members), kept, [by_name[n].target for n in kept])
+                    _short_paths_first(gm, members), kept, [by_name[n].target for n in kept], norms)
 
 
 def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: set[str],
@@ -309,10 +319,11 @@ def _inplace(gm, node: fx.Node) -> bool:
                 or (node.op == "call_method" and node.target.endswith("_")))
 
 
-def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, keep) -> None:
-    """Execute `lean` on a checkpointed unit's own graph; `outline(gm, names, label)` moves a
-    nested layer into a checkpointed submodule, `keep(gm, node)` calls a kept layer through a
-    Kept wrapper."""
+def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, wrap) -> None:
+    """Execute `lean` on a checkpointed unit's own graph; `outline(gm, names, label, lean)`
+    moves a nested layer into a checkpointed submodule (whose rerun does what `lean` says),
+    `wrap(gm, node, wrapper)` calls a layer through a wrapper (Kept for a kept layer, KeptStats
+    for a BatchNorm)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     _run_first(gm, [nodes[n] for n in lean.early])
     for name in lean.masked:
@@ -322,10 +333,15 @@ def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, keep) -> None:
         other = next(a for a in node.args if a.name != operand)
         node.op, node.target, node.args, node.kwargs = "call_function", _add_into, \
             (nodes[operand], other), {}
-    for region, layer in zip(lean.nested, lean.layers):
-        outline(gm, _own_pre_activation(gm, region), layer)
+    for region, layer in zip(lean.nested, lean.layers):  # a nested layer's norm goes with it
+        outline(gm, _own_pre_activation(gm, region), layer,
+                LeanPlan(norms=[n for n in region if n in lean.norms]))
+    nodes = {n.name: n for n in gm.graph.nodes}  # less the nested layers' nodes
     for name in lean.kept:
-        keep(gm, nodes[name])
+        wrap(gm, nodes[name], Kept)
+    for name in lean.norms:
+        if name in nodes and isinstance(_module(gm, nodes[name]), BATCH_NORMS):
+            wrap(gm, nodes[name], KeptStats)
     gm.graph.lint()
     gm.recompile()
 

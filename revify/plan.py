@@ -448,8 +448,9 @@ def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str
     """What each unit's recompute drops (revify.lean): layers are nested in the units whose
     tensors are the largest of the step, where its peak is reached, and nowhere else, since
     each costs its FLOPs once more (the stem neither: it runs its backward last, with little
-    else alive). With `keep` (revify.schedule will choose) every unit names its dearest layers
-    too, whose outputs its forward may keep (revify.keep)."""
+    else alive). Every unit names its BatchNorms, whose rerun reuses the forward's statistics
+    (revify.stats); with `keep` (revify.schedule will choose) its dearest layers too, whose
+    outputs its forward may keep (revify.keep)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     largest = {seg.name: largest_tensor([nodes[n] for n in seg.nodes]) for seg in segments}
     hottest = max(largest.values(), default=0)
@@ -458,7 +459,7 @@ def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str
         hot = largest[seg.name] > HOT_FRACTION * hottest
         if seg.action == "checkpointed":
             seg.lean = plan_lean(gm, seg.nodes, unkept, hot and seg.kind != "stem", keep=keep)
-        elif seg.action == "reversible" and (hot or keep):
+        elif seg.action == "reversible":
             for bp in (blocks[b] for b in seg.blocks):
                 branch = [*bp.block.branch, *([bp.pre_op] if bp.pre_op else [])]
                 bp.lean = plan_lean(gm, branch, set(), hot, bp.channels, bp.dim, keep) or None

@@ -79,6 +79,11 @@ class Grid:
     steps: tuple[torch.Tensor, torch.Tensor]    # spacing, shaped to broadcast against a half
     limits: tuple[torch.Tensor, torch.Tensor]   # 2^P * step: every value stays below it
     dims: list[int]                              # the dims a per-channel reduction runs over
+    # 1 / step: powers of two, so t * (1 / step) is t / step to the bit, and cheaper on CPU
+    inverses: tuple[torch.Tensor, torch.Tensor] = ()
+
+    def __post_init__(self):
+        self.inverses = tuple(1 / step for step in self.steps)
 
     @classmethod
     def for_input(cls, x: torch.Tensor, dim: int, headroom: torch.Tensor, dtype: torch.dtype):
@@ -99,20 +104,19 @@ class Grid:
 
     def snap(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """`t` rounded onto half `half`'s grid, in the stream dtype (a new tensor)."""
-        step = self.steps[half]
-        return torch.round(t / step).mul_(step)
+        return torch.round(t * self.inverses[half]).mul_(self.steps[half])
 
     def add_snapped(self, stream: torch.Tensor, t: torch.Tensor, half: int, sign: int = 1,
                     scratch: bool = True):
         """stream += sign * snap(t), in place; `t` is used as scratch if `scratch` and it has the
         stream's dtype. Every step is exact, so the result is the same bits as
         `stream + snap(t)` computed any other way."""
-        step = self.steps[half]
+        inverse = self.inverses[half]
         if scratch and t.dtype == stream.dtype:
-            scaled = torch.round_(t.div_(step))
+            scaled = torch.round_(t.mul_(inverse))
         else:
-            scaled = torch.round(t / step)
-        return stream.addcmul_(scaled, step, value=sign)
+            scaled = torch.round(t * inverse)
+        return stream.addcmul_(scaled, self.steps[half], value=sign)
 
     def outgrown(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """Per channel of half `half`: whether `t` reached the grid's limit (no sync)."""
@@ -537,7 +541,7 @@ def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
         rngs, tapes = [], []
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training else None)
-            tapes.append(Tape() if stage.keep else None)
+            tapes.append(Tape(outputs=stage.keep))
             with recording(tapes[-1]):
                 f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)

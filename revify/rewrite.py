@@ -155,7 +155,7 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
 def _lean_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.GraphModule:
     branch = build_branch(gm, bp, stream_offset)
     if bp.lean:
-        apply_lean(branch, bp.lean, _nest, _keep)
+        apply_lean(branch, bp.lean, _nest, _wrap)
     return branch
 
 
@@ -220,7 +220,7 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap, lean: LeanP
         _protect(module, env[i])
     module.recompile()
     if lean:
-        apply_lean(module, lean, _nest, _keep)
+        apply_lean(module, lean, _nest, _wrap)
     attr = attr or _unit_name(gm, label)
     gm.add_submodule(attr, wrap(module))
     with gm.graph.inserting_after(members[-1]):
@@ -235,21 +235,21 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap, lean: LeanP
         gm.graph.erase_node(node)
 
 
-def _nest(gm: fx.GraphModule, names: list[str], label: str) -> None:
+def _nest(gm: fx.GraphModule, names: list[str], label: str, lean: LeanPlan | None = None) -> None:
     """A layer of a unit checkpointed once more inside it (see revify.lean); its modules stay
     registered in the unit, under the names they had."""
     taken = {name for name, _ in gm.named_children()}
-    _outline(gm, names, label, lambda region: Checkpointed(region, owned=False),
+    _outline(gm, names, label, lambda region: Checkpointed(region, owned=False), lean,
              attr=_readable(label, taken))
 
 
-def _keep(gm: fx.GraphModule, node: fx.Node) -> None:
-    """A layer of a unit called through a Kept wrapper (revify.keep); the layer stays
-    registered in the unit, under the name it had."""
+def _wrap(gm: fx.GraphModule, node: fx.Node, wrapper) -> None:
+    """A layer of a unit called through a wrapper (revify.keep's Kept, revify.stats'
+    KeptStats); the layer stays registered in the unit, under the name it had."""
     taken = {name for name, _ in gm.named_children()}
-    wrapper = Kept(gm.get_submodule(node.target))
-    node.target = _readable(f"{node.target}_kept", taken)
-    gm.add_submodule(node.target, wrapper)
+    module = wrapper(gm.get_submodule(node.target))
+    node.target = _readable(f"{node.target}_{type(module).__name__.lower()}", taken)
+    gm.add_submodule(node.target, module)
 
 
 def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:

@@ -12,6 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 import revify
 from revify.analyze import STRATEGIES, parse_bytes, plot
 from revify.cli import main
+from revify.checkpoint import Checkpointed
+from revify.reversible import ReversibleStage
+from revify.stats import KeptStats
 from conftest import TinyResNet
 
 SIZE = (3, 16, 16)
@@ -57,15 +60,27 @@ def test_peak_extrapolates_exactly_and_the_largest_batch_is_the_largest(tiny, an
     assert third.strategies["revify"].peak_bytes > budget
 
 
-def test_units_account_for_everything_held_after_the_forward(analysis):
+def _statistics_bytes(unit: torch.nn.Module) -> int:
+    """What a unit's forward keeps of its BatchNorms (revify.stats), nested layers' included:
+    a mean and an inverse std per channel."""
+    inner = [m.module for m in unit.modules() if isinstance(m, Checkpointed) and m is not unit]
+    return sum(2 * m.layer.num_features * 4 for part in [unit, *inner] for m in part.modules()
+               if isinstance(m, KeptStats))
+
+
+def test_units_account_for_everything_held_after_the_forward(tiny, analysis):
     for strategy in STRATEGIES:
         held = sum(u.activation_bytes[strategy] for u in analysis.units)
         assert held == analysis.strategies[strategy].activation_bytes
     stages = [u for u in analysis.units if u.kind == "stage"]
     assert stages and all(len(u.blocks) == 2 for u in stages)
-    for stage in stages:
-        # A reversible stage keeps its output only; the original keeps every block's activations.
-        assert sum(b.activation_bytes["revify"] for b in stage.blocks) == 0
+    rev = revify.transform(tiny, input_size=SIZE)
+    built = [m for m in rev.modules() if isinstance(m, ReversibleStage)]
+    assert len(built) == len(stages)
+    for stage, module in zip(stages, built):
+        # A reversible stage keeps its output and its norms' batch statistics only; the
+        # original keeps every block's activations.
+        assert sum(b.activation_bytes["revify"] for b in stage.blocks) == _statistics_bytes(module) > 0
         assert 0 < stage.activation_bytes["revify"] < stage.activation_bytes["original"]
         assert sum(b.activation_bytes["original"] for b in stage.blocks) == stage.activation_bytes["original"]
         assert stage.shape and stage.became == "reversible"
