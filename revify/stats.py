@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from .keep import Wrapper, current, enclosing
@@ -52,8 +53,39 @@ class KeptStats(Wrapper):
                     stats = outer_tape.take(self)
         if stats is None and not record_on:
             return self.layer(x)
+        if stats is None and _plain(self.layer) and _refoldable(x, self.layer.weight):
+            return _record(self.layer, x, [(tape, self) for tape in record_on])
         with _Rerunning(stats, record_on, self):
             return self.layer(x)
+
+
+# Norms whose training forward `_record` repeats, calling the kernel itself: a dispatch mode
+# around the module's own forward costs twice the call. Subclasses (timm's BatchNormAct2d,
+# SyncBatchNorm) run their own forward under the mode.
+_PLAIN_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _plain(norm: nn.Module) -> bool:
+    return type(norm) in _PLAIN_NORMS and norm.training and norm.eps > 0
+
+
+def _record(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, records: list) -> torch.Tensor:
+    """`norm(x)` in training mode as torch's _BatchNorm.forward computes it (the same kernel
+    call, so the same autograd node and buffer updates), its batch statistics put on the tapes."""
+    norm._check_input_dim(x)
+    F._verify_batch_size(x.size())
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    track = norm.track_running_stats
+    if track and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    out, mean, invstd = torch.native_batch_norm(
+        x, norm.weight, norm.bias, norm.running_mean if track else None,
+        norm.running_var if track else None, True, momentum, norm.eps)
+    for tape, key in records:
+        tape.put(key, (mean, invstd))
+    return out
 
 
 class _Rerunning(TorchDispatchMode):

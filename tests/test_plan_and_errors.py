@@ -323,6 +323,20 @@ def test_a_stream_that_outgrows_its_grid_widens_it_and_stays_exact(data):
     assert all(int(dict(rev.named_buffers())[n] - before[n]) == 1 for n in counts)
 
 
+@pytest.mark.parametrize("shape, dim", [((3, 5, 4, 6), 1), ((3, 5, 4, 6), 3), ((4, 7, 5), 2),
+                                        ((2, 3, 7, 4), 0), ((6, 9), 1)])
+def test_per_channel_reductions_in_two_steps_equal_one(shape, dim):
+    """The grid's overflow check reduces the batch first, then the rest: the same values as one
+    reduction over every dim but the channel's, in every layout."""
+    from revify.reversible import _per_channel
+    t = torch.randn(shape)
+    dims = [d for d in range(t.ndim) if d != dim]
+    for reduce in (torch.amax, torch.amin):
+        assert torch.equal(_per_channel(t, dims, reduce), reduce(t, dims))
+        assert torch.equal(_per_channel(t.transpose(0, -1), dims, reduce),
+                           reduce(t.transpose(0, -1), dims))
+
+
 def test_a_stream_beyond_any_grid_warns_and_trains_on(data):
     """Branch outputs 10^6 times the stage input outgrow even the widest grid that leaves 8 bits
     of precision: those channels stop at that grid, the adds that overflow it round as plain

@@ -4,6 +4,8 @@ Checked against the training kernel itself (bit for bit, over random shapes, lay
 dtypes), against plain autograd (the same norm run normally, the same model under
 exact_backward), and by counting the training-mode norm kernels a step runs.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,9 +51,25 @@ def test_refold_gives_the_training_kernels_bits(dtype):
         assert torch.equal(refold(x, weight, bias, mean, invstd, eps), out), (case, x.shape, eps)
 
 
-def _norm_and_input(channels_last=False):
+class _OwnForward(nn.BatchNorm2d):
+    """A BatchNorm subclass with a forward of its own (as timm's BatchNormAct2d): its rerun
+    runs that forward under the dispatch mode rather than calling the kernel directly."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+NORM_KINDS = {
+    "plain": lambda: nn.BatchNorm2d(6),
+    "cumulative": lambda: nn.BatchNorm2d(6, momentum=None),
+    "untracked": lambda: nn.BatchNorm2d(6, track_running_stats=False),
+    "own forward": lambda: _OwnForward(6),
+}
+
+
+def _norm_and_input(channels_last=False, kind="plain"):
     torch.manual_seed(0)
-    norm = nn.BatchNorm2d(6)
+    norm = NORM_KINDS[kind]()
     nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
     x = torch.randn(4, 6, 5, 7) * 3 + 1
     if channels_last:
@@ -59,18 +77,25 @@ def _norm_and_input(channels_last=False):
     return norm, x.requires_grad_()
 
 
+@pytest.mark.parametrize("kind", list(NORM_KINDS))
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_a_rerun_norm_gives_plain_autograds_value_and_gradients(channels_last):
-    norm, x = _norm_and_input(channels_last)
+def test_a_rerun_norm_gives_plain_autograds_value_and_gradients(channels_last, kind):
+    norm, x = _norm_and_input(channels_last, kind)
+    reference_norm = copy.deepcopy(norm)
     wrapped, tape = KeptStats(norm), Tape(outputs=False)
     with _TrainingNorms() as reduced:
         with torch.no_grad(), recording(tape):
             first = wrapped(x)
-        running = (norm.running_mean.clone(), norm.running_var.clone())
+        with torch.no_grad():
+            reference = reference_norm(x)
+        # the recording forward updated the buffers as the norm's own forward does
+        assert all(torch.equal(a, b) for a, b in zip(norm.buffers(), reference_norm.buffers()))
+        running = [b.clone() for b in norm.buffers() if b.is_floating_point()]
         with replaying(tape):
             again = wrapped(x)
-    assert reduced.count == 1  # the rerun reduced nothing
-    assert torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
+    assert reduced.count == 2  # the norm's forward and the reference's; the rerun reduced nothing
+    assert all(torch.equal(a, b) for a, b in zip(running, (b for b in norm.buffers()
+                                                          if b.is_floating_point())))
     grad = torch.randn_like(again)
     rerun = torch.autograd.grad(again, [x, norm.weight, norm.bias], grad)
     reference = norm(x)
