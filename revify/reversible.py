@@ -104,7 +104,7 @@ class Grid:
 
     def snap(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """`t` rounded onto half `half`'s grid, in the stream dtype (a new tensor)."""
-        return torch.round(t * self.inverses[half]).mul_(self.steps[half])
+        return torch.mul(t, self.inverses[half]).round_().mul_(self.steps[half])
 
     def add_snapped(self, stream: torch.Tensor, t: torch.Tensor, half: int, sign: int = 1,
                     scratch: bool = True):

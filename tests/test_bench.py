@@ -1,6 +1,9 @@
 """The side-by-side baselines: timm-style block checkpointing, torch.compile with an activation
 memory budget, and the profiler-based measurement the compiled rows need."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -147,3 +150,18 @@ def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
     assert rows["original"].endswith("live tensors")
     assert rows["compile-budget-0"].endswith("allocator profile")
     assert "compile-budget-0: compiled 1 graph in " in out and "compiling compile-budget-0" in err
+
+
+@pytest.mark.parametrize("script, rows", [
+    ("time_breakdown.py", ["original", "revify", "revify, nothing recomputed", "revify, no grid"]),
+    ("keep_ablation.py", ["original", "keeping", "keeping nothing"]),
+])
+def test_timing_scripts_run_every_configuration(script, rows):
+    """The README's timing scripts (tiny sizes, two steps): every configuration gets a row."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / script), "--model", "resnet18",
+                           "--batch-size", "2", "--size", "32", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    names = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
+    assert set(rows) <= names

@@ -106,6 +106,26 @@ def test_a_rerun_norm_gives_plain_autograds_value_and_gradients(channels_last, k
     assert list(wrapped.parameters()) == []  # the norm stays registered where it was
 
 
+def test_a_rerun_norm_is_differentiable_twice_as_the_norm_is():
+    """Double backward (a gradient penalty) through a rerun norm equals plain autograd's, in
+    float64: the rerun records the norm's own autograd node."""
+    norm, x = _norm_and_input()
+    norm, x = norm.double(), x.detach().double().requires_grad_()
+    wrapped, tape = KeptStats(norm), Tape(outputs=False)
+    with torch.no_grad(), recording(tape):
+        wrapped(x)
+    with _TrainingNorms() as reduced, replaying(tape):
+        again = wrapped(x)
+    assert reduced.count == 0  # the statistics were reused
+
+    def penalty(out):
+        grads = torch.autograd.grad((out ** 2).sum(), [x, norm.weight], create_graph=True)
+        return torch.autograd.grad(sum((g ** 2).sum() for g in grads), [x, norm.weight, norm.bias])
+
+    for got, want in zip(penalty(again), penalty(norm(x))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_a_strided_input_is_rerun_with_its_statistics_computed_again():
     norm, x = _norm_and_input()
     strided = x.detach().transpose(2, 3).requires_grad_()  # neither contiguous nor channels-last

@@ -1,0 +1,51 @@
+"""Where a revified step's extra time goes: the forward and backward of the original, of revify,
+of the same revified model with plain autograd (`exact_backward`: nothing recomputed, so what is
+left is the architecture's own cost: half-width couplings, the grid), and of revify with
+`reconstruction="native"` (no grid), every configuration in one process with the steps
+interleaved in shuffled order. Ratios are to the original's step.
+
+    python scripts/time_breakdown.py [--model resnet50] [--batch-size 16] [--size 112] [--steps 9]
+"""
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+from interleaved import arguments, medians, model_and_batch
+
+import revify
+
+
+def main() -> None:
+    args = arguments(__doc__)
+    build, x, y = model_and_batch(args)
+    rev = revify.transform(build(), x)
+    runs = {
+        "original": (build(), contextlib.nullcontext),
+        "revify": (rev, contextlib.nullcontext),
+        "revify, nothing recomputed": (rev, revify.exact_backward),
+        "revify, no grid": (revify.transform(build(), x, reconstruction="native"),
+                            contextlib.nullcontext),
+    }
+
+    def step(net, context):
+        with context():
+            net.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            loss = F.cross_entropy(net(x), y)
+            middle = time.perf_counter()
+            loss.backward()
+            return middle - start, time.perf_counter() - middle
+
+    median = medians({name: lambda run=run: step(*run) for name, run in runs.items()}, args.steps)
+    base = sum(median["original"])
+    print(f"{args.model}, batch {args.batch_size}, {args.size}x{args.size}, "
+          f"medians of {args.steps} interleaved steps ({torch.get_num_threads()} threads)")
+    print(f"{'':28} {'forward ms':>10} {'backward ms':>11} {'step':>7}")
+    for name, (forward, backward) in median.items():
+        print(f"{name:28} {forward * 1e3:10.1f} {backward * 1e3:11.1f} "
+              f"{(forward + backward) / base:6.3f}x")
+
+
+if __name__ == "__main__":
+    main()
