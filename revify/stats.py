@@ -8,7 +8,7 @@ same kernel. So the unit's forward keeps them (two values a channel, on the unit
 the rerun applies them through the kernel's inference path: with the inverse std folded into
 the weight and a running variance v for which v + eps == 1 exactly, CPU's kernel computes
 alpha = invstd * weight and beta = bias - mean * alpha as the training path does, by the same
-code, then the same x * alpha + beta. On CPU that is about a quarter of the training
+code, then the same x * alpha + beta. On CPU that is about a fifth of the training
 forward's time.
 
 It happens below autograd (a TorchDispatchMode around the norm's call), so autograd records

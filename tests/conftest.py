@@ -34,6 +34,20 @@ def step_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, exact: bool =
     return grads
 
 
+def assert_rerun_is_plain(layer: nn.Module, x: torch.Tensor, first: torch.Tensor,
+                          again: torch.Tensor) -> None:
+    """A unit's rerun of `layer` gave `again` (its recording forward `first`): both equal
+    `layer(x)`, and gradients through the rerun (of x and the layer's parameters) equal plain
+    autograd's, bit for bit."""
+    inputs = [x, *layer.parameters()]
+    grad = torch.randn_like(again)
+    rerun = torch.autograd.grad(again, inputs, grad)
+    reference = layer(x)
+    assert torch.equal(again, reference) and torch.equal(first, reference)
+    plain = torch.autograd.grad(reference, inputs, grad)
+    assert all(torch.equal(a, b) for a, b in zip(rerun, plain))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error of a against the reference b."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()

@@ -16,6 +16,7 @@ import revify
 from revify import stats
 from revify.keep import Tape, recording, replaying
 from revify.stats import KeptStats, refold
+from conftest import assert_rerun_is_plain
 
 NATIVE = torch.ops.aten.native_batch_norm.default
 
@@ -96,12 +97,7 @@ def test_a_rerun_norm_gives_plain_autograds_value_and_gradients(channels_last, k
     assert reduced.count == 2  # the norm's forward and the reference's; the rerun reduced nothing
     assert all(torch.equal(a, b) for a, b in zip(running, (b for b in norm.buffers()
                                                           if b.is_floating_point())))
-    grad = torch.randn_like(again)
-    rerun = torch.autograd.grad(again, [x, norm.weight, norm.bias], grad)
-    reference = norm(x)
-    assert torch.equal(again, reference) and torch.equal(first, reference)
-    plain = torch.autograd.grad(reference, [x, norm.weight, norm.bias], grad)
-    assert all(torch.equal(a, b) for a, b in zip(rerun, plain))
+    assert_rerun_is_plain(norm, x, first, again)
     assert not tape.values[id(wrapped)]  # taken: the tape holds them no longer
     assert list(wrapped.parameters()) == []  # the norm stays registered where it was
 
