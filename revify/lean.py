@@ -32,6 +32,7 @@ from torch import fx, nn
 
 from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept
 from .modes import discarding_enabled
+from .pool import POOLS, FastMaxPool
 from .ops import is_activation, is_add
 from .stats import NORMS as BATCH_NORMS, KeptStats
 
@@ -56,10 +57,12 @@ class LeanPlan:
     kept_layers: list[str] = field(default_factory=list)   # may keep (revify.keep); their modules
     norms: list[str] = field(default_factory=list)         # BatchNorms rerun from the forward's
     # batch statistics (revify.stats)
+    pools: list[str] = field(default_factory=list)         # max pools on CPU's faster kernel
+    # (revify.pool)
 
     def __bool__(self) -> bool:
         return bool(self.nested or self.in_place or self.masked or self.early or self.kept
-                    or self.norms)
+                    or self.norms or self.pools)
 
     def describe(self) -> str:
         parts = [f"recomputes {', '.join(self.layers)} once more in its backward"] \
@@ -74,6 +77,9 @@ class LeanPlan:
         if self.norms:
             parts.append(f"{len(self.norms)} BatchNorm{'s' if len(self.norms) > 1 else ''} "
                          f"rerun from kept statistics")
+        if self.pools:
+            parts.append(f"{len(self.pools)} max pool{'s' if len(self.pools) > 1 else ''} on "
+                         f"CPU's channels-last kernel")
         return "; ".join(parts)
 
 
@@ -242,10 +248,12 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
     layers = [by_name[r[-2]].target for r in nested]  # the conv or linear of each
     kept = _kept_layers(gm, members, sizes, {n for r in nested for n in r},
                         set(in_place.values())) if keep else []
-    norms = [n.name for n in gm.graph.nodes
-             if n.name in members and isinstance(_module(gm, n), BATCH_NORMS)]
+    norms, pools = ([n.name for n in gm.graph.nodes
+                     if n.name in members and isinstance(_module(gm, n), kinds)]
+                    for kinds in (BATCH_NORMS, POOLS))
     return LeanPlan(nested, layers, in_place, _masked_relus(gm, members, unkept),
-                    _short_paths_first(gm, members), kept, [by_name[n].target for n in kept], norms)
+                    _short_paths_first(gm, members), kept, [by_name[n].target for n in kept], norms,
+                    pools)
 
 
 def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: set[str],
@@ -342,6 +350,9 @@ def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, wrap) -> None:
     for name in lean.norms:
         if name in nodes and isinstance(_module(gm, nodes[name]), BATCH_NORMS):
             wrap(gm, nodes[name], KeptStats)
+    for name in lean.pools:
+        if name in nodes:
+            wrap(gm, nodes[name], FastMaxPool)
     gm.graph.lint()
     gm.recompile()
 
