@@ -45,8 +45,8 @@ def _pair(v) -> list[int]:
 
 
 def _pieces(x: torch.Tensor) -> list[tuple[slice, slice]]:
-    """About CHUNKS pieces of `x` (whole samples, or groups of a sample's channels), each
-    contiguous in `x`'s layout."""
+    """About CHUNKS pieces of `x` (whole samples, or groups of a sample's channels, at least
+    one channel plane each), each contiguous in `x`'s layout."""
     n, c = x.shape[:2]
     planes = -(-n * c // CHUNKS)   # channel planes per piece
     if planes >= c:
@@ -57,9 +57,9 @@ def _pieces(x: torch.Tensor) -> list[tuple[slice, slice]]:
 
 class _ChannelsLastMaxPool(torch.autograd.Function):
     """F.max_pool2d(x, ...) for contiguous CPU `x`, computed on channels-last copies of pieces
-    of it (so the copies add an eighth of the input at most to what is live, where torch's own
-    pool adds nothing); it saves what torch's own saves (the input and the
-    indices), so what a step holds and its gradients are the same."""
+    of it (so the copies add an eighth of the input, or one channel plane if that is more, to
+    what is live, where torch's own pool adds nothing); it saves what torch's own saves (the
+    input and the indices), so what a step holds and its gradients are the same."""
 
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
