@@ -32,8 +32,8 @@ from torch import fx, nn
 
 from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept
 from .modes import discarding_enabled
-from .pool import POOLS, FastMaxPool
 from .ops import is_activation, is_add
+from .pool import POOLS, FastMaxPool
 from .stats import NORMS as BATCH_NORMS, KeptStats
 
 FLOPS_PER_BYTE = 96

@@ -5,10 +5,11 @@ batch 16 and 112x112). torch's CPU forward of max_pool2d on contiguous (NCHW) in
 ten times as long as on channels-last input (11 ms against 0.9 ms there, on this project's
 2-core machine), while its backward is fast in either layout. So the forward runs on
 channels-last copies (of an eighth of the input at a time) and hands back output and indices
-in the input's layout; the backward is torch's own, from those indices. Max pooling picks values without arithmetic and both kernels
-take the first maximum of a window in the same order, so output, indices and gradients are
-those of `F.max_pool2d` to the bit (tests/test_pool.py, ties included). Elsewhere (CUDA, other
-layouts, `return_indices`) the module runs as it is.
+in the input's layout; the backward is torch's own, from those indices. Max pooling picks
+values without arithmetic and both kernels take the first maximum of a window in the same
+order, so output, indices and gradients are those of `F.max_pool2d` to the bit
+(tests/test_pool.py, ties included). Elsewhere (CUDA, other layouts, `return_indices`) the
+module runs as it is.
 """
 from __future__ import annotations
 
