@@ -16,6 +16,7 @@ more); the two thresholds leave no layer in both.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -124,6 +125,13 @@ class _Returning(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def kept_cost(layer: nn.Module, out: torch.Tensor) -> tuple[int, int]:
+    """(bytes, FLOPs) of keeping `out`, the output of `layer` (a conv): what a forward keeps,
+    what the rerun then does not compute."""
+    fan_in = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return out.numel() * out.element_size(), 2 * out.numel() * fan_in
+
+
 class Wrapper(nn.Module):
     """A module around `layer` that leaves it registered where it was: parameter names, state
     dicts and optimizers see the model as before the wrapping."""
@@ -137,11 +145,19 @@ class Wrapper(nn.Module):
 
 
 class Kept(Wrapper):
-    """A layer whose output a recording forward keeps and a replaying rerun reuses."""
+    """A layer whose output a recording forward keeps and a replaying rerun reuses.
+
+    `layer_name` (the layer's name in the source model; a reversible block's two branches each
+    have a copy) is how the plan and the schedule name it; `active` says whether the schedule
+    lets it keep (it may choose some of a unit's kept layers and not others)."""
+
+    def __init__(self, layer: nn.Module, layer_name: str = ""):
+        super().__init__(layer)
+        self.layer_name, self.active = layer_name, True
 
     def forward(self, x):
         tape, recording = current()
-        if tape is None or not tape.outputs:
+        if tape is None or not tape.outputs or not self.active:
             return self.layer(x)
         if recording:
             out = self.layer(x)

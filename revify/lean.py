@@ -23,6 +23,7 @@ BatchNorms, whose rerun reuses the forward's batch statistics (revify.stats).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -345,8 +346,8 @@ def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, wrap) -> None:
         outline(gm, _own_pre_activation(gm, region), layer,
                 LeanPlan(norms=[n for n in region if n in lean.norms]))
     nodes = {n.name: n for n in gm.graph.nodes}  # less the nested layers' nodes
-    for name in lean.kept:
-        wrap(gm, nodes[name], Kept)
+    for name, layer_name in zip(lean.kept, lean.kept_layers):
+        wrap(gm, nodes[name], functools.partial(Kept, layer_name=layer_name))
     for name in lean.norms:
         if name in nodes and isinstance(_module(gm, nodes[name]), BATCH_NORMS):
             wrap(gm, nodes[name], KeptStats)

@@ -168,6 +168,12 @@ class Plan:
     def segment(self, name: str) -> SegmentPlan:
         return next(s for s in self.segments if s.name == name)
 
+    def leans(self, segment: SegmentPlan) -> list[LeanPlan]:
+        """What the recompute of `segment`'s unit does differently: its own lean plan, or its
+        blocks' (a reversible stage's branches)."""
+        leans = [segment.lean] + [self.block(b).lean for b in segment.blocks]
+        return [lean for lean in leans if lean is not None]
+
 
 # ----------------------------------------------------------------------------- blocks
 def _stream_dim(gm: fx.GraphModule, block: ResidualBlock) -> int:

@@ -7,6 +7,7 @@ GraphModule and wrapped in `Checkpointed`.
 from __future__ import annotations
 
 import operator
+from typing import Collection
 
 import torch
 from torch import fx, nn
@@ -295,22 +296,26 @@ def kept(unit: nn.Module) -> list[Kept]:
     return [m for m in unit.modules() if isinstance(m, Kept)]
 
 
-def set_mode(unit: nn.Module, mode: str) -> None:
+def set_mode(unit: nn.Module, mode: str, layers: Collection[str] | None = None) -> None:
     """Run a unit's backward as `mode` says (LEAN, PLAIN or STORED, the first two with KEEP or
-    not)."""
+    not); with KEEP, only the kept layers named in `layers` keep (None: all of them)."""
     rerun = mode.removesuffix(KEEP)
     for module in unit.modules():
         if isinstance(module, (Checkpointed, ReversibleStage)):
             module.stored = rerun == STORED or (rerun == PLAIN and module is not unit)
     unit.keep = mode.endswith(KEEP)
+    for layer in kept(unit):
+        layer.active = layers is None or layer.layer_name in layers
 
 
 def apply_schedule(net: fx.GraphModule, plan: Plan) -> None:
     """Execute `plan.schedule` on a net rewritten before it: the units it stores run with plain
     autograd, those it runs plainly store what is nested in them and those that keep record
-    their kept layers' outputs, as `rewrite` builds them from the scheduled plan (whose stored
-    and plain units nest no layer)."""
+    the outputs of the kept layers their plan still names, as `rewrite` builds them from the
+    scheduled plan (whose stored and plain units nest no layer)."""
     plain, keeping = set(plan.schedule.plain), set(plan.schedule.kept)
     for segment, node in unit_nodes(net, plan):
         mode = STORED if segment.action == "stored" else PLAIN if segment.name in plain else LEAN
-        set_mode(net.get_submodule(node.target), mode + (KEEP if segment.name in keeping else ""))
+        layers = {name for lean in plan.leans(segment) for name in lean.kept_layers}
+        set_mode(net.get_submodule(node.target), mode + (KEEP if segment.name in keeping else ""),
+                 layers)

@@ -42,6 +42,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
+from .keep import kept_cost
 from .memory import ProjectionTracker, fake_copy, fake_like
 from .plan import Plan, Schedule
 from .reversible import ReversibleStage
@@ -137,18 +138,43 @@ def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], input
     return _cut(tracker, marked, start, grads)
 
 
-def projector(net: fx.GraphModule, units: list[fx.Node], inputs: tuple):
-    """project(modes) -> _Run: a training step of a fake copy of `net` (nothing allocated)
-    with the units (nodes of `units`) in `modes` (one of LEAN, PLAIN, STORED each)."""
-    mode = FakeTensorMode()
-    fake = fake_copy(net, mode)
-    names = [node.name for node in units]
+class projector:
+    """project(modes, layers=None) -> _Run: a training step of a fake copy of `net` (nothing
+    allocated) with the units (nodes of `units`) in `modes` (one of LEAN, PLAIN, STORED each,
+    the first two with KEEP or not) and, where `layers[k]` is given, only those kept layers of
+    unit k keeping."""
 
-    def project(modes: list[str]) -> _Run:
-        for node, unit_mode in zip(units, modes):
-            set_mode(fake.get_submodule(node.target), unit_mode)
-        return _project(fake, mode, names, inputs)
-    return project
+    def __init__(self, net: fx.GraphModule, units: list[fx.Node], inputs: tuple):
+        self.mode = FakeTensorMode()
+        self.fake = fake_copy(net, self.mode)
+        self.units = [self.fake.get_submodule(node.target) for node in units]
+        self.names = [node.name for node in units]
+        self.inputs = inputs
+
+    def __call__(self, modes: list[str], layers: list | None = None) -> _Run:
+        for k, (unit, unit_mode) in enumerate(zip(self.units, modes)):
+            set_mode(unit, unit_mode, layers[k] if layers else None)
+        return _project(self.fake, self.mode, self.names, self.inputs)
+
+    def kept_costs(self) -> list[dict[str, tuple[int, int]]]:
+        """Per unit, per kept layer name: the (bytes, FLOPs) of keeping its outputs (both
+        branches' copies in a reversible block), from one forward at the example input."""
+        costs = [{} for _ in self.units]
+        where = {id(m): k for k, unit in enumerate(self.units) for m in kept(unit)}
+
+        def note(layer, _, out):
+            unit_costs, cost = costs[where[id(layer)]], kept_cost(layer.layer, out)
+            before = unit_costs.get(layer.layer_name, (0, 0))
+            unit_costs[layer.layer_name] = (before[0] + cost[0], before[1] + cost[1])
+        handles = [m.register_forward_hook(note) for unit in self.units for m in kept(unit)]
+        try:
+            with self.mode, torch.no_grad():  # a forward without a backward runs each layer once
+                self.fake(*[fake_like(t) if isinstance(t, torch.Tensor) else t
+                            for t in self.inputs])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return costs
 
 
 def _cut(tracker: ProjectionTracker, marked: _Marked, start, grads: set[int]) -> _Run:
@@ -204,14 +230,17 @@ class _Pricing:
         theirs = every.saves_input[k + 1] if modes[k + 1] == STORED else not self.stages[k + 1]
         return run.inner[k] + (run.size[k] if ours or theirs else 0)
 
-    def peak(self, modes: list[str]) -> int:
+    def peak(self, modes: list[str], extra: list[int] | None = None) -> int:
         """Each unit's stretches in its own mode's projection, shifted by what the units before
-        it keep in their chosen modes instead of that projection's."""
+        it keep in their chosen modes instead of that projection's; `extra[k]`: bytes unit k
+        keeps on top of its mode (some of its kept layers' outputs), counted from its forward
+        to its backward, its own stretches whole (an upper bound: its rerun consumes them)."""
+        extra = extra or [0] * len(modes)
         peak = 0
         for k, mode in enumerate(modes):
             own = self.runs[mode]
-            shift = sum(self.held(modes, v) - own.held(v) for v in range(k))
-            peak = max(peak, own.peaks[k] + shift)
+            shift = sum(self.held(modes, v) - own.held(v) + extra[v] for v in range(k))
+            peak = max(peak, own.peaks[k] + shift + extra[k])
         return peak
 
     def saved_flops(self, k: int, mode: str) -> int:
@@ -241,6 +270,22 @@ class _Pricing:
             if self.peak(modes) > budget:
                 modes[k] = before
         return modes
+
+    def choose_layers(self, modes: list[str], costs: list[dict[str, tuple[int, int]]],
+                      budget: int) -> list[tuple[int, str, int, int]]:
+        """In the units that recompute without keeping, the kept layers (unit, name, bytes,
+        FLOPs) whose outputs still fit, by FLOPs saved per byte: what the budget leaves after
+        the units' modes, in the pieces a whole unit's keeping is too large for."""
+        options = [(k, name, *cost) for k, mode in enumerate(modes)
+                   if mode in (LEAN, PLAIN) for name, cost in costs[k].items()]
+        extra, chosen = [0] * len(modes), []
+        for k, name, nbytes, flops in sorted(options, key=lambda o: -o[3] / max(o[2], 1)):
+            extra[k] += nbytes
+            if self.peak(modes, extra) > budget:
+                extra[k] -= nbytes
+            else:
+                chosen.append((k, name, nbytes, flops))
+        return chosen
 
 
 def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
@@ -290,22 +335,41 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
                          f"{least:,} bytes of activations with every unit recomputing; the "
                          f"budget of {budget:,} bytes is below that.")
     chosen = pricing.choose(budget)
-    peak = project(chosen).peak if chosen != [LEAN] * n else least
+    pieces = pricing.choose_layers(chosen, project.kept_costs(), budget) \
+        if any(map(kept, units)) else []
+    peak = project(*_with(chosen, pieces)).peak if chosen != [LEAN] * n or pieces else least
     while peak > budget:  # the pricing was off (it is exact on the models tested): give back
-        chosen[max(k for k in range(n) if chosen[k] != LEAN)] = LEAN
-        peak = project(chosen).peak
+        if pieces:
+            pieces.pop()
+        else:
+            chosen[max(k for k in range(n) if chosen[k] != LEAN)] = LEAN
+        peak = project(*_with(chosen, pieces)).peak
+    unit_modes, layers = _with(chosen, pieces)
     segments = [seg for seg, _ in pairs]
+    kept_bytes = {k: pricing.held(chosen, k) - pricing.held(_without_keep(chosen, k), k)
+                  for k in range(n) if chosen[k].endswith(KEEP)}
+    for k, _, nbytes, _ in pieces:
+        kept_bytes[k] = kept_bytes.get(k, 0) + nbytes
     result = Schedule(
         budget, least, peak,
         stored={seg.name: pricing.held(chosen, k) for k, seg in enumerate(segments)
                 if chosen[k] == STORED},
         plain=[seg.name for k, seg in enumerate(segments) if chosen[k].removesuffix(KEEP) == PLAIN],
-        kept={seg.name: pricing.held(chosen, k) - pricing.held(_without_keep(chosen, k), k)
-              for k, seg in enumerate(segments) if chosen[k].endswith(KEEP)},
-        flops_saved=sum(pricing.saved_flops(k, chosen[k]) for k in range(n)))
-    _record(plan, segments, chosen, result)
+        kept={seg.name: kept_bytes[k] for k, seg in enumerate(segments) if k in kept_bytes},
+        flops_saved=sum(pricing.saved_flops(k, chosen[k]) for k in range(n))
+        + sum(flops for *_, flops in pieces))
+    _record(plan, segments, unit_modes, result, layers)
     apply_schedule(net, plan)
     return result
+
+
+def _with(chosen: list[str], pieces: list[tuple[int, str, int, int]]):
+    """The units' modes and kept layers (None: all) once `pieces`, layers of units that do
+    not keep as a whole, keep too."""
+    layers: list[set | None] = [None] * len(chosen)
+    for k, name, *_ in pieces:
+        layers[k] = (layers[k] or set()) | {name}
+    return [mode + KEEP if layers[k] else mode for k, mode in enumerate(chosen)], layers
 
 
 def _skip(plan: Plan, why: str) -> Schedule:
@@ -319,20 +383,24 @@ def _without_keep(modes: list[str], k: int) -> list[str]:
     return modes[:k] + [modes[k].removesuffix(KEEP)] + modes[k + 1:]
 
 
-def _record(plan: Plan, segments, chosen: list[str], result: Schedule) -> None:
+def _record(plan: Plan, segments, modes: list[str], result: Schedule,
+            layers: list | None = None) -> None:
     """Write the choice into the plan: stored units, no layer nested in the stored or plain
     ones (their in-place adds and masked ReLUs stay, and still save memory), and no layer kept
-    in the units that do not keep."""
+    in the units that do not keep, only those of `layers[k]` in a unit keeping some."""
     plan.schedule = result
-    for segment, mode in zip(segments, chosen):
+    for k, (segment, mode) in enumerate(zip(segments, modes)):
         if mode == STORED:
             segment.action = "stored"
-        leans = [segment.lean] + [plan.block(b).lean for b in segment.blocks]
-        for lean in filter(None, leans):
+        some = layers[k] if layers else None
+        for lean in plan.leans(segment):
             if mode.removesuffix(KEEP) != LEAN:
                 lean.nested, lean.layers = [], []
             if not mode.endswith(KEEP):
                 lean.kept, lean.kept_layers = [], []
+            elif some is not None:
+                pairs = [(n, m) for n, m in zip(lean.kept, lean.kept_layers) if m in some]
+                lean.kept, lean.kept_layers = [n for n, _ in pairs], [m for _, m in pairs]
 
 
 def _shapes(inputs: tuple) -> str:
