@@ -29,6 +29,11 @@ priced peak stays within the budget (by default the all-LEAN peak and 1%: a plai
 a few kilobytes of per-channel statistics there); the chosen net is projected once more, and
 units are given back until it fits, so the budget holds to the byte at the example input.
 
+What the budget leaves after the units' modes goes to single kept layers of the units that keep
+none (a unit's whole keeping is often too large for it): each priced as its output's bytes held
+from its unit's forward to its backward, taken by FLOPs per byte, given back first if the
+final projection does not fit.
+
 Activation bytes throughout: everything a step allocates except parameter gradients (which
 grow through the backward whatever is stored; with gradient accumulation they are all there
 from the start).
@@ -325,6 +330,7 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
     modes = reruns + [STORED] + ([r + KEEP for r in reruns] if any(map(kept, units)) else [])
     try:
         pricing = _Pricing({mode: project([mode] * n) for mode in modes}, stages)
+        costs = project.kept_costs() if any(map(kept, units)) else None
     except Exception as exc:  # a value the step reads (data-dependent control flow): no shapes
         # alone can price it, and every unit recomputing is always right
         return _skip(plan, f"the step cannot be projected on shapes alone: {type(exc).__name__}")
@@ -335,8 +341,7 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
                          f"{least:,} bytes of activations with every unit recomputing; the "
                          f"budget of {budget:,} bytes is below that.")
     chosen = pricing.choose(budget)
-    pieces = pricing.choose_layers(chosen, project.kept_costs(), budget) \
-        if any(map(kept, units)) else []
+    pieces = pricing.choose_layers(chosen, costs, budget) if costs else []
     peak = project(*_with(chosen, pieces)).peak if chosen != [LEAN] * n or pieces else least
     while peak > budget:  # the pricing was off (it is exact on the models tested): give back
         if pieces:
