@@ -125,11 +125,17 @@ class _Returning(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def fan_in(layer: nn.Module) -> int:
+    """Multiply-adds per output value of a linear layer or a convolution."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features
+    return layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+
+
 def kept_cost(layer: nn.Module, out: torch.Tensor) -> tuple[int, int]:
     """(bytes, FLOPs) of keeping `out`, the output of `layer` (a conv): what a forward keeps,
     what the rerun then does not compute."""
-    fan_in = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
-    return out.numel() * out.element_size(), 2 * out.numel() * fan_in
+    return out.numel() * out.element_size(), 2 * out.numel() * fan_in(layer)
 
 
 class Wrapper(nn.Module):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept
+from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept, fan_in
 from .modes import discarding_enabled
 from .ops import is_activation, is_add
 from .pool import POOLS, FastMaxPool
@@ -112,10 +112,9 @@ class _Sizes:
         """2 x multiply-adds of a conv or linear layer `node` running `module`."""
         numel = math.prod(node.meta.get("shape") or (0,)) * self.scale(node)
         source = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        fan_in = module.in_features if isinstance(module, nn.Linear) else \
-            module.in_channels // module.groups * math.prod(module.kernel_size)
         depthwise = not isinstance(module, nn.Linear) and module.groups == module.in_channels > 1
-        return 2 * numel * fan_in * (1.0 if depthwise or source is None else self.scale(source))
+        scale = 1.0 if depthwise or source is None else self.scale(source)
+        return 2 * numel * fan_in(module) * scale
 
 
 def _norm_after(gm, node: fx.Node, members: set[str]) -> fx.Node | None:
