@@ -36,6 +36,7 @@ then never spans more than k blocks, for one stored activation per anchor.
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -216,7 +217,7 @@ class ReversibleStage(nn.Module):
         needs_grad = x.requires_grad or any(p.requires_grad for p in params)
         if self.stored or exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
             return self.couple(x).output
-        _refuse_fsdp_inside(self)
+        branch_params(self, params)  # (re)built before the Function runs: it may refuse
         return _run_reversible(self, x, *params)
 
     # ------------------------------------------------------------------ the grid
@@ -354,6 +355,27 @@ def _run_reversible(stage, x, *params):
     return _ReversibleStageFunction.apply(stage, x, *params)
 
 
+_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def branch_params(stage: ReversibleStage, params: list) -> list[tuple[list[int], list[int]]]:
+    """Per block, the positions in `params` (the stage's parameters, in order) of F's and of
+    G's. Worked out again only when the parameters are other objects than last time (moved with
+    overwrite, loaded with assign=True, sharded): a walk of every branch every step costs more
+    than the rest of a small block's Python. The cache holds weak references (replaced
+    parameters are freed as before), compared by identity (a recycled id cannot match)."""
+    cached = _layouts.get(stage)
+    if cached is not None and len(cached[0]) == len(params) and \
+            all(ref() is p for ref, p in zip(cached[0], params)):
+        return cached[1]
+    _refuse_fsdp_inside(stage)
+    position = {id(p): i for i, p in enumerate(params)}
+    layout = [tuple([position[id(p)] for p in branch.parameters()] for branch in (b.f, b.g))
+              for b in stage.blocks]
+    _layouts[stage] = ([weakref.ref(p) for p in params], layout)
+    return layout
+
+
 def _refuse_fsdp_inside(stage: ReversibleStage) -> None:
     """fully_shard on a module inside a stage would hand its backward sharded parameters that
     the recompute never touches: their gradients would silently be None."""
@@ -447,7 +469,7 @@ class _ReversibleStageFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stage: ReversibleStage, x, *params):
-        ctx.stage, ctx.dtype = stage, x.dtype
+        ctx.stage, ctx.dtype, ctx.params = stage, x.dtype, params
         ctx.autocast = capture_autocast(x.device)
         for grid, context in stage._attempts(x):
             with context:
@@ -483,30 +505,32 @@ class _ReversibleStageFunction(torch.autograd.Function):
         del hi, halves
         dy1, dy2 = dy.chunk(2, dim)
         del dy
-        params = list(stage.parameters())
-        trainable = {id(p) for p, need in zip(params, ctx.needs_input_grad[2:]) if need}
-        grads: dict[int, torch.Tensor] = {}
+        params, ctx.params = ctx.params, None
+        layout = branch_params(stage, params)
+        trainable = ctx.needs_input_grad[2:]
+        grads: list[torch.Tensor | None] = [None] * len(params)
 
-        def backprop(fn, stream, grad_out, rng, other, half, tape):
-            """The gradient reaching `stream` through fn, accumulating parameter gradients;
-            on the way, fn's value rebuilds the `other` stream half (x2 from G(y1), x1 from F)."""
-            fn_params = [p for p in fn.parameters() if id(p) in trainable]
+        def backprop(fn, positions, stream, grad_out, rng, other, half, tape):
+            """The gradient reaching `stream` through fn (its parameters at `positions`),
+            accumulating parameter gradients; on the way, fn's value rebuilds the `other`
+            stream half (x2 from G(y1), x1 from F)."""
+            positions = [i for i in positions if trainable[i]]
             rebuild = lambda value, scratch: _accumulate(other, value, grid, half, -1, scratch)
-            d_inp, d_params = _recompute(fn, stream, dtype, grad_out, fn_params, rng,
-                                         ctx.autocast, device, rebuild, tape)
-            for p, g in zip(fn_params, d_params):
+            d_inp, d_params = _recompute(fn, stream, dtype, grad_out, [params[i] for i in positions],
+                                         rng, ctx.autocast, device, rebuild, tape)
+            for i, g in zip(positions, d_params):
                 if g is not None:
-                    grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
+                    grads[i] = g if grads[i] is None else grads[i] + g
             return d_inp
 
         with frozen_buffers(stage):
             for i in reversed(range(len(stage.blocks))):
                 block, (rng_f, rng_g), (tape_f, tape_g) = stage.blocks[i], ctx.rng[i], ctx.tapes[i]
-                ctx.tapes[i] = None
-                d_y1 = backprop(block.g, y1, dy2, rng_g, y2, 1, tape_g)  # rebuilds x2 in y2
+                (at_f, at_g), ctx.tapes[i] = layout[i], None
+                d_y1 = backprop(block.g, at_g, y1, dy2, rng_g, y2, 1, tape_g)  # rebuilds x2 in y2
                 dy1 = dy1 + d_y1                     # total gradient reaching y1
                 del d_y1
-                d_x2 = backprop(block.f, y2, dy1, rng_f, y1, 0, tape_f)  # rebuilds x1 in y1
+                d_x2 = backprop(block.f, at_f, y2, dy1, rng_f, y1, 0, tape_f)  # rebuilds x1 in y1
                 dy2 = dy2 + d_x2                     # gradient reaching x2
                 del d_x2
                 if i in ctx.anchors:                 # drop the drift: restart from the anchor
@@ -515,7 +539,7 @@ class _ReversibleStageFunction(torch.autograd.Function):
         del y1, y2
         dx = torch.cat([dy1, dy2], dim) if ctx.needs_input_grad[1] else None
         ctx.rng = ctx.anchors = ctx.grid = ctx.tapes = None
-        return (None, dx, *[grads.get(id(p)) for p in params])
+        return (None, dx, *grads)
 
 
 def _accumulate(stream, value, grid, half, sign=1, scratch=True):

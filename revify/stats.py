@@ -60,8 +60,11 @@ class KeptStats(Wrapper):
         # the tensors its rerun saves against its forward's), so it swaps the kernel below
         # autograd. (An autograd Function doing the same in reversible stages' reruns, calling
         # the training kernel's backward itself, was tried: 3% slower a step on ResNet-50, in
-        # steps interleaved with this version's.)
+        # steps interleaved with this version's.) A plain norm's rerun makes the kernel call
+        # alone, as `_record` does.
         with _Rerunning(stats, record_on, self):
+            if stats is not None and not record_on and _plain(norm):
+                return _training_call(norm, x)[0]
             return self.layer(x)
 
 
@@ -86,12 +89,19 @@ def _record(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, records: lis
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:  # cumulative moving average
             momentum = 1.0 / float(norm.num_batches_tracked)
-    out, mean, invstd = torch.native_batch_norm(
-        x, norm.weight, norm.bias, norm.running_mean if track else None,
-        norm.running_var if track else None, True, momentum, norm.eps)
+    out, mean, invstd = _training_call(norm, x, momentum)
     for tape, key in records:
         tape.put(key, (mean, invstd))
     return out
+
+
+def _training_call(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, momentum: float = 0.0):
+    """The kernel call of `norm`'s training forward (under `_Rerunning`, a rerun: the same
+    autograd node, nothing updated, so the module's own forward and its checks, already run
+    on this input by the forward, are skipped)."""
+    track = norm.track_running_stats
+    return torch.native_batch_norm(x, norm.weight, norm.bias, norm.running_mean if track else None,
+                                   norm.running_var if track else None, True, momentum, norm.eps)
 
 
 class _Rerunning(TorchDispatchMode):

@@ -136,6 +136,30 @@ def test_deepcopy_and_torch_save_load(model_and_rev):
         assert str(m.revify_plan) == str(rev.revify_plan)
 
 
+def test_replaced_parameters_get_the_gradients(model_and_rev):
+    """A stage works out once which of its parameters each branch owns and reuses that while
+    they are the same objects. Parameters replaced after a step (load_state_dict(assign=True)),
+    one added to F and one taken from G (as many as before, owned differently) must get the
+    gradients plain autograd gives, and the replaced ones none."""
+    _, rev = model_and_rev
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    rev.train()
+    step_grads(rev, x, y)                                       # the layout is worked out
+    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    old = list(stage.parameters())
+    for p in old:
+        p.grad = None
+    stage.load_state_dict({k: v * 1.5 for k, v in stage.state_dict().items()}, assign=True)
+    f, g = stage.blocks[0].f, stage.blocks[0].g
+    conv = next(m for m in f.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.bias = torch.nn.Parameter(torch.randn(conv.out_channels))
+    next(m for m in g.modules() if isinstance(m, torch.nn.BatchNorm2d)).bias = None
+    assert len(list(stage.parameters())) == len(old)
+    got, ref = step_grads(rev, x, y), step_grads(rev, x, y, exact=True)
+    assert set(got) == set(ref) and worst_rel_err(got, ref)[0] <= 1e-5
+    assert all(p.grad is None for p in old)
+
+
 def test_optimizer_step_trains(model_and_rev):
     _, rev = model_and_rev
     torch.manual_seed(0)
