@@ -70,9 +70,8 @@ class frozen_buffers:
         return self
 
     def __exit__(self, *exc):
-        if self.buffers:
-            with torch.no_grad():  # through .data, as before: version counters stay
-                torch._foreach_copy_([b.data for b in self.buffers], self.saved)
+        if self.buffers:  # through .data: version counters stay
+            torch._foreach_copy_([b.data for b in self.buffers], self.saved)
         self.buffers, self.saved = [], []
         return False
 

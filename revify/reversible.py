@@ -217,7 +217,6 @@ class ReversibleStage(nn.Module):
         needs_grad = x.requires_grad or any(p.requires_grad for p in params)
         if self.stored or exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
             return self.couple(x).output
-        branch_params(self, params)  # (re)built before the Function runs: it may refuse
         return _run_reversible(self, x, *params)
 
     # ------------------------------------------------------------------ the grid
@@ -361,9 +360,10 @@ _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def branch_params(stage: ReversibleStage, params: list) -> list[tuple[list[int], list[int]]]:
     """Per block, the positions in `params` (the stage's parameters, in order) of F's and of
     G's. Worked out again only when the parameters are other objects than last time (moved with
-    overwrite, loaded with assign=True, sharded): a walk of every branch every step costs more
-    than the rest of a small block's Python. The cache holds weak references (replaced
-    parameters are freed as before), compared by identity (a recycled id cannot match)."""
+    overwrite, loaded with assign=True, sharded; a module sharded inside the stage is refused
+    then): walking every branch's parameters every step was most of the Python calls a step
+    this cache removed. It holds weak references (replaced parameters are freed as before),
+    compared by identity (a recycled id cannot match)."""
     cached = _layouts.get(stage)
     if cached is not None and len(cached[0]) == len(params) and \
             all(ref() is p for ref, p in zip(cached[0], params)):
@@ -470,6 +470,7 @@ class _ReversibleStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage: ReversibleStage, x, *params):
         ctx.stage, ctx.dtype, ctx.params = stage, x.dtype, params
+        ctx.layout = branch_params(stage, params)  # the backward's, for these very parameters
         ctx.autocast = capture_autocast(x.device)
         for grid, context in stage._attempts(x):
             with context:
@@ -505,8 +506,7 @@ class _ReversibleStageFunction(torch.autograd.Function):
         del hi, halves
         dy1, dy2 = dy.chunk(2, dim)
         del dy
-        params, ctx.params = ctx.params, None
-        layout = branch_params(stage, params)
+        params, layout, ctx.params, ctx.layout = ctx.params, ctx.layout, None, None
         trainable = ctx.needs_input_grad[2:]
         grads: list[torch.Tensor | None] = [None] * len(params)
 
