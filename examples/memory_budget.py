@@ -10,6 +10,8 @@ the batch, so the two runs give the step's peak at any batch, and the largest ba
 budget is read off that line (`Analysis.largest_batch`, what `revify analyze --memory` prints).
 The peak counts parameters, gradients, optimizer state and activations; not the allocator's
 fragmentation or the framework's own workspace, so leave some headroom on a real device.
+Gradients are taken as allocated before the step (`--grads accumulate`, the default: gradient
+accumulation, DDP, and the larger figure); `--grads fresh` for zero_grad(set_to_none=True).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--probe-batch", type=int, default=8,
                    help="the batch the step is projected at (and twice it); any size gives the "
                         "same answer")
+    p.add_argument("--grads", choices=["accumulate", "fresh"], default="accumulate",
+                   help="gradients allocated before the step, or created during it")
     p.add_argument("--details", action="store_true", help="also print revify analyze's tables")
     p.add_argument("--smoke", action="store_true", help="resnet18, 3x64x64, 256MiB: seconds")
     args = p.parse_args(argv)
@@ -66,13 +70,13 @@ def main(argv=None) -> int:
         print(f"{sys.argv[0]}: error: {exc}", file=sys.stderr)
         return 2
     analysis = revify.analyze(model, tuple(args.input_size), args.probe_batch, args.dtype,
-                              args.optimizer, args.budget, name=args.model)
+                              args.optimizer, args.budget, name=args.model, grads=args.grads)
     if args.details:
         print(analysis.format() + "\n")
     from tabulate import tabulate
     print(f"{args.model}, input {'x'.join(map(str, args.input_size))}, {analysis.dtype}, "
-          f"optimizer {analysis.optimizer}, projected for {analysis.device}: "
-          f"budget {args.budget / GiB:.2f} GiB")
+          f"optimizer {analysis.optimizer}, gradients {analysis.grads}, projected for "
+          f"{analysis.device}: budget {args.budget / GiB:.2f} GiB")
     print(tabulate(budget_rows(analysis), ["strategy", "largest batch", "peak GiB at it",
                                            "vs original"], disable_numparse=True,
                    colalign=["left", "right", "right", "right"]))

@@ -10,6 +10,13 @@ seconds. `measure` runs the same step for real to check the projection.
 Fake tensors rather than the meta device: a reversible stage records the autocast state of its
 input's device, and torch has no autocast state for "meta"; fake tensors keep their device.
 
+Parameter gradients are projected in both regimes a step can find them in (revify.memory.
+GRAD_REGIMES): "fresh" (created during the step, counted from birth) and "accumulate" (allocated
+before it: gradient accumulation, DDP's buckets; fixed memory, plus what the step adds, the
+gradients in flight to them included). The budget tables use one, `grads` ("accumulate" by
+default: it is the larger, and it is what every step but the first of an accumulating or DDP
+run holds); the JSON has both.
+
 Every storage a step allocates is k * batch + m bytes, so each point of the step's memory
 timeline is affine in the batch size. Two projections (batch B and 2B) give every point as a
 line, and the peak at any batch is the highest of those lines: exact as long as the step makes
@@ -29,7 +36,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .bench import strategies
 from .checkpoint import Checkpointed
-from .memory import ProjectionTracker, fake_copy, measure_step
+from .memory import GRAD_REGIMES, ProjectionTracker, fake_copy, measure_step, prepare_grads
 from .memory import parse_bytes  # noqa: F401 (revify.analyze.parse_bytes, as before)
 from .rewrite import unit_calls
 from .trace import trace
@@ -74,12 +81,23 @@ class StrategyMemory:
     optimizer_bytes: int
     activation_bytes: int       # held between forward and backward, the input batch included
     peak_activation_bytes: int  # peak during forward + backward of all but params, grads, state
-    step_peak_bytes: int        # the same peak with the gradients alive at that moment
+    step_peak_bytes: int        # the same peak with the gradients alive at that moment ("fresh")
     flops: int                  # forward + backward, recomputation included
+    accumulate_peak_bytes: int = 0  # the peak of the same step with every gradient allocated
+                                    # before it ("accumulate"): gradients in flight included
 
     @property
     def peak_bytes(self) -> int:
+        """What the device holds at the step's peak, gradients fresh."""
         return self.param_bytes + self.optimizer_bytes + self.step_peak_bytes
+
+    @property
+    def accumulate_bytes(self) -> int:
+        """What the device holds at the step's peak, gradients allocated before it."""
+        return self.weight_bytes + self.accumulate_peak_bytes
+
+    def total_bytes(self, grads: str) -> int:
+        return self.peak_bytes if grads == "fresh" else self.accumulate_bytes
 
     @property
     def weight_bytes(self) -> int:
@@ -101,7 +119,8 @@ class Unit:
 @dataclass
 class Curve:
     """Peak bytes of a step against batch size: every point of its timeline is affine."""
-    fixed: int           # parameters and optimizer state: no batch dependence
+    fixed: int           # parameters, optimizer state (and gradients, if allocated before the
+                         # step): no batch dependence
     batch: int           # the timeline was recorded at `batch` and at twice that
     at_batch: list[int]
     at_double: list[int]
@@ -169,18 +188,23 @@ class Analysis:
     strategies: dict[str, StrategyMemory]
     units: list[Unit]
     stages: list[StageCost]
-    curves: dict[str, Curve] | None = None
+    curves: dict[str, dict[str, Curve]] | None = None  # regime -> strategy -> curve
     measured: dict[str, dict[str, int | None]] | None = None
+    grads: str = "accumulate"  # the gradient regime of the budget tables (GRAD_REGIMES)
 
-    def peak_at(self, strategy: str, batch: int) -> int:
+    def peak(self, strategy: str) -> int:
+        """What the device holds at the peak of a step at this batch, in `grads`' regime."""
+        return self.strategies[strategy].total_bytes(self.grads)
+
+    def peak_at(self, strategy: str, batch: int, grads: str | None = None) -> int:
         if self.curves is None:
             raise ValueError("this analysis has no batch-size curves: pass memory= or curves=True")
-        return self.curves[strategy].peak(batch)
+        return self.curves[grads or self.grads][strategy].peak(batch)
 
-    def largest_batch(self) -> dict[str, int] | None:
+    def largest_batch(self, grads: str | None = None) -> dict[str, int] | None:
         if self.memory is None or self.curves is None:
             return None
-        return {s: c.largest_batch(self.memory) for s, c in self.curves.items()}
+        return {s: c.largest_batch(self.memory) for s, c in self.curves[grads or self.grads].items()}
 
     def bytes_per_param(self) -> int:
         """A parameter's own bytes, its gradient's and its optimizer state's."""
@@ -190,7 +214,7 @@ class Analysis:
         """More blocks each reversible stage could hold at this batch, on its own."""
         if self.memory is None:
             return None
-        headroom = self.memory - self.strategies["revify"].peak_bytes
+        headroom = self.memory - self.peak("revify")
         rows = []
         for stage in self.stages:
             cost = stage.params // stage.blocks * self.bytes_per_param()
@@ -223,12 +247,14 @@ class Analysis:
         return {
             "model": self.model, "batch_size": self.batch_size, "input_size": list(self.input_size),
             "dtype": self.dtype, "optimizer": self.optimizer, "device": self.device,
-            "strategies": {k: {**asdict(s), "peak_bytes": s.peak_bytes}
+            "strategies": {k: {**asdict(s), "peak_bytes": s.peak_bytes,
+                               "accumulate_bytes": s.accumulate_bytes}
                            for k, s in self.strategies.items()},
             "units": [asdict(u) for u in self.units],
             "shares": self.shares(),
             "budget": None if self.memory is None else {
-                "memory_bytes": self.memory, "largest_batch": largest,
+                "memory_bytes": self.memory, "grads": self.grads, "largest_batch": largest,
+                "largest_batch_by_grads": {g: self.largest_batch(g) for g in GRAD_REGIMES},
                 "extra_blocks": self.extra_blocks()},
             "measured": self.measured,
         }
@@ -297,13 +323,15 @@ class _Run:
     held: dict[tuple, int]              # label -> bytes held after the forward
     recompute_flops: dict[tuple, int]   # label -> FLOPs re-run during the backward
     shapes: dict[int, tuple]
-    timeline: list[int]
+    timelines: dict[str, list[int]]     # gradient regime -> bytes live after every event
 
 
 def _run(gm: fx.GraphModule, mode: FakeTensorMode, labels: dict, tracker: _StepTracker,
-         batch: int, input_size, dtype, device, optimizer: str) -> _Run:
-    """One projected training step of the fake module `gm`, counted by `tracker`."""
-    gm.zero_grad(set_to_none=True)
+         batch: int, input_size, dtype, device, optimizer: str, grads: str) -> _Run:
+    """One projected training step of the fake module `gm`, counted by `tracker`, its
+    gradients in the regime `grads`."""
+    with mode:
+        prepare_grads(gm, grads)
     with mode, tracker:
         x = torch.empty(batch, *input_size, dtype=dtype, device=device)
         y = torch.zeros(batch, dtype=torch.long, device=device)
@@ -317,16 +345,16 @@ def _run(gm: fx.GraphModule, mode: FakeTensorMode, labels: dict, tracker: _StepT
         del loss
     recompute = {k: v - forward_flops.get(k, 0) for k, v in tracker.flops.items() if k is not None}
     params = list(gm.parameters())
-    grads = [p.grad for p in params if p.grad is not None]
+    kept = [p.grad for p in params if p.grad is not None]
     param_bytes = sum(p.untyped_storage().nbytes() for p in params)
     trainable = sum(p.untyped_storage().nbytes() for p in params if p.requires_grad)
     memory = StrategyMemory(
         params=sum(p.numel() for p in params), param_bytes=param_bytes,
-        grad_bytes=sum(g.untyped_storage().nbytes() for g in grads),
+        grad_bytes=sum(g.untyped_storage().nbytes() for g in kept),
         optimizer_bytes=OPTIMIZER_STATES[optimizer] * trainable,
-        activation_bytes=tracker.marks["forward"], peak_activation_bytes=tracker.peak_without(grads),
+        activation_bytes=tracker.marks["forward"], peak_activation_bytes=tracker.peak_without(kept),
         step_peak_bytes=tracker.peak, flops=tracker.total_flops)
-    return _Run(memory, held, recompute, shapes, tracker.timeline())
+    return _Run(memory, held, recompute, shapes, {grads: tracker.timeline()})
 
 
 # ----------------------------------------------------------------------------- labels
@@ -443,25 +471,38 @@ def _prepare(models: dict[str, nn.Module], device, dtype) -> dict[str, _Prepared
 
 def _project(prepared: dict[str, _Prepared], report_plan, batch, input_size, dtype, device,
              optimizer) -> dict[str, _Run]:
+    """Per strategy, a step with fresh gradients, with the peak and timeline of the same step
+    with gradients allocated before it beside."""
     runs = {}
     for name, p in prepared.items():
-        tracker = _StepTracker()
-        handles = _label_hooks(p.gm, p.labels, tracker, report_plan)
-        try:
-            runs[name] = _run(p.gm, p.mode, p.labels, tracker, batch, input_size, dtype, device,
-                              optimizer)
-        finally:
-            for handle in handles:
-                handle.remove()
+        fresh, accumulated = (_labelled_run(p, report_plan, batch, input_size, dtype, device,
+                                            optimizer, grads) for grads in GRAD_REGIMES)
+        fresh.memory.accumulate_peak_bytes = accumulated.memory.step_peak_bytes
+        fresh.timelines.update(accumulated.timelines)
+        runs[name] = fresh
     return runs
 
 
-def _curve(run: _Run, doubled: _Run, batch: int) -> Curve:
-    fixed = run.memory.param_bytes + run.memory.optimizer_bytes
-    if len(run.timeline) == len(doubled.timeline):
-        return Curve(fixed, batch, run.timeline, doubled.timeline)
+def _labelled_run(p: _Prepared, report_plan, batch, input_size, dtype, device, optimizer,
+                  grads) -> _Run:
+    tracker = _StepTracker()
+    handles = _label_hooks(p.gm, p.labels, tracker, report_plan)
+    try:
+        return _run(p.gm, p.mode, p.labels, tracker, batch, input_size, dtype, device, optimizer,
+                    grads)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _curve(run: _Run, doubled: _Run, batch: int, grads: str) -> Curve:
+    m = run.memory
+    fixed = m.param_bytes + m.optimizer_bytes + (m.grad_bytes if grads == "accumulate" else 0)
+    if len(run.timelines[grads]) == len(doubled.timelines[grads]):
+        return Curve(fixed, batch, run.timelines[grads], doubled.timelines[grads])
     # The step allocated differently at the two sizes: fall back to the line through the peaks.
-    return Curve(fixed, batch, [run.memory.step_peak_bytes], [doubled.memory.step_peak_bytes])
+    peak = lambda r: r.memory.total_bytes(grads) - fixed
+    return Curve(fixed, batch, [peak(run)], [peak(doubled)])
 
 
 def _unit(name, kind, became, shape, runs, match) -> Unit:
@@ -495,8 +536,10 @@ def _default_budget(memory) -> int | None:
 
 
 def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name,
-             options):
+             options, grads):
     input_size = _check(input_size, batch_size, optimizer)
+    if grads not in GRAD_REGIMES:
+        raise ValueError(f"unknown gradient regime '{grads}': choose {' or '.join(GRAD_REGIMES)}")
     dtype, memory = parse_dtype(dtype), _default_budget(memory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = strategies(model, input_size, STRATEGIES, **(options or {}))
@@ -509,21 +552,22 @@ def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, cu
     runs, curve_map = project(batch_size), None
     if curves or (curves is None and memory is not None):  # a second size gives every line
         doubled = project(2 * batch_size)
-        curve_map = {s: _curve(runs[s], doubled[s], batch_size) for s in runs}
+        curve_map = {g: {s: _curve(runs[s], doubled[s], batch_size, g) for s in runs}
+                     for g in GRAD_REGIMES}
     analysis = Analysis(
         model=name or type(model).__name__, batch_size=batch_size, input_size=input_size,
         dtype=str(dtype).removeprefix("torch."), optimizer=optimizer, device=device.type,
         memory=memory, strategies={s: r.memory for s, r in runs.items()},
         units=_unit_table(report_plan, runs),
         stages=[StageCost(s.name, len(s.blocks), s.params_after) for s in report_plan.stages],
-        curves=curve_map)
+        curves=curve_map, grads=grads)
     return analysis, models
 
 
 def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
             dtype: str | torch.dtype = torch.float32, optimizer: str = "sgd", memory=None, *,
             device: str | None = None, curves: bool | None = None, name: str | None = None,
-            options: dict | None = None) -> Analysis:
+            options: dict | None = None, grads: str = "accumulate") -> Analysis:
     """Project the memory of one training step under each strategy, allocating nothing.
 
     memory: a budget ('24GiB', '80e9', or bytes) for the budget table; default: the CUDA device's
@@ -531,22 +575,25 @@ def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
         `peak_at`/`largest_batch` and plots (default: when there is a budget).
     device: the device the step would run on (default: CUDA when available, else CPU).
     options: keyword arguments of revify.transform for the revify strategy (width, ...).
+    grads: the gradient regime the budget tables use: "accumulate" (gradients allocated before
+        the step, as from the second micro-batch of accumulation on and under DDP) or "fresh"
+        (zero_grad(set_to_none=True)); both are projected either way.
     """
     return _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name,
-                    options)[0]
+                    options, grads)[0]
 
 
 def measure(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
             dtype: str | torch.dtype = torch.float32, optimizer: str = "sgd", memory=None, *,
             device: str | None = None, curves: bool | None = None, name: str | None = None,
-            options: dict | None = None) -> Analysis:
+            options: dict | None = None, grads: str = "accumulate") -> Analysis:
     """`analyze`, plus one real training step of each strategy measured next to the projection.
 
     CPU: exact live-storage accounting (revify.memory.measure_step); CUDA:
     torch.cuda.max_memory_allocated. `model` itself is not trained: a copy is.
     """
     analysis, models = _analyze(model, input_size, batch_size, dtype, optimizer, memory, device,
-                                curves, name, options)
+                                curves, name, options, grads)
     models["original"] = copy.deepcopy(models["original"])
     device = torch.device(analysis.device)
     analysis.measured = {s: _measure(m, analysis.batch_size, analysis.input_size,
@@ -559,12 +606,14 @@ def _measure(model: nn.Module, batch: int, input_size, dtype, device) -> dict[st
     torch.manual_seed(0)
     x = torch.randn(batch, *input_size, device=device, dtype=dtype)
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    step = measure_step(model, x, y)
+    step = measure_step(model, x, y, grads="fresh")
+    accumulated = measure_step(model, x, y, grads="accumulate")
     batch_bytes = x.untyped_storage().nbytes() + y.untyped_storage().nbytes()  # projected too
     peak_activation = step.peak_activation_bytes
     return {"activation_bytes": step.activation_bytes + batch_bytes,
             "peak_activation_bytes": None if peak_activation is None else peak_activation + batch_bytes,
-            "step_peak_bytes": step.peak_bytes + batch_bytes}
+            "step_peak_bytes": step.peak_bytes + batch_bytes,
+            "accumulate_peak_bytes": accumulated.peak_bytes + batch_bytes}
 
 
 # ----------------------------------------------------------------------------- report
@@ -596,27 +645,29 @@ def _unit_rows(a: Analysis, blocks: bool) -> list[list]:
 
 
 def _totals_rows(a: Analysis) -> list[list]:
-    orig, ckpt = a.strategies["original"], a.strategies["checkpoint"]
+    orig, ckpt = a.peak("original"), a.peak("checkpoint")
     return [[name, f"{s.params:,}", _mib(s.param_bytes), _mib(s.grad_bytes),
              _mib(s.optimizer_bytes), _mib(s.activation_bytes), _mib(s.peak_activation_bytes),
-             _mib(s.peak_bytes), _pct(1 - s.peak_bytes / orig.peak_bytes),
-             _pct(1 - s.peak_bytes / ckpt.peak_bytes), _gflop(s.flops),
-             _pct(s.flops / orig.flops - 1, "+")] for name, s in a.strategies.items()]
+             _mib(s.peak_bytes), _mib(s.accumulate_bytes), _pct(1 - a.peak(name) / orig),
+             _pct(1 - a.peak(name) / ckpt), _gflop(s.flops),
+             _pct(s.flops / a.strategies["original"].flops - 1, "+")]
+            for name, s in a.strategies.items()]
 
 
 def format_totals(a: Analysis, fmt: str = "simple") -> str:
     """One row per strategy: parameters, gradients, optimizer state, activations, peak, compute."""
     return _table(_totals_rows(a), [
         "strategy", "params", "params MiB", "grads MiB", "optimizer MiB", "held MiB",
-        "peak act MiB", "peak MiB", "saved vs original", "vs checkpoint", "GFLOP/step",
-        "extra compute"], fmt, text=1)
+        "peak act MiB", "peak MiB: grads fresh", "accumulated",
+        f"saved vs original ({a.grads})", "vs checkpoint", "GFLOP/step", "extra compute"], fmt,
+        text=1)
 
 
 def _budget_parts(a: Analysis, fmt: str) -> list[str]:
     gib, largest = 2**30, a.largest_batch()
-    rows = [[s, f"{m.peak_bytes / gib:,.2f}", "yes" if m.peak_bytes <= a.memory else "no",
-             f"{largest[s]:,}" if largest else "-"] for s, m in a.strategies.items()]
-    parts = [f"budget: {a.memory / gib:,.2f} GiB ({a.memory:,} bytes)",
+    rows = [[s, f"{a.peak(s) / gib:,.2f}", "yes" if a.peak(s) <= a.memory else "no",
+             f"{largest[s]:,}" if largest else "-"] for s in a.strategies]
+    parts = [f"budget: {a.memory / gib:,.2f} GiB ({a.memory:,} bytes), gradients {_REGIMES[a.grads]}",
              _table(rows, ["strategy", f"peak GiB at batch {a.batch_size}", "fits",
                            "largest batch"], fmt, text=1)]
     extra = a.extra_blocks()
@@ -642,19 +693,26 @@ def _measured_rows(a: Analysis) -> list[list]:
         p = a.strategies[s]
         for key, label in [("activation_bytes", "held after forward"),
                            ("peak_activation_bytes", "peak activations"),
-                           ("step_peak_bytes", "step peak (with grads)")]:
+                           ("step_peak_bytes", "step peak (grads fresh)"),
+                           ("accumulate_peak_bytes", "step peak (grads accumulated)")]:
             measured, projected = m.get(key), getattr(p, key)
             error = "-" if not measured else f"{projected / measured - 1:+.2%}".replace("-0.00%", "+0.00%")
             rows.append([s, label, _mib(measured), _mib(projected), error])
     return rows
 
 
+_REGIMES = {"accumulate": "allocated before the step (gradient accumulation, DDP buckets)",
+            "fresh": "created during the step (zero_grad(set_to_none=True))"}
+
 _NOTES = """\
 held: bytes held between forward and backward by storages each unit created (under the strategy
 in the column); re-GFLOP: forward FLOPs the backward spends re-running the unit. peak act: peak
 of everything but parameters, gradients and optimizer state during forward + backward (input
-batch included); peak: that plus parameters, optimizer state and the gradients alive at the
-moment. The optimizer step's own temporaries are not included. Weights share: parameters,
+batch included); peak, grads fresh: that plus parameters, optimizer state and the gradients
+alive at the moment (zero_grad(set_to_none=True)); accumulated: the same step with every
+gradient allocated before it (gradient accumulation, DDP buckets): parameters, gradients,
+optimizer state and the step's peak of everything else, gradients in flight included. The
+optimizer step's own temporaries are not included. Weights share: parameters,
 gradients and optimizer state against peak activations. All figures are exact accounting of one
 step run on fake tensors (every op dispatched with real shapes, nothing allocated)."""
 
@@ -720,7 +778,7 @@ def plot(a: Analysis, path: str) -> None:
     if a.memory is not None:
         ax.axhline(a.memory / 2**30, color="black", linestyle="--", label="budget")
     ax.axvline(a.batch_size, color="grey", linestyle=":", label=f"batch {a.batch_size}")
-    ax.set(xlabel="batch size", ylabel="peak memory (GiB)",
+    ax.set(xlabel="batch size", ylabel=f"peak memory (GiB), gradients {a.grads}",
            title=f"{a.model}, input {_shape(a.input_size)}, {a.dtype}, {a.optimizer}")
     ax.legend()
     fig.tight_layout()

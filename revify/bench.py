@@ -41,7 +41,8 @@ class BenchResult:
     name: str
     step_seconds: float
     peak_activation_bytes: int | None
-    peak_bytes: int
+    peak_bytes: int                # gradients fresh (set_to_none=True): counted from birth
+    accumulate_peak_bytes: int     # gradients allocated before the step: those in flight
     activation_bytes: int
     params: int
     memory_method: str = "live tensors"
@@ -59,8 +60,10 @@ def _revify(**overrides):
 
 def _revify_at_timm_peak(model, example, options):
     """revify allowed the memory timm's checkpointing takes (its projected peak at the bench's
-    input, as the schedule's budget): the two compared under the same memory constraint."""
-    budget = project_peak(timm_checkpointing(model, options.get("leaf_modules", ())), example)
+    input, as the schedule's budget, with gradients allocated before the step as the schedule
+    prices it): the two compared under the same memory constraint."""
+    timm = timm_checkpointing(model, options.get("leaf_modules", ()))
+    budget = project_peak(timm, example, grads="accumulate")
     try:
         return transform(model, example, **(options | {"budget": budget}))
     except ValueError as exc:  # revify's least peak is over it: nothing to compare at that memory
@@ -270,11 +273,12 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
 
     compile_seconds = _compile(models, x, y, tick, note)
     compiling = len(compile_seconds)
-    memory, methods = {}, {}
+    memory, accumulate, methods = {}, {}, {}
     for name, model in models.items():
         tick(f"memory of {name}")
         methods[name] = getattr(model, "memory_method", "live tensors")
-        memory[name] = MEASURES[methods[name]](model, x, y)
+        memory[name] = MEASURES[methods[name]](model, x, y, grads="fresh")
+        accumulate[name] = MEASURES[methods[name]](model, x, y, grads="accumulate").peak_bytes
         if device == "cuda":
             methods[name] = "max_memory_allocated"
     times = {name: [] for name in models}
@@ -293,7 +297,7 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
             times[name].append(time.perf_counter() - start)
     progress(done, done, "done")
     return [BenchResult(name, statistics.median(times[name]), memory[name].peak_activation_bytes,
-                        memory[name].peak_bytes, memory[name].activation_bytes,
+                        memory[name].peak_bytes, accumulate[name], memory[name].activation_bytes,
                         sum(p.numel() for p in models[name].parameters()), methods[name],
                         compile_seconds.get(name), getattr(models[name], "graphs", None))
             for name in models]
@@ -309,10 +313,12 @@ def format_bench(results: list[BenchResult], fmt: str = "simple") -> str:
 
     rows = [[r.name, f"{r.step_seconds:.3f}", f"{r.step_seconds / base.step_seconds:.2f}x",
              *mib_and_ratio(r.peak_activation_bytes, base.peak_activation_bytes),
-             *mib_and_ratio(r.peak_bytes, base.peak_bytes), f"{r.params:,}", r.memory_method]
-            for r in results]
+             *mib_and_ratio(r.peak_bytes, base.peak_bytes),
+             *mib_and_ratio(r.accumulate_peak_bytes, base.accumulate_peak_bytes), f"{r.params:,}",
+             r.memory_method] for r in results]
     return tabulate(rows, ["strategy", "step s", "time", "peak act MiB", "act vs orig",
-                           "peak MiB", "peak vs orig", "params", "memory by"], tablefmt=fmt)
+                           "peak MiB", "peak vs orig", "accum MiB", "accum vs orig", "params",
+                           "memory by"], tablefmt=fmt)
 
 
 def format_compiles(results: list[BenchResult]) -> list[str]:

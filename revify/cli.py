@@ -208,7 +208,8 @@ def cmd_analyze(args) -> int:
     source = _source(args)
     run = measure if args.measure else analyze
     result = run(source.model, source.input_size, args.batch_size, dtype, args.optimizer, memory,
-                 curves=True if args.plot else None, name=source.name, options=source.options)
+                 curves=True if args.plot else None, name=source.name, options=source.options,
+                 grads=args.grads)
     if args.plot:
         with atomic_path(args.plot) as tmp:
             plot(result, tmp)
@@ -254,8 +255,10 @@ def cmd_bench(args) -> int:
     print(format_bench(results))
     print("\npeak act: peak of all tensors a training step allocates except parameter gradients "
           "(exact live-storage accounting; not measurable on CUDA, where the allocator's peak "
-          "includes gradients: '-'); peak: the same with gradients (max_memory_allocated on "
-          "CUDA); time: median step; memory by: live tensors (a dispatch mode), allocator "
+          "includes gradients: '-'); peak: the same with gradients counted from birth "
+          "(zero_grad(set_to_none=True); max_memory_allocated on CUDA); accum: the peak of a "
+          "step whose gradients exist before it (gradient accumulation, DDP buckets), all but "
+          "those gradients; time: median step; memory by: live tensors (a dispatch mode), allocator "
           "profile (the CPU allocator's profiled allocations and frees, for compiled code, which "
           "allocates out of the dispatch mode's sight; kernel workspaces left out as there)")
     for line in format_compiles(results):
@@ -344,6 +347,11 @@ def _add_analyze(sub) -> None:
     p.add_argument("--memory", nargs="+", metavar="SIZE",
                    help="a budget such as 24GiB, 24GB, 512MiB or 80e9 (bytes); default: the "
                         "CUDA device's memory when there is one")
+    p.add_argument("--grads", choices=["accumulate", "fresh"], default="accumulate",
+                   help="the gradients the budget tables assume: allocated before the step "
+                        "(accumulate: gradient accumulation, DDP, zero_grad(set_to_none=False)) "
+                        "or created during it (fresh: zero_grad(set_to_none=True)); the tables "
+                        "and --json show both peaks")
     p.add_argument("--format", default="simple", help="any tabulate table format")
     p.add_argument("--json", action="store_true", help="print JSON only")
     p.add_argument("--blocks", action="store_true", help="expand reversible stages into blocks")

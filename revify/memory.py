@@ -151,13 +151,34 @@ class ProjectionTracker(LiveTensorTracker):
         self.total_flops += flops
 
 
-def project_peak(model: torch.nn.Module, example: torch.Tensor) -> int:
-    """The peak activation bytes (all but parameter gradients) of one training step of `model`
-    on an input shaped like `example`, projected on fake tensors: nothing is allocated. The
+# How a step finds parameter gradients. "fresh": none (zero_grad(set_to_none=True)); each is
+# born when the backward first computes it and counts from then on. "accumulate": all exist
+# before the step (the second micro-batch of gradient accumulation on, zero_grad(set_to_none=
+# False), DDP's gradient buckets); they are fixed memory, and what the step adds is everything
+# else, gradients in flight to them included.
+GRAD_REGIMES = ("fresh", "accumulate")
+
+
+def prepare_grads(model: torch.nn.Module, grads: str) -> None:
+    """Put `model`'s gradients in the state regime `grads` (GRAD_REGIMES) starts a step from."""
+    if grads not in GRAD_REGIMES:
+        raise ValueError(f"unknown gradient regime '{grads}': choose {' or '.join(GRAD_REGIMES)}")
+    for p in model.parameters():
+        if grads == "fresh":
+            p.grad = None
+        elif p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def project_peak(model: torch.nn.Module, example: torch.Tensor, grads: str = "fresh") -> int:
+    """The peak bytes of one training step of `model` on an input shaped like `example`,
+    projected on fake tensors (nothing is allocated): "fresh" all but parameter gradients,
+    "accumulate" all but the gradients that exist before the step (see GRAD_REGIMES). The
     backward starts from a dense output gradient, as revify.schedule's projections do."""
     mode = FakeTensorMode()
     fake = fake_copy(model, mode)
     with mode:
+        prepare_grads(fake, grads)
         x = fake_like(example)
         with ProjectionTracker() as tracker:  # the input is not counted, as in measure_step
             out = fake(x)
@@ -178,36 +199,40 @@ def _peak(events: list[tuple[int, int]], skip=frozenset()) -> int:
 
 @dataclass
 class StepMemory:
-    peak_bytes: int                    # everything allocated during the step (incl. parameter grads)
-    peak_activation_bytes: int | None  # the same without parameter grads (None: not measurable)
+    peak_bytes: int                    # everything allocated during the step: with grads="fresh"
+                                       # the gradients from birth, with "accumulate" those in flight
+    peak_activation_bytes: int | None  # the same without the final parameter gradients (None:
+                                       # not measurable); with "accumulate": the same as peak_bytes
     activation_bytes: int              # held between forward and backward (what the backward needs)
     grad_bytes: int
 
 
 def measure_step(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor,
-                 loss_fn=torch.nn.functional.cross_entropy) -> StepMemory:
-    """The memory of one forward + backward (gradients are reset first; the batch is not counted).
+                 loss_fn=torch.nn.functional.cross_entropy, grads: str = "fresh") -> StepMemory:
+    """The memory of one forward + backward, gradients in the regime `grads` (GRAD_REGIMES:
+    "fresh" resets them first, "accumulate" allocates any missing and keeps them); the batch is
+    not counted.
 
     CPU: exact live-tensor accounting. CUDA: the caching allocator's figures after a warm-up step
-    (library workspaces are allocated once); its peak cannot leave the gradients out, so
+    (library workspaces are allocated once); its peak cannot leave fresh gradients out, so
     `peak_activation_bytes` is None there.
     """
     if inputs.device.type == "cuda":
-        return _measure_step_cuda(model, inputs, target, loss_fn)
-    model.zero_grad(set_to_none=True)
+        return _measure_step_cuda(model, inputs, target, loss_fn, grads)
+    prepare_grads(model, grads)
     with LiveTensorTracker() as tracker:
         loss = loss_fn(model(inputs), target)
         tracker.mark("forward")
         loss.backward()
         del loss
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return StepMemory(peak_bytes=tracker.peak, peak_activation_bytes=tracker.peak_without(grads),
-                      activation_bytes=tracker.marks["forward"], grad_bytes=_nbytes(grads))
+    kept = [p.grad for p in model.parameters() if p.grad is not None]
+    return StepMemory(peak_bytes=tracker.peak, peak_activation_bytes=tracker.peak_without(kept),
+                      activation_bytes=tracker.marks["forward"], grad_bytes=_nbytes(kept))
 
 
-def _measure_step_cuda(model, inputs, target, loss_fn) -> StepMemory:
+def _measure_step_cuda(model, inputs, target, loss_fn, grads) -> StepMemory:
     loss_fn(model(inputs), target).backward()  # warm-up
-    model.zero_grad(set_to_none=True)
+    prepare_grads(model, grads)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -216,9 +241,10 @@ def _measure_step_cuda(model, inputs, target, loss_fn) -> StepMemory:
     loss.backward()
     del loss
     torch.cuda.synchronize()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return StepMemory(peak_bytes=torch.cuda.max_memory_allocated() - base,
-                      peak_activation_bytes=None, activation_bytes=held, grad_bytes=_nbytes(grads))
+    kept = [p.grad for p in model.parameters() if p.grad is not None]
+    peak = torch.cuda.max_memory_allocated() - base
+    return StepMemory(peak_bytes=peak, peak_activation_bytes=peak if grads == "accumulate" else None,
+                      activation_bytes=held, grad_bytes=_nbytes(kept))
 
 
 def _nbytes(tensors) -> int:
@@ -226,7 +252,8 @@ def _nbytes(tensors) -> int:
 
 
 def measure_step_profiled(model: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor,
-                          loss_fn=torch.nn.functional.cross_entropy) -> StepMemory:
+                          loss_fn=torch.nn.functional.cross_entropy,
+                          grads: str = "fresh") -> StepMemory:
     """`measure_step` from the CPU allocator's records: sees compiled kernels' buffers too.
 
     The profiler (profile_memory=True) reports every allocation and free of the c10 CPU
@@ -239,8 +266,8 @@ def measure_step_profiled(model: torch.nn.Module, inputs: torch.Tensor, target: 
     RNG states checkpointing keeps. CUDA: as `measure_step`.
     """
     if inputs.device.type == "cuda":
-        return _measure_step_cuda(model, inputs, target, loss_fn)
-    model.zero_grad(set_to_none=True)
+        return _measure_step_cuda(model, inputs, target, loss_fn, grads)
+    prepare_grads(model, grads)  # gradients from before the step are never reported allocated
     # Two sessions: their boundary is the end of the forward, with no clock to compare.
     with _cpu_allocations() as forward:
         loss = loss_fn(model(inputs), target)
@@ -261,11 +288,11 @@ def measure_step_profiled(model: torch.nn.Module, inputs: torch.Tensor, target: 
                 workspaces.add(birth)
         if i == len(forward) - 1:
             held = sum(delta for _, delta in events)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    ptrs = {g.untyped_storage().data_ptr() for g in grads}
+    kept = [p.grad for p in model.parameters() if p.grad is not None]
+    ptrs = {g.untyped_storage().data_ptr() for g in kept}
     skip = workspaces | {birth for ptr, (birth, _) in live.items() if ptr in ptrs}
     return StepMemory(peak_bytes=_peak(events, workspaces), peak_activation_bytes=_peak(events, skip),
-                      activation_bytes=held, grad_bytes=_nbytes(grads))
+                      activation_bytes=held, grad_bytes=_nbytes(kept))
 
 
 _OPERATOR = re.compile(r"[A-Za-z_]\w*::[A-Za-z_]\w*$")

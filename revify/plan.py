@@ -134,7 +134,8 @@ class Schedule:
     them, those that rerun without revify.lean's nesting and those that keep their dearest
     layers' outputs for the rerun. Bytes are projected for a training step at the example
     input."""
-    budget: int                                # the peak activation bytes allowed
+    budget: int                                # the peak activation bytes allowed (gradients
+                                               # in flight included: revify.schedule)
     peak_recompute: int                        # the peak with every unit recomputing
     peak: int                                  # the peak with `stored` kept, `plain` plain
     stored: dict[str, int] = field(default_factory=dict)  # unit -> bytes it keeps

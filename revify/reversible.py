@@ -3,9 +3,12 @@
     y1 = x1 + F(x2)        x2 = y2 - G(y1)
     y2 = x2 + G(y1)        x1 = y1 - F(x2)
 
-A stage is one autograd Function that saves only its output. Its backward walks the blocks in
-reverse; per block it recomputes G(y1) once, using the value both to rebuild x2 and to
-backpropagate through G, then does the same for F: one extra forward per block.
+A stage saves only its output. Its backward walks the blocks in reverse; per block it
+recomputes G(y1) once, using the value both to rebuild x2 and to backpropagate through G, then
+does the same for F: one extra forward per block. In the autograd graph the stage is a chain
+with one node per branch (`_run_reversible`), so each branch's parameter gradients reach
+autograd (and `.grad`, DDP's buckets, hooks) as soon as they are computed: the backward holds
+one branch's gradients at a time, whatever the stage's depth.
 
 Exact reconstruction on a fixed-point grid. In floating point `(x1 + f) - f` is not x1: the add
 rounds away the low bits of x1, and the error compounds over a deep stage. With `exact=True`
@@ -351,7 +354,20 @@ def _plain_add(h, v, f, grid, half):
 # cannot trace the RNG capture. One graph break per stage, on purpose.
 @torch.compiler.disable
 def _run_reversible(stage, x, *params):
-    return _ReversibleStageFunction.apply(stage, x, *params)
+    """The stage as a chain of autograd nodes: `_Enter` runs every block (no autograd) and
+    `_Exit` returns the output; between them one `_Branch` node per F and per G stands for that
+    branch in the graph, holding its parameters. The engine runs their backwards in reverse,
+    one branch at a time, and accumulates each branch's parameter gradients as soon as its node
+    returns them: the backward holds one branch's gradients at a time, not the stage's (with
+    `.grad` already allocated, as under gradient accumulation or DDP's buckets, a single stage
+    node would hold every gradient of the stage twice at its end)."""
+    run = _Run(stage, x.dtype, params, branch_params(stage, params))
+    a = list(_Enter.apply(run, x))
+    for i, positions in enumerate(run.layout):
+        for k in (0, 1):
+            mine, other = a[k], a[1 - k]
+            a[k] = _Branch.apply(run, i, k, mine, other, *[params[j] for j in positions[k]])
+    return _Exit.apply(run, *a)
 
 
 _layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -458,88 +474,130 @@ def _scratch(value: torch.Tensor, branch_input: torch.Tensor) -> torch.Tensor:
     return value.clone() if _shares(value, branch_input) else value
 
 
-class _ReversibleStageFunction(torch.autograd.Function):
-    """Saves nothing but the stage output; the backward rebuilds every block's input from it.
+class _Run:
+    """One forward of a reversible stage, shared by the nodes of its chain (`_run_reversible`).
 
-    The output is kept as a detached alias in `ctx.state` rather than through
-    `save_for_backward`, so the backward can drop it as soon as the stream has been rebuilt
-    (the autograd engine would hold saved tensors until the backward returns). In-place changes
-    to the output between forward and backward are still caught, by the version counter.
-    """
+    The forward keeps the stage output (a detached alias, so the backward can drop it as soon
+    as the stream is rebuilt; in-place changes to it are still caught, by its version counter)
+    and per branch the RNG state and tape its rerun needs. The backward rebuilds the stream in
+    a pair of buffers of its own, updated in place: their halves become each block's input in
+    turn."""
 
-    @staticmethod
-    def forward(ctx, stage: ReversibleStage, x, *params):
-        ctx.stage, ctx.dtype, ctx.params = stage, x.dtype, params
-        ctx.layout = branch_params(stage, params)  # the backward's, for these very parameters
-        ctx.autocast = capture_autocast(x.device)
+    def __init__(self, stage: ReversibleStage, dtype, params, layout):
+        self.stage, self.dtype, self.params, self.layout = stage, dtype, params, layout
+        self.first = None  # (block, half) of the first branch node in the autograd graph
+
+    def forward(self, x):
+        self.autocast = capture_autocast(x.device)
+        stage = self.stage
         for grid, context in stage._attempts(x):
             with context:
-                x1, x2, outgrown = _forward_once(ctx, stage, x, grid)
+                x1, x2, outgrown = _forward_once(self, stage, x, grid)
             if not stage.widen(grid, outgrown):
                 break
-        ctx.grid = grid
-        hi = torch.cat([x1, x2], stage.dim).to(x.dtype)
+        self.grid, self.halves = grid, (x1, x2)
+
+    def output(self) -> torch.Tensor:
+        x1, x2 = self.halves
+        hi = torch.cat([x1, x2], self.stage.dim).to(self.dtype)
         # On a float32 (or float64) grid the output is the stream itself; beside 16-bit
         # activations the float32 stream is kept too (6 bytes a value, as a float32 stream).
-        ctx.state = [hi.detach(), None if x1.dtype == x.dtype else (x1, x2)]
-        ctx.version = hi._version
+        self.state = [hi.detach(), None if x1.dtype == self.dtype else self.halves]
+        self.halves, self.version = None, hi._version
         return hi
+
+    def start_backward(self) -> None:
+        if self.state is None:
+            raise RuntimeError("revify: a reversible stage's backward ran twice; the stage output "
+                               "it rebuilds from is released after the first backward.")
+        hi, halves = self.state
+        self.state = None
+        if hi._version != self.version:
+            raise RuntimeError("revify: the output of a reversible stage was modified in place "
+                               "before the backward; the stage rebuilds its activations from it.")
+        self.stream = list(halves) if halves is not None else _own_halves(hi, self.stage.dim)
+
+    def backprop(self, i: int, k: int, grad_out, trainable) -> tuple:
+        """Block i's branch k (0: F, 1: G) rerun on the stream half it reads, its value taken
+        off the other half (rebuilding that half's input: x2 from G(y1), x1 from F(x2)), and
+        grad_out backpropagated through it: the gradients of its input and of its parameters
+        (None where `trainable` says none is wanted)."""
+        stage, stream, grid = self.stage, self.stream, self.grid
+        branch = stage.blocks[i].g if k else stage.blocks[i].f
+        params = [p for p, t in zip(self.branch_params(i, k), trainable) if t]
+        rebuild = lambda value, scratch: _accumulate(stream[k], value, grid, k, -1, scratch)
+        rng, self.rng[i][k] = self.rng[i][k], None
+        tape, self.tapes[i][k] = self.tapes[i][k], None
+        with frozen_buffers(branch):
+            d_inp, d_params = _recompute(branch, stream[1 - k], self.dtype, grad_out, params,
+                                         rng, self.autocast, stream[0].device, rebuild, tape)
+        if k == 0 and i in self.anchors:  # drop the drift: restart from the anchor
+            for half, anchor in zip(stream, self.anchors.pop(i)):
+                half.copy_(anchor)
+        if (i, k) == self.first:  # the chain's last backward: the stream is the stage input
+            self.stream = self.rng = self.anchors = self.tapes = self.grid = self.params = None
+        d_params = iter(d_params)
+        return d_inp, [next(d_params) if t else None for t in trainable]
+
+    def branch_params(self, i: int, k: int) -> list:
+        return [self.params[j] for j in self.layout[i][k]]
+
+
+def _token(like: torch.Tensor) -> torch.Tensor:
+    """What flows between the chain's nodes in the forward: a tensor of a stream half's shape and
+    dtype (the gradient flowing back is the real one) that stores a single value."""
+    return torch.empty_strided(like.shape, [0] * like.ndim, dtype=like.dtype, device=like.device)
+
+
+class _Enter(torch.autograd.Function):
+    """Runs the whole stage (no autograd); its backward joins the halves' gradients."""
+
+    @staticmethod
+    def forward(ctx, run: _Run, x):
+        ctx.dim = run.stage.dim
+        run.forward(x)
+        half = x.narrow(ctx.dim, 0, x.shape[ctx.dim] // 2)
+        return _token(half), _token(half)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dx1, dx2):
+        return None, torch.cat([dx1, dx2], ctx.dim)
+
+
+class _Branch(torch.autograd.Function):
+    """Block `index`'s F (half 0: y1 = x1 + F(x2)) or G (half 1: y2 = x2 + G(y1)) in the graph:
+    the forward computed it already; the backward reruns it, rebuilds `mine`'s input and
+    returns the branch's parameter gradients."""
+
+    @staticmethod
+    def forward(ctx, run: _Run, index: int, half: int, mine, other, *params):
+        ctx.run, ctx.at = run, (index, half)
+        if run.first is None and any(ctx.needs_input_grad):
+            run.first = ctx.at
+        return _token(mine)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        d_other, d_params = ctx.run.backprop(*ctx.at, grad, ctx.needs_input_grad[5:])
+        ctx.run = None
+        return (None, None, None, grad, d_other, *d_params)
+
+
+class _Exit(torch.autograd.Function):
+    """Returns the stage output; its backward starts the rebuild from it."""
+
+    @staticmethod
+    def forward(ctx, run: _Run, a1, a2):
+        ctx.run = run
+        return run.output()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        stage, dim, dtype, grid = ctx.stage, ctx.stage.dim, ctx.dtype, ctx.grid
-        if ctx.state is None:
-            raise RuntimeError("revify: a reversible stage's backward ran twice; the stage output "
-                               "it rebuilds from is released after the first backward.")
-        hi, halves = ctx.state
-        ctx.state = None
-        if hi._version != ctx.version:
-            raise RuntimeError("revify: the output of a reversible stage was modified in place "
-                               "before the backward; the stage rebuilds its activations from it.")
-        device = hi.device
-        # The stream is our own pair of buffers, updated in place: its halves become each
-        # block's input in turn. Gradients are summed out of place, as the autograd engine sums
-        # them: kernels take other paths for strided and contiguous gradients, and the
-        # reversible backward is meant to match plain autograd to the last bit.
-        y1, y2 = halves if halves is not None else _own_halves(hi, dim)
-        del hi, halves
-        dy1, dy2 = dy.chunk(2, dim)
-        del dy
-        params, layout, ctx.params, ctx.layout = ctx.params, ctx.layout, None, None
-        trainable = ctx.needs_input_grad[2:]
-        grads: list[torch.Tensor | None] = [None] * len(params)
-
-        def backprop(fn, positions, stream, grad_out, rng, other, half, tape):
-            """The gradient reaching `stream` through fn (its parameters at `positions`),
-            accumulating parameter gradients; on the way, fn's value rebuilds the `other`
-            stream half (x2 from G(y1), x1 from F)."""
-            positions = [i for i in positions if trainable[i]]
-            rebuild = lambda value, scratch: _accumulate(other, value, grid, half, -1, scratch)
-            d_inp, d_params = _recompute(fn, stream, dtype, grad_out, [params[i] for i in positions],
-                                         rng, ctx.autocast, device, rebuild, tape)
-            for i, g in zip(positions, d_params):
-                if g is not None:
-                    grads[i] = g if grads[i] is None else grads[i] + g
-            return d_inp
-
-        with frozen_buffers(stage):
-            for i in reversed(range(len(stage.blocks))):
-                block, (rng_f, rng_g), (tape_f, tape_g) = stage.blocks[i], ctx.rng[i], ctx.tapes[i]
-                (at_f, at_g), ctx.tapes[i] = layout[i], None
-                d_y1 = backprop(block.g, at_g, y1, dy2, rng_g, y2, 1, tape_g)  # rebuilds x2 in y2
-                dy1 = dy1 + d_y1                     # total gradient reaching y1
-                del d_y1
-                d_x2 = backprop(block.f, at_f, y2, dy1, rng_f, y1, 0, tape_f)  # rebuilds x1 in y1
-                dy2 = dy2 + d_x2                     # gradient reaching x2
-                del d_x2
-                if i in ctx.anchors:                 # drop the drift: restart from the anchor
-                    a1, a2 = ctx.anchors.pop(i)
-                    y1.copy_(a1), y2.copy_(a2)
-        del y1, y2
-        dx = torch.cat([dy1, dy2], dim) if ctx.needs_input_grad[1] else None
-        ctx.rng = ctx.anchors = ctx.grid = ctx.tapes = None
-        return (None, dx, *grads)
+        ctx.run.start_backward()
+        return (None, *dy.chunk(2, ctx.run.stage.dim))
 
 
 def _accumulate(stream, value, grid, half, sign=1, scratch=True):
@@ -551,11 +609,11 @@ def _accumulate(stream, value, grid, half, sign=1, scratch=True):
         grid.add_snapped(stream, value, half, sign, scratch)
 
 
-def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
+def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
     """The stage's blocks without autograd, the stream updated in place; returns its halves
     and, per half, the channels that outgrew the grid (None: nothing to check)."""
     dtype, device = x.dtype, x.device
-    ctx.rng, ctx.anchors, ctx.tapes = [], {}, []
+    run.rng, run.anchors, run.tapes = [], {}, []
     if grid is None:
         stream = _own_halves(x, stage.dim)
     else:
@@ -564,7 +622,7 @@ def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
     outgrown = [None, None]
     for i, block in enumerate(stage.blocks):
         if stage.anchored(i):
-            ctx.anchors[i] = tuple(h.clone() for h in stream)
+            run.anchors[i] = tuple(h.clone() for h in stream)
         rngs, tapes = [], []
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training else None)
@@ -575,6 +633,6 @@ def _forward_once(ctx, stage: ReversibleStage, x, grid: Grid | None):
             if grid is not None and _data_dependent_ok(stream[k]):
                 over = grid.outgrown(stream[k], k)
                 outgrown[k] = over if outgrown[k] is None else outgrown[k].logical_or_(over)
-        ctx.rng.append(tuple(rngs))
-        ctx.tapes.append(tuple(tapes))
+        run.rng.append(rngs)
+        run.tapes.append(tapes)
     return stream[0], stream[1], outgrown

@@ -34,9 +34,12 @@ none (a unit's whole keeping is often too large for it): each priced as its outp
 from its unit's forward to its backward, taken by FLOPs per byte, given back first if the
 final projection does not fit.
 
-Activation bytes throughout: everything a step allocates except parameter gradients (which
-grow through the backward whatever is stored; with gradient accumulation they are all there
-from the start).
+Activation bytes throughout: everything a step allocates with its parameter gradients
+allocated before it, as from the second micro-batch of gradient accumulation on and under DDP
+(revify.memory.GRAD_REGIMES, "accumulate"): activations and the gradients in flight to `.grad`.
+That is what a step adds to parameters, gradients and optimizer state in that regime, and at
+least the activations in the other (gradients created during the step), so a budget holds in
+both.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 
 from .keep import kept_cost
-from .memory import ProjectionTracker, fake_copy, fake_like
+from .memory import ProjectionTracker, fake_copy, fake_like, prepare_grads
 from .plan import Plan, Schedule
 from .reversible import ReversibleStage
 from .rewrite import KEEP, LEAN, PLAIN, STORED, apply_schedule, kept, nested, set_mode, unit_nodes
@@ -125,10 +128,11 @@ class _Marked(fx.Interpreter):
 
 
 def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], inputs: tuple) -> _Run:
-    """One training step of `fake` (backward from a dense gradient, as a loss gives)."""
-    fake.zero_grad(set_to_none=True)
+    """One training step of `fake` (backward from a dense gradient, as a loss gives), its
+    gradients allocated before it (never counted: see the module docstring)."""
     tracker = ProjectionTracker()
     with mode:
+        prepare_grads(fake, "accumulate")
         args = [fake_like(t) if isinstance(t, torch.Tensor) else t for t in inputs]
         with tracker:
             marked = _Marked(fake, units, tracker)
@@ -137,10 +141,8 @@ def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], input
             start = marked.here()
             torch.autograd.backward(outputs, [torch.empty_like(o) for o in outputs])
             del outputs
-    grads = {tracker.live[p.grad.untyped_storage()._cdata][0] for p in fake.parameters()
-             if p.grad is not None and p.grad.untyped_storage()._cdata in tracker.live}
     fake.zero_grad(set_to_none=True)
-    return _cut(tracker, marked, start, grads)
+    return _cut(tracker, marked, start)
 
 
 class projector:
@@ -182,7 +184,7 @@ class projector:
         return costs
 
 
-def _cut(tracker: ProjectionTracker, marked: _Marked, start, grads: set[int]) -> _Run:
+def _cut(tracker: ProjectionTracker, marked: _Marked, start) -> _Run:
     """The step's timeline cut into each unit's forward and backward stretches.
 
     Unit k's forward runs from its start to the next unit's (the last one's to the start of
@@ -191,9 +193,9 @@ def _cut(tracker: ProjectionTracker, marked: _Marked, start, grads: set[int]) ->
     """
     fwd, bwd, births, saved = marked.fwd, marked.bwd, marked.births, marked.saved
     events, n = tracker.events, len(fwd)
-    timeline, live = [0], 0    # timeline[i]: bytes live after i events, gradients left out
-    for birth, delta in events:
-        live += 0 if birth in grads else delta
+    timeline, live = [0], 0    # timeline[i]: bytes live after i events
+    for _, delta in events:
+        live += delta
         timeline.append(live)
     end = (len(events), tracker.total_flops)
     forward = [(fwd[k], fwd[k + 1] if k + 1 < n else start) for k in range(n)]
@@ -202,7 +204,7 @@ def _cut(tracker: ProjectionTracker, marked: _Marked, start, grads: set[int]) ->
     size = [events[b][1] if b is not None else 0 for b in births]
     kept = [size[k] if births[k] is not None and births[k] not in died else 0 for k in range(n)]
     inner = [sum(delta for birth, delta in events[a[0]:b[0]] if delta > 0 and birth not in died
-                 and birth not in grads and birth != births[k])
+                 and birth != births[k])
              for k, (a, b) in enumerate(forward)]
     flops = [(fb[1] - fa[1]) + (bb[1] - ba[1]) for (fa, fb), (ba, bb) in zip(forward, backward)]
     peaks = [max(max(timeline[fa[0]:fb[0] + 1]), max(timeline[ba[0]:bb[0] + 1]))

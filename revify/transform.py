@@ -82,8 +82,9 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         the rerun (revify.schedule, revify.keep; the plan says which); "none" recomputes every
         unit, nested layers too.
     budget: the peak activation memory (bytes, or a size such as '2GiB') a training step at the
-        example input may reach; default: the peak with every unit recomputing and 1%. Pass
-        example_inputs at your batch size for a budget to mean your step.
+        example input may reach, gradients in flight to already allocated `.grad` included
+        (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.
+        Pass example_inputs at your batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,

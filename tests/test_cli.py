@@ -95,6 +95,26 @@ def test_analyze_plan_and_bench_read_a_file(converted, capsys):
     assert "1.00x" in out and "memory of revify" in err  # progress, one line per piece of work
 
 
+def test_analyze_budget_in_either_gradient_regime(converted, capsys):
+    """--grads picks the regime of the budget tables; --json carries both."""
+    import json
+    _, folder = converted
+    answers = {}
+    for grads in ("fresh", "accumulate"):
+        code, out, err = run(capsys, "analyze", folder / "model.pt", "--batch-size", "2",
+                             "--memory", "512MiB", "--grads", grads, "--json")
+        assert code == 0, err
+        budget = json.loads(out)["budget"]
+        assert budget["grads"] == grads
+        assert budget["largest_batch"] == budget["largest_batch_by_grads"][grads]
+        answers[grads] = budget["largest_batch"]
+    for strategy, batch in answers["accumulate"].items():  # every gradient held: fewer fit
+        assert 0 < batch <= answers["fresh"][strategy]
+    with pytest.raises(SystemExit) as exited:  # argparse's own one-line usage error
+        main(["analyze", str(folder / "model.pt"), "--grads", "sometimes"])
+    assert exited.value.code == 2 and "--grads: invalid choice" in capsys.readouterr().err
+
+
 def test_list_shows_the_models_the_coverage_run_converted(capsys):
     code, out, _ = run(capsys, "list", "resnet5*")
     assert code == 0

@@ -47,7 +47,7 @@ def test_every_rebuilt_layer_has_hooks_of_its_own(model_and_rev):
 
 def _count_calls(monkeypatch):
     calls = {"reversible": 0, "checkpoint": 0}
-    apply, ckpt = revify.reversible._ReversibleStageFunction.apply, revify.checkpoint.checkpoint
+    apply, ckpt = revify.reversible._Enter.apply, revify.checkpoint.checkpoint
 
     def counting_apply(*a):
         calls["reversible"] += 1
@@ -57,7 +57,7 @@ def _count_calls(monkeypatch):
         calls["checkpoint"] += 1
         return ckpt(*a, **k)
 
-    monkeypatch.setattr(revify.reversible._ReversibleStageFunction, "apply", counting_apply)
+    monkeypatch.setattr(revify.reversible._Enter, "apply", counting_apply)
     monkeypatch.setattr(revify.checkpoint, "checkpoint", counting_checkpoint)
     return calls
 
