@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import find_blocks, module_path
+from .counting import StepCounts, count_step
 from .memory import measure_step, measure_step_profiled, project_peak
 from .trace import trace
 from .transform import transform
@@ -48,6 +49,7 @@ class BenchResult:
     memory_method: str = "live tensors"
     compile_seconds: float | None = None   # compiled rows: the first step, never a timed one
     graphs: int | None = None              # compiled rows: graphs compiled (>1: graph breaks)
+    counts: StepCounts | None = None       # ops, Python calls, syncs of a step (eager rows)
 
 
 def _note(text: str) -> None:
@@ -281,10 +283,12 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
         accumulate[name] = MEASURES[methods[name]](model, x, y, grads="accumulate").peak_bytes
         if device == "cuda":
             methods[name] = "max_memory_allocated"
-    times = {name: [] for name in models}
+    times, counts = {name: [] for name in models}, {}
     for name, model in models.items():
         tick(f"warm-up of {name}")
         _step(model, x, y)
+        # Compiled code runs kernels of its own, below the dispatcher: not counted.
+        counts[name] = None if isinstance(model, Compiled) else count_step(model, x, y)
     for i in range(steps):
         for name, model in models.items():  # interleaved: noise hits all alike
             tick(f"step {i + 1}/{steps} of {name}")
@@ -299,7 +303,8 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
     return [BenchResult(name, statistics.median(times[name]), memory[name].peak_activation_bytes,
                         memory[name].peak_bytes, accumulate[name], memory[name].activation_bytes,
                         sum(p.numel() for p in models[name].parameters()), methods[name],
-                        compile_seconds.get(name), getattr(models[name], "graphs", None))
+                        compile_seconds.get(name), getattr(models[name], "graphs", None),
+                        counts[name])
             for name in models]
 
 
@@ -319,6 +324,22 @@ def format_bench(results: list[BenchResult], fmt: str = "simple") -> str:
     return tabulate(rows, ["strategy", "step s", "time", "peak act MiB", "act vs orig",
                            "peak MiB", "peak vs orig", "accum MiB", "accum vs orig", "params",
                            "memory by"], tablefmt=fmt)
+
+
+def format_counts(results: list[BenchResult], fmt: str = "simple") -> str:
+    """Per strategy, what a step costs in launches (revify.counting), with ratios to the
+    first row's."""
+    from tabulate import tabulate
+    base = results[0].counts
+
+    def with_ratio(value, reference):
+        return f"{value:,}" + (f" ({value / reference:.2f}x)" if reference else "")
+
+    rows = [[r.name, with_ratio(c.ops, base.ops), with_ratio(c.kernel_ops, base.kernel_ops),
+             with_ratio(c.python_calls, base.python_calls), f"{c.syncs:,}"]
+            for r in results if (c := r.counts) is not None]
+    return tabulate(rows, ["strategy", "aten ops", "kernel ops", "Python calls", "host syncs"],
+                    tablefmt=fmt, disable_numparse=True)
 
 
 def format_compiles(results: list[BenchResult]) -> list[str]:

@@ -234,8 +234,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles, run_bench,
-                        strategies)
+    from .bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles,
+                        format_counts, run_bench, strategies)
     _positive_ints([args.batch_size, args.steps], "--batch-size and --steps")
     if args.device == "cuda":
         import torch
@@ -261,6 +261,9 @@ def cmd_bench(args) -> int:
           "those gradients; time: median step; memory by: live tensors (a dispatch mode), allocator "
           "profile (the CPU allocator's profiled allocations and frees, for compiled code, which "
           "allocates out of the dispatch mode's sight; kernel workspaces left out as there)")
+    print("\nper training step, exact counts (on a GPU every kernel op is a launch, every Python "
+          "call time between launches, every host sync a stall; compiled rows are not counted):")
+    print(format_counts(results))
     for line in format_compiles(results):
         print(line)
     return 0

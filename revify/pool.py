@@ -36,7 +36,7 @@ class FastMaxPool(Wrapper):
 
 
 def _applies(pool: nn.MaxPool2d, x: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point()
+    return (x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.numel() > 0
             and not pool.return_indices and x.is_contiguous()
             and not x.is_contiguous(memory_format=torch.channels_last))  # e.g. a 1x1 map
 

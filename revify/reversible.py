@@ -136,6 +136,8 @@ def _per_channel(t: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:
     dim at once, or the inner dims first, when the feature map is small (7x7, 4x4), and as
     fast on large ones."""
     channel = (set(range(t.ndim)) - set(dims)).pop()
+    if t.numel() == 0:  # an empty batch: no value to place on the grid, none can outgrow it
+        return t.new_zeros(t.shape[channel])
     outer = [d for d in dims if d < channel]
     if outer and len(outer) < len(dims):
         t = reduce(t, outer)

@@ -171,8 +171,9 @@ def _unit_variance(mean: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _refoldable(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether the rerun can reuse statistics for `x`: a CPU tensor of a layout and dtypes
-    whose training and refolded paths agree."""
-    if x.device.type != "cpu" or x.dim() < 2:
+    whose training and refolded paths agree (an empty batch goes through the norm's own
+    forward, which returns it as it is)."""
+    if x.device.type != "cpu" or x.dim() < 2 or x.numel() == 0:
         return False
     if x.is_contiguous():
         layout = torch.contiguous_format

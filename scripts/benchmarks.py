@@ -24,7 +24,8 @@ import torchvision
 from torch import nn
 
 from revify.analyze import analyze
-from revify.bench import COMPILE_BUDGETS, DEFAULT_ROWS, format_compiles, run_bench, strategies
+from revify.bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_compiles, format_counts,
+                          run_bench, strategies)
 
 IMAGENET = {"resnet18": 8, "resnet50": 16, "resnet101": 33, "resnet152": 50}  # residual blocks
 
@@ -77,7 +78,7 @@ def main():
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out the torch.compile rows (each compiles for minutes on CPU)")
     args = p.parse_args()
-    rows, curves = [], {}
+    rows, curves, counts = [], {}, []
     for name in args.models:
         torch.manual_seed(0)
         model, input_size, blocks = build(name)
@@ -106,10 +107,12 @@ def main():
                      f"{floor.total_bytes / 2**20:.1f}", f"{floor.total_bytes / base_peak:.2f}x",
                      "-", "-", "projected"])
         print(_table(rows[first:]), flush=True)
+        print(format_counts(results), flush=True)
+        counts.append((name, format_counts(results, "github")))
         for line in format_compiles(results):
             print(line, file=sys.stderr, flush=True)
     if args.out:
-        _write(args, rows)
+        _write(args, rows, counts)
     if args.plot:
         _plot(curves, args)
 
@@ -121,7 +124,7 @@ def _table(rows, fmt="simple"):
                     disable_numparse=True)
 
 
-def _write(args, rows):
+def _write(args, rows, counts):
     command = "python scripts/benchmarks.py " + " ".join(sys.argv[1:])
     Path(args.out).write_text(
         f"# revify benchmarks\n\n`{command}` ({args.device}, batch {args.batch_size}, "
@@ -131,7 +134,12 @@ def _write(args, rows):
         f"included); accum: the peak of a step whose gradients are allocated before it "
         f"(gradient accumulation, DDP buckets), all but those gradients (gradients in flight "
         f"included); memory by: live tensors, or the CPU allocator's profiled allocations "
-        f"for compiled rows; ratios to the original in the same run).\n\n{_table(rows, 'github')}\n")
+        f"for compiled rows; ratios to the original in the same run).\n\n{_table(rows, 'github')}\n"
+        f"\n## Per training step: aten ops, Python calls, host syncs\n\nExact counts of one step "
+        f"(revify.counting: ops dispatched below autograd, those that are not views or aliases, "
+        f"Python calls by sys.setprofile, ops whose result the host must wait for); ratios to "
+        f"the original. Compiled rows are not counted.\n\n"
+        + "\n\n".join(f"### {name}\n\n{table}" for name, table in counts) + "\n")
 
 
 def _plot(curves, args):

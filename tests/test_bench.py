@@ -144,9 +144,11 @@ def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
     assert main(["bench", "resnet18", "--input-size", "3", "32", "32", "--batch-size", "2",
                  "--steps", "1", "--compile"]) == 0
     out, err = capsys.readouterr()
-    rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.strip()
-            and not line.startswith(("peak act:", "compile-budget-0.5:", "compile-budget-0:"))}
+    table = out.split("\n\n")[0]  # the memory and time table; the counts table follows
+    rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert list(rows)[-2:] == ["compile-budget-0.5", "compile-budget-0"]
+    counted = out.split("host syncs")[1].split("compile-budget-0.5: compiled")[0]
+    assert "revify" in counted and "compile-budget" not in counted  # compiled rows: not counted
     assert rows["original"].endswith("live tensors")
     assert rows["compile-budget-0"].endswith("allocator profile")
     assert "compile-budget-0: compiled 1 graph in " in out and "compiling compile-budget-0" in err
@@ -165,3 +167,40 @@ def test_timing_scripts_run_every_configuration(script, rows):
     assert done.returncode == 0, done.stderr
     names = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
     assert set(rows) <= names
+
+
+class _ReadsBack(nn.Module):
+    """A linear layer whose forward reads a value back to the host, as `.item()` does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out = self.fc(x.view(2, 4))
+        return out * float(out.detach().abs().max() > 0)
+
+
+def test_step_counts_are_exact():
+    """Ops below autograd (views apart), Python calls, host syncs: each counted, and the
+    same on every count (no clock)."""
+    from revify.counting import count_step
+    model, x, y = _ReadsBack(), torch.randn(2, 2, 2), torch.tensor([0, 2])
+    counts = count_step(model, x, y)
+    assert counts == count_step(model, x, y)
+    assert counts.syncs == counts.by_op["aten._local_scalar_dense.default"] == 1
+    assert counts.by_op["aten.view.default"] >= 1 and counts.kernel_ops < counts.ops
+    assert counts.by_op["aten.addmm.default"] == 1 and counts.by_op["aten.mm.default"] == 1
+    assert 0 < counts.python_calls < 200  # the module calls and the loss; not the counter's own
+    plain = count_step(nn.Linear(4, 3), x.view(2, 4), y)
+    assert plain.syncs == 0 and plain.ops < counts.ops
+
+
+def test_bench_rows_report_the_counts_and_revify_s_syncs_are_its_stages_overflow_checks():
+    model, x, y = _resnet18(size=32)
+    models = strategies(model, (3, 32, 32), ("original", "revify"), batch_size=2)
+    stages = sum(isinstance(m, revify.ReversibleStage) for m in models["revify"].modules())
+    original, rev = (row.counts for row in run_bench(models, 2, (3, 32, 32), steps=1))
+    assert original.syncs == 0 and original.ops > 0 and original.python_calls > 0
+    assert rev.syncs == stages > 0  # one grid check per stage forward
+    assert rev.ops > original.ops

@@ -180,3 +180,28 @@ def test_torch_compile_matches_eager_breaks_once_per_stage_and_keeps_the_saving(
                   for name, m in [("original", model), ("revify", rev)]}
     assert peak["revify"] / peak["original"] <= eager_peak["revify"] / eager_peak["original"] + 0.05
     assert peak["revify"] < 0.8 * peak["original"]
+
+
+def test_an_empty_batch_trains_as_the_original_does():
+    """A batch of 0 (the last shard of a small data set, say): an empty output, zero gradients,
+    norms' running statistics as the original leaves them; the next batch trains as before."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    rev = revify.transform(copy.deepcopy(model), input_size=(3, 32, 32)).train()
+    empty, none = torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)
+    stats = {}
+    for name, net in (("original", model), ("revify", rev)):
+        before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_b" in k}
+        x = empty.clone().requires_grad_(True)
+        out = net(x)
+        assert out.shape == (0, 10)
+        F.cross_entropy(out, none).backward()
+        assert x.grad.shape == x.shape
+        assert all(p.grad is not None and not p.grad.any() for p in net.parameters()), name
+        after = {k: v for k, v in net.state_dict().items() if k in before}
+        stats[name] = sorted((torch.equal(before[k], after[k]), k.split(".")[-1]) for k in before)
+    # each kind of buffer changed (or not) as the original's did
+    assert {s for s in stats["revify"]} == {s for s in stats["original"]}
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
