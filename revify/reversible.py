@@ -218,6 +218,18 @@ class ReversibleStage(nn.Module):
         return bool(self.anchor_every) and index > 0 and index % self.anchor_every == 0
 
     def forward(self, x):
+        if self.training or self.headroom is None or not torch.is_grad_enabled():
+            return self._forward(x)
+        # Eval mode with gradients (attribution, adversarial inputs): a grid widened for this
+        # pass serves its backward (which has its grid) and is dropped, so that an eval pass
+        # leaves what training computes afterwards, and the saved headroom, as they were.
+        headroom = self.headroom.clone()
+        try:
+            return self._forward(x)
+        finally:
+            self.headroom = headroom
+
+    def _forward(self, x):
         params = list(self.parameters())
         needs_grad = x.requires_grad or any(p.requires_grad for p in params)
         if self.stored or exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
@@ -511,7 +523,9 @@ class _Run:
     def start_backward(self) -> None:
         if self.state is None:
             raise RuntimeError("revify: a reversible stage's backward ran twice; the stage output "
-                               "it rebuilds from is released after the first backward.")
+                               "it rebuilds from is released after the first backward. Run the "
+                               "forward again, or run the step under revify.exact_backward() "
+                               "(plain autograd) to backpropagate through one graph twice.")
         hi, halves = self.state
         self.state = None
         if hi._version != self.version:
@@ -596,8 +610,12 @@ class _Exit(torch.autograd.Function):
         return run.output()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: the rebuilt backward is not differentiable
+            raise RuntimeError(
+                "revify: a reversible stage's backward cannot be differentiated again "
+                "(create_graph=True: double backward, gradient penalties); run that step under "
+                "revify.exact_backward(), which computes the same function with plain autograd.")
         ctx.run.start_backward()
         return (None, *dy.chunk(2, ctx.run.stage.dim))
 

@@ -1,4 +1,5 @@
 """What the pass finds, what it plans, and how it refuses bad input."""
+import contextlib
 import copy
 import pytest
 import torch
@@ -429,3 +430,35 @@ def test_checkpointed_unit_with_two_outputs(data):
     assert sum(n.op == "call_function" for n in rev.net.graph.nodes) == 2  # two getitems
     x, y = data
     assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
+
+
+def test_an_eval_pass_with_gradients_leaves_the_grid_as_training_left_it(data):
+    """Attribution through a model in eval mode overflows its grid as a training step would;
+    that pass is exact (its backward equals plain autograd's) but widens nothing for good:
+    the headroom, saved with the weights and read by later training, is unchanged."""
+    torch.manual_seed(0)
+    model = TinyResNet(depth=4)
+    for block in model.modules():
+        if isinstance(block, Block):
+            nn.init.constant_(block.bn2.weight, 100.0)
+    rev = revify.transform(model, input_size=(3, 16, 16))
+    x, _ = data
+    for norm in rev.modules():  # running statistics of this batch: eval normalises as training
+        if isinstance(norm, nn.BatchNorm2d):
+            norm.momentum = None
+    with torch.no_grad():  # no gradients: the grid is not checked
+        rev.train()(x)
+    rev.eval()
+    stages = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    before = [s.headroom.clone() for s in stages]
+    grads = []
+    for context in (contextlib.nullcontext, revify.exact_backward):
+        with context():
+            inp = x.clone().requires_grad_(True)
+            rev(inp).square().sum().backward()
+        grads.append(inp.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert all(torch.equal(s.headroom, b) for s, b in zip(stages, before))
+    rev.train()  # training does widen it, for good
+    F.cross_entropy(rev(x.clone().requires_grad_(True)), torch.zeros(len(x), dtype=torch.long)).backward()
+    assert any(not torch.equal(s.headroom, b) for s, b in zip(stages, before))
