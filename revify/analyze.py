@@ -36,7 +36,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .bench import strategies
 from .checkpoint import Checkpointed
-from .memory import GRAD_REGIMES, ProjectionTracker, fake_copy, measure_step, prepare_grads
+from .memory import (GRAD_REGIMES, ProjectionTracker, check_grads, fake_copy, measure_step,
+                     prepare_grads)
 from .memory import parse_bytes  # noqa: F401 (revify.analyze.parse_bytes, as before)
 from .rewrite import unit_calls
 from .trace import trace
@@ -538,8 +539,7 @@ def _default_budget(memory) -> int | None:
 def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name,
              options, grads):
     input_size = _check(input_size, batch_size, optimizer)
-    if grads not in GRAD_REGIMES:
-        raise ValueError(f"unknown gradient regime '{grads}': choose {' or '.join(GRAD_REGIMES)}")
+    check_grads(grads)  # before the transform, which takes the time
     dtype, memory = parse_dtype(dtype), _default_budget(memory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = strategies(model, input_size, STRATEGIES, **(options or {}))

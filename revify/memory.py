@@ -159,10 +159,14 @@ class ProjectionTracker(LiveTensorTracker):
 GRAD_REGIMES = ("fresh", "accumulate")
 
 
-def prepare_grads(model: torch.nn.Module, grads: str) -> None:
-    """Put `model`'s gradients in the state regime `grads` (GRAD_REGIMES) starts a step from."""
+def check_grads(grads: str) -> None:
     if grads not in GRAD_REGIMES:
         raise ValueError(f"unknown gradient regime '{grads}': choose {' or '.join(GRAD_REGIMES)}")
+
+
+def prepare_grads(model: torch.nn.Module, grads: str) -> None:
+    """Put `model`'s gradients in the state regime `grads` (GRAD_REGIMES) starts a step from."""
+    check_grads(grads)
     for p in model.parameters():
         if grads == "fresh":
             p.grad = None

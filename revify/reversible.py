@@ -375,9 +375,10 @@ def _run_reversible(stage, x, *params):
     returns them: the backward holds one branch's gradients at a time, not the stage's (with
     `.grad` already allocated, as under gradient accumulation or DDP's buckets, a single stage
     node would hold every gradient of the stage twice at its end)."""
-    run = _Run(stage, x.dtype, params, branch_params(stage, params))
+    layout = branch_params(stage, params)  # first: it refuses a stage sharded inside
+    run = _Run(stage, x.dtype)
     a = list(_Enter.apply(run, x))
-    for i, positions in enumerate(run.layout):
+    for i, positions in enumerate(layout):
         for k in (0, 1):
             mine, other = a[k], a[1 - k]
             a[k] = _Branch.apply(run, i, k, mine, other, *[params[j] for j in positions[k]])
@@ -497,8 +498,8 @@ class _Run:
     a pair of buffers of its own, updated in place: their halves become each block's input in
     turn."""
 
-    def __init__(self, stage: ReversibleStage, dtype, params, layout):
-        self.stage, self.dtype, self.params, self.layout = stage, dtype, params, layout
+    def __init__(self, stage: ReversibleStage, dtype):
+        self.stage, self.dtype = stage, dtype
         self.first = None  # (block, half) of the first branch node in the autograd graph
 
     def forward(self, x):
@@ -533,14 +534,14 @@ class _Run:
                                "before the backward; the stage rebuilds its activations from it.")
         self.stream = list(halves) if halves is not None else _own_halves(hi, self.stage.dim)
 
-    def backprop(self, i: int, k: int, grad_out, trainable) -> tuple:
-        """Block i's branch k (0: F, 1: G) rerun on the stream half it reads, its value taken
-        off the other half (rebuilding that half's input: x2 from G(y1), x1 from F(x2)), and
-        grad_out backpropagated through it: the gradients of its input and of its parameters
-        (None where `trainable` says none is wanted)."""
+    def backprop(self, i: int, k: int, grad_out, params, trainable) -> tuple:
+        """Block i's branch k (0: F, 1: G, its parameters `params`) rerun on the stream half it
+        reads, its value taken off the other half (rebuilding that half's input: x2 from G(y1),
+        x1 from F(x2)), and grad_out backpropagated through it: the gradients of its input and
+        of its parameters (None where `trainable` says none is wanted)."""
         stage, stream, grid = self.stage, self.stream, self.grid
         branch = stage.blocks[i].g if k else stage.blocks[i].f
-        params = [p for p, t in zip(self.branch_params(i, k), trainable) if t]
+        params = [p for p, t in zip(params, trainable) if t]
         rebuild = lambda value, scratch: _accumulate(stream[k], value, grid, k, -1, scratch)
         rng, self.rng[i][k] = self.rng[i][k], None
         tape, self.tapes[i][k] = self.tapes[i][k], None
@@ -551,12 +552,9 @@ class _Run:
             for half, anchor in zip(stream, self.anchors.pop(i)):
                 half.copy_(anchor)
         if (i, k) == self.first:  # the chain's last backward: the stream is the stage input
-            self.stream = self.rng = self.anchors = self.tapes = self.grid = self.params = None
+            self.stream = self.rng = self.anchors = self.tapes = self.grid = None
         d_params = iter(d_params)
         return d_inp, [next(d_params) if t else None for t in trainable]
-
-    def branch_params(self, i: int, k: int) -> list:
-        return [self.params[j] for j in self.layout[i][k]]
 
 
 def _token(like: torch.Tensor) -> torch.Tensor:
@@ -588,7 +586,7 @@ class _Branch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run: _Run, index: int, half: int, mine, other, *params):
-        ctx.run, ctx.at = run, (index, half)
+        ctx.run, ctx.at, ctx.params = run, (index, half), params
         if run.first is None and any(ctx.needs_input_grad):
             run.first = ctx.at
         return _token(mine)
@@ -596,8 +594,8 @@ class _Branch(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        d_other, d_params = ctx.run.backprop(*ctx.at, grad, ctx.needs_input_grad[5:])
-        ctx.run = None
+        d_other, d_params = ctx.run.backprop(*ctx.at, grad, ctx.params, ctx.needs_input_grad[5:])
+        ctx.run = ctx.params = None
         return (None, None, None, grad, d_other, *d_params)
 
 
