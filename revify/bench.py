@@ -235,6 +235,34 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
     return logits.shape[-1]
 
 
+class Autocast(nn.Module):
+    """`model` with its forward under autocast to `dtype` and the backward outside it, as users
+    train; the output in float32 for the loss."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    @property
+    def memory_method(self) -> str:
+        return getattr(self.model, "memory_method", "live tensors")
+
+    @property
+    def graphs(self):
+        return getattr(self.model, "graphs", None)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _compiled(model: nn.Module) -> bool:
+    return isinstance(model.model if isinstance(model, Autocast) else model, Compiled)
+
+
 def _step(model, x, y):
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
@@ -244,7 +272,7 @@ def _compile(models: dict[str, nn.Module], x, y, tick, note) -> dict[str, float]
     """Runs the first step of every Compiled model (compiling it), timed apart; a model that
     fails to compile is dropped from `models` with one line."""
     seconds = {}
-    for name in [n for n, m in models.items() if isinstance(m, Compiled)]:
+    for name in [n for n, m in models.items() if _compiled(m)]:
         tick(f"compiling {name}")
         start = time.perf_counter()
         try:
@@ -258,15 +286,19 @@ def _compile(models: dict[str, nn.Module], x, y, tick, note) -> dict[str, float]
 
 
 def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: int = 3,
-              device: str = "cpu", progress=None, note=_note) -> list[BenchResult]:
+              device: str = "cpu", progress=None, note=_note,
+              autocast: torch.dtype | None = None) -> list[BenchResult]:
     """progress(done, total, what) is called before each measured piece of work; note(text)
-    says why a row was left out (a failed compilation)."""
+    says why a row was left out (a failed compilation); `autocast` runs every forward under
+    autocast to that dtype."""
     torch.manual_seed(0)
     x = torch.randn(batch_size, *input_size, device=device)
     models = {k: m.to(device).train() for k, m in models.items()}
+    if autocast is not None:
+        models = {k: Autocast(m, autocast) for k, m in models.items()}
     y = torch.randint(0, _num_classes(next(iter(models.values())), x), (batch_size,), device=device)
     progress = progress or (lambda done, total, what: None)
-    done, compiling = 0, sum(isinstance(m, Compiled) for m in models.values())
+    done, compiling = 0, sum(_compiled(m) for m in models.values())
 
     def tick(what):
         nonlocal done
@@ -288,7 +320,7 @@ def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: 
         tick(f"warm-up of {name}")
         _step(model, x, y)
         # Compiled code runs kernels of its own, below the dispatcher: not counted.
-        counts[name] = None if isinstance(model, Compiled) else count_step(model, x, y)
+        counts[name] = None if _compiled(model) else count_step(model, x, y)
     for i in range(steps):
         for name, model in models.items():  # interleaved: noise hits all alike
             tick(f"step {i + 1}/{steps} of {name}")

@@ -1,7 +1,16 @@
 """Non-invertible layers (stem, downsampling blocks, head): activation checkpointing.
 
-Plain `torch.utils.checkpoint` re-runs BatchNorm in training mode during the recompute and so
-updates running statistics twice per step; here the recompute runs with statistics frozen.
+torch's non-reentrant checkpoint, for what it keeps of autograd: the unit's backward runs as the
+nodes of its own forward graph, each handing its parameters' gradients to `.grad` (and DDP's
+buckets) as soon as it has computed them. One autograd node for the whole unit, rerunning it and
+backpropagating through the rerun in one `autograd.grad`, would hold every gradient of the unit
+until its end: with `.grad` allocated (gradient accumulation, DDP) a downsampling block's
+gradients in flight at once, more than its activations at small inputs.
+
+What is added: the rerun leaves running statistics as the forward updated them
+(`frozen_buffers`) and takes kept layers' outputs from the forward's tape (revify.keep). The
+rerun's tensors are not checked against the forward's (`determinism_check="none"`): the rerun
+runs the same ops on the same inputs, and the check costs Python calls per saved tensor.
 """
 from __future__ import annotations
 
@@ -37,32 +46,48 @@ class Checkpointed(nn.Module):
     def forward(self, *args):
         if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
             return self.module(*args)
-        # Non-reentrant checkpoint restores the RNG state for the recompute (same dropout masks)
-        # and returns gradients through the autograd engine (DDP hooks fire as usual).
         if torch.compiler.is_compiling():
             # Compiled, the recompute is part of the backward graph, which applies buffer
             # updates once (functionalised): nothing to freeze, and dynamo cannot take our context.
             return checkpoint(self.module, *args, use_reentrant=False)
-        return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts)
+        return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts,
+                          determinism_check="none")
 
     def _contexts(self):
-        tape = Tape(outputs=self.keep)
-        return (_Together(discarding(), recording(tape)),
-                _Together(frozen_buffers(self.module), replaying(tape)))
+        tape = Tape() if self.keep else None
+        return _Forward(tape), _Rerun(self.module, tape)
 
 
-class _Together:
-    """Contexts entered together (a checkpoint enters its recompute context once per rerun)."""
+class _Forward:
+    """The first forward's context: what it saves is dropped (revify.modes.discarding), kept
+    outputs recorded on `tape`."""
 
-    def __init__(self, *contexts):
-        self.contexts = contexts
+    def __init__(self, tape: Tape | None):
+        self.discarding, self.recording = discarding(), recording(tape)
 
     def __enter__(self):
-        for context in self.contexts:
-            context.__enter__()
+        self.discarding.__enter__()
+        self.recording.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for context in reversed(self.contexts):
-            context.__exit__(*exc)
+        self.recording.__exit__(*exc)
+        self.discarding.__exit__(*exc)
+        return False
+
+
+class _Rerun:
+    """The rerun's context: buffers put back after it, kept outputs taken from `tape`."""
+
+    def __init__(self, module: nn.Module, tape: Tape | None):
+        self.frozen, self.replaying = frozen_buffers(module), replaying(tape)
+
+    def __enter__(self):
+        self.frozen.__enter__()
+        self.replaying.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.replaying.__exit__(*exc)
+        self.frozen.__exit__(*exc)
         return False

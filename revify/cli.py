@@ -234,7 +234,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles,
+    from .bench import (AUTOCAST, COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles,
                         format_counts, run_bench, strategies)
     _positive_ints([args.batch_size, args.steps], "--batch-size and --steps")
     if args.device == "cuda":
@@ -249,9 +249,10 @@ def cmd_bench(args) -> int:
     if source.payload is not None:  # the file's own weights for the revified row
         models["revify"] = source.revified()
     print(f"{source.name}: batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}, "
-          f"{args.device}, {args.steps} timed steps per strategy", file=sys.stderr)
+          f"{args.device}{', ' + args.autocast + ' autocast' if args.autocast else ''}, "
+          f"{args.steps} timed steps per strategy", file=sys.stderr)
     results = run_bench(models, args.batch_size, source.input_size, args.steps, args.device,
-                        progress=_progress)
+                        progress=_progress, autocast=AUTOCAST.get(args.autocast))
     print(format_bench(results))
     print("\npeak act: peak of all tensors a training step allocates except parameter gradients "
           "(exact live-storage accounting; not measurable on CUDA, where the allocator's peak "
@@ -389,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--autocast", choices=["bf16", "fp16"],
+                   help="run every forward under autocast to this dtype (mixed precision)")
     p.add_argument("--native", action="store_true",
                    help="also measure reconstruction='native' (stream in the activation dtype)")
     p.add_argument("--compile", action="store_true",

@@ -31,83 +31,58 @@ _local = threading.local()
 
 
 class Tape:
-    """What one forward of a unit keeps for its rerun, per layer in call order: kept layers'
-    outputs (if `outputs`: the schedule lets the unit keep them) and BatchNorms' batch
-    statistics (revify.stats; always, being two values a channel)."""
+    """The kept layers' outputs of one forward of a unit, per layer in call order."""
 
-    def __init__(self, outputs: bool = True):
-        self.outputs = outputs
-        self.values: dict[int, list[tuple[object, list[int]]]] = {}
+    def __init__(self):
+        self.values: dict[int, list[tuple[torch.Tensor, int]]] = {}
 
-    def put(self, layer: nn.Module, value) -> None:
-        """Record a tensor, a tuple of tensors or None (nothing to reuse from this call)."""
-        value = _detached(value)
-        self.values.setdefault(id(layer), []).append((value, [t._version for t in _tensors(value)]))
+    def put(self, layer: nn.Module, value: torch.Tensor) -> None:
+        if value.requires_grad:  # a forward runs without autograd: only when traced for shapes
+            value = value.detach()
+        self.values.setdefault(id(layer), []).append((value, value._version))
 
-    def take(self, layer: nn.Module):
+    def take(self, layer: nn.Module) -> torch.Tensor | None:
         """The layer's next record, or None (none recorded, or changed in place since: the
         rerun then computes it)."""
         queue = self.values.get(id(layer))
         if not queue:
             return None
-        value, versions = queue.pop(0)
-        return value if [t._version for t in _tensors(value)] == versions else None
-
-
-def _tensors(value) -> tuple[torch.Tensor, ...]:
-    return () if value is None else (value,) if isinstance(value, torch.Tensor) else tuple(value)
-
-
-def _detached(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    return None if value is None else tuple(t.detach() for t in value)
+        value, version = queue.pop(0)
+        return value if value._version == version else None
 
 
 class _Using:
-    """Sets the thread's tape while inside; re-enterable (a checkpoint enters its recompute
-    context once per rerun)."""
+    """Sets the thread's tape while inside (None: kept layers just run)."""
 
     def __init__(self, tape: Tape | None, recording: bool):
-        self.tape, self.recording, self.previous = tape, recording, []
+        self.tape, self.recording = tape, recording
 
     def __enter__(self):
-        tape, recording, enclosing = getattr(_local, "state", (None, False, None))
-        self.previous.append((tape, recording, enclosing))
-        # A forward recording inside a unit's forward or rerun (a checkpoint nested in the
-        # unit) may also record on, or take from, the unit's tape.
-        enclosing = (tape, recording) if self.recording and tape is not None else None
-        _local.state = (self.tape, self.recording, enclosing)
+        self.previous = getattr(_local, "state", None)
+        _local.state = (self.tape, self.recording) if self.tape is not None else None
         return self.tape
 
     def __exit__(self, *exc):
-        _local.state = self.previous.pop()
+        _local.state = self.previous
         return False
 
 
 def recording(tape: Tape | None) -> _Using:
-    """Kept layers run inside record their outputs on `tape` (None: they just run)."""
+    """Kept layers run inside record their outputs on `tape`."""
     return _Using(tape, True)
 
 
 def replaying(tape: Tape | None) -> _Using:
-    """Kept layers run inside take their outputs from `tape` (None: they just run)."""
+    """Kept layers run inside take their outputs from `tape`."""
     return _Using(tape, False)
 
 
-def current() -> tuple[Tape | None, bool]:
-    """The thread's tape (None outside a unit's forward or rerun, and while compiling) and
-    whether the unit records on it (its forward) or takes from it (its rerun)."""
+def current() -> tuple[Tape, bool] | None:
+    """The thread's tape and whether the unit records on it (its forward) or takes from it
+    (its rerun); None outside a keeping unit's forward or rerun, and while compiling."""
     if torch.compiler.is_compiling():
-        return None, False
-    tape, recording, _ = getattr(_local, "state", (None, False, None))
-    return tape, recording
-
-
-def enclosing() -> tuple[Tape, bool] | None:
-    """While recording inside an enclosing unit's forward or rerun: that unit's tape and
-    whether it records on it."""
-    return None if torch.compiler.is_compiling() else getattr(_local, "state", (None,) * 3)[2]
+        return None
+    return getattr(_local, "state", None)
 
 
 class _Returning(TorchDispatchMode):
@@ -138,33 +113,28 @@ def kept_cost(layer: nn.Module, out: torch.Tensor) -> tuple[int, int]:
     return out.numel() * out.element_size(), 2 * out.numel() * fan_in(layer)
 
 
-class Wrapper(nn.Module):
-    """A module around `layer` that leaves it registered where it was: parameter names, state
-    dicts and optimizers see the model as before the wrapping."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        object.__setattr__(self, "layer", layer)
-
-    def extra_repr(self) -> str:
-        return repr(self.layer)
-
-
-class Kept(Wrapper):
-    """A layer whose output a recording forward keeps and a replaying rerun reuses.
+class Kept(nn.Module):
+    """A layer whose output a recording forward keeps and a replaying rerun reuses. The layer
+    stays registered where it was (parameter names, state dicts and optimizers see the model
+    as before the wrapping).
 
     `layer_name` (the layer's name in the source model; a reversible block's two branches each
     have a copy) is how the plan and the schedule name it; `active` says whether the schedule
     lets it keep (it may choose some of a unit's kept layers and not others)."""
 
     def __init__(self, layer: nn.Module, layer_name: str = ""):
-        super().__init__(layer)
+        super().__init__()
+        object.__setattr__(self, "layer", layer)
         self.layer_name, self.active = layer_name, True
 
+    def extra_repr(self) -> str:
+        return repr(self.layer)
+
     def forward(self, x):
-        tape, recording = current()
-        if tape is None or not tape.outputs or not self.active:
+        state = current()
+        if state is None or not self.active:
             return self.layer(x)
+        tape, recording = state
         if recording:
             out = self.layer(x)
             tape.put(self, out)
@@ -174,4 +144,3 @@ class Kept(Wrapper):
             return self.layer(x)
         with _Returning(value):
             return self.layer(x)
-

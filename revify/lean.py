@@ -18,8 +18,7 @@ value:
   stage, which stores nothing of its input) keeps a one-byte mask for its backward instead.
 
 The plan also names the unit's dearest layers, whose outputs the forward may keep for the rerun
-(revify.keep): the opposite trade, taken where revify.schedule finds the memory for it; and its
-BatchNorms, whose rerun reuses the forward's batch statistics (revify.stats).
+(revify.keep): the opposite trade, taken where revify.schedule finds the memory for it.
 """
 from __future__ import annotations
 
@@ -34,8 +33,6 @@ from torch import fx, nn
 from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept, fan_in
 from .modes import discarding_enabled
 from .ops import is_activation, is_add
-from .pool import POOLS, FastMaxPool
-from .stats import NORMS as BATCH_NORMS, KeptStats
 
 FLOPS_PER_BYTE = 96
 HOT_FRACTION = 0.5     # a unit is hot if its largest tensor is over half the step's largest
@@ -56,14 +53,9 @@ class LeanPlan:
     early: list[str] = field(default_factory=list)         # nodes run first (a short shortcut)
     kept: list[str] = field(default_factory=list)          # layers whose outputs the forward
     kept_layers: list[str] = field(default_factory=list)   # may keep (revify.keep); their modules
-    norms: list[str] = field(default_factory=list)         # BatchNorms rerun from the forward's
-    # batch statistics (revify.stats)
-    pools: list[str] = field(default_factory=list)         # max pools on CPU's faster kernel
-    # (revify.pool)
 
     def __bool__(self) -> bool:
-        return bool(self.nested or self.in_place or self.masked or self.early or self.kept
-                    or self.norms or self.pools)
+        return bool(self.nested or self.in_place or self.masked or self.early or self.kept)
 
     def describe(self) -> str:
         parts = [f"recomputes {', '.join(self.layers)} once more in its backward"] \
@@ -75,12 +67,6 @@ class LeanPlan:
         if self.masked:
             parts.append(f"{len(self.masked)} ReLU{'s' if len(self.masked) > 1 else ''} keep"
                          f"{'s' if len(self.masked) == 1 else ''} a mask")
-        if self.norms:
-            parts.append(f"{len(self.norms)} BatchNorm{'s' if len(self.norms) > 1 else ''} "
-                         f"rerun from kept statistics")
-        if self.pools:
-            parts.append(f"{len(self.pools)} max pool{'s' if len(self.pools) > 1 else ''} on "
-                         f"CPU's channels-last kernel")
         return "; ".join(parts)
 
 
@@ -248,12 +234,8 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
     layers = [by_name[r[-2]].target for r in nested]  # the conv or linear of each
     kept = _kept_layers(gm, members, sizes, {n for r in nested for n in r},
                         set(in_place.values())) if keep else []
-    norms, pools = ([n.name for n in gm.graph.nodes
-                     if n.name in members and isinstance(_module(gm, n), kinds)]
-                    for kinds in (BATCH_NORMS, POOLS))
     return LeanPlan(nested, layers, in_place, _masked_relus(gm, members, unkept),
-                    _short_paths_first(gm, members), kept, [by_name[n].target for n in kept], norms,
-                    pools)
+                    _short_paths_first(gm, members), kept, [by_name[n].target for n in kept])
 
 
 def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: set[str],
@@ -297,7 +279,7 @@ class _MaskedReLU(torch.autograd.Function):
             out = torch.relu(x)
         ctx.grad_in_place = grad_in_place
         # In a checkpoint's first forward the mask is dropped as soon as it is saved: an empty
-        # stand-in of its shape and dtype (what the checkpoint checks against the recompute's).
+        # stand-in (a checkpoint without determinism checks takes any tensor there).
         mask = torch.empty_like(out, dtype=torch.uint8) if discarding_enabled() else \
             (out > 0).view(torch.uint8)
         ctx.save_for_backward(mask)
@@ -330,8 +312,7 @@ def _inplace(gm, node: fx.Node) -> bool:
 def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, wrap) -> None:
     """Execute `lean` on a checkpointed unit's own graph; `outline(gm, names, label, lean)`
     moves a nested layer into a checkpointed submodule (whose rerun does what `lean` says),
-    `wrap(gm, node, wrapper)` calls a layer through a wrapper (Kept for a kept layer, KeptStats
-    for a BatchNorm)."""
+    `wrap(gm, node, wrapper)` calls a layer through a wrapper (Kept for a kept layer)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     _run_first(gm, [nodes[n] for n in lean.early])
     for name in lean.masked:
@@ -342,17 +323,10 @@ def apply_lean(gm: fx.GraphModule, lean: LeanPlan, outline, wrap) -> None:
         node.op, node.target, node.args, node.kwargs = "call_function", _add_into, \
             (nodes[operand], other), {}
     for region, layer in zip(lean.nested, lean.layers):  # a nested layer's norm goes with it
-        outline(gm, _own_pre_activation(gm, region), layer,
-                LeanPlan(norms=[n for n in region if n in lean.norms]))
+        outline(gm, _own_pre_activation(gm, region), layer, None)
     nodes = {n.name: n for n in gm.graph.nodes}  # less the nested layers' nodes
     for name, layer_name in zip(lean.kept, lean.kept_layers):
         wrap(gm, nodes[name], functools.partial(Kept, layer_name=layer_name))
-    for name in lean.norms:
-        if name in nodes and isinstance(_module(gm, nodes[name]), BATCH_NORMS):
-            wrap(gm, nodes[name], KeptStats)
-    for name in lean.pools:
-        if name in nodes:
-            wrap(gm, nodes[name], FastMaxPool)
     gm.graph.lint()
     gm.recompile()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -47,32 +48,73 @@ def discarding_enabled() -> bool:
     return getattr(_local, "discarding", False)
 
 
+class Slots:
+    """Where a module's parameters and buffers live (the owning module's dict and the name),
+    found by one walk of the module: reading them through their slots each step sees a
+    replaced tensor (a module moved to another device, a state dict loaded with assign=True,
+    sharding) and walks nothing. Submodules added after the first use are not seen: the
+    rewritten units are not edited after the rewrite."""
+
+    def __init__(self, module: nn.Module):
+        self.params, self.buffers, seen = [], [], set()
+        for m in module.modules():
+            for slots, store in ((self.params, m._parameters), (self.buffers, m._buffers)):
+                for name, t in store.items():
+                    if t is None or id(t) not in seen:  # a shared tensor once; None slots kept
+                        seen.add(id(t))                 # (a bias may be given later)
+                        slots.append((store, name))
+        self._aliases, self._pointers = None, None
+
+    def parameters(self) -> list[torch.Tensor]:
+        found = [store[name] for store, name in self.params]
+        return [p for p in found if p is not None]
+
+    def buffer_aliases(self) -> list[list[torch.Tensor]]:
+        """`.data` aliases of the buffers (writing through them leaves version counters
+        alone), grouped by dtype (one foreach op each); made again when a buffer was replaced."""
+        found = [store[name] for store, name in self.buffers]
+        buffers = [b for b in found if b is not None]
+        pointers = [b.untyped_storage()._cdata for b in buffers]
+        if pointers != self._pointers:
+            groups: dict[torch.dtype, list[torch.Tensor]] = {}
+            for b in buffers:
+                groups.setdefault(b.dtype, []).append(b.data)
+            self._aliases, self._pointers = list(groups.values()), pointers
+        return self._aliases
+
+
+_slots: "weakref.WeakKeyDictionary[nn.Module, Slots]" = weakref.WeakKeyDictionary()
+
+
+def slots(module: nn.Module) -> Slots:
+    """The module's Slots, found on first use."""
+    found = _slots.get(module)
+    if found is None:
+        found = _slots[module] = Slots(module)
+    return found
+
+
 class frozen_buffers:
     """Recompute without net effect on buffers: running statistics were updated in the forward.
 
-    The recompute runs the very same ops as the forward (a checkpoint matches saved tensors by
-    position, so BatchNorm must not switch to a different kernel), then the buffers of training
-    modules are put back. Writing through `.data` leaves version counters alone, so tensors the
-    recompute saved for the backward stay valid. Re-enterable: a checkpoint enters the same
-    object once per recompute.
+    The recompute runs the very same ops as the forward (so BatchNorm takes the same kernel and
+    rounds alike), then the module's buffers are put back as they were on entering: one foreach
+    copy per dtype, through `.data` aliases (version counters stay, so tensors saved for a
+    backward stay valid). A whole reversible stage's backward is one such block.
     """
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.buffers, self.saved = [], []
 
     def __enter__(self):
-        # The module dicts read directly and the buffers put back by one foreach op: a
-        # reversible stage's backward enters this once a step over hundreds of buffers.
-        self.buffers = [b for m in self.module.modules() if m.training
-                        for b in m._buffers.values() if b is not None]
-        self.saved = [b.detach().clone() for b in self.buffers]
+        self.aliases = slots(self.module).buffer_aliases()
+        self.saved = [torch._foreach_mul(group, 1) for group in self.aliases]  # exact copies
         return self
 
     def __exit__(self, *exc):
-        if self.buffers:  # through .data: version counters stay
-            torch._foreach_copy_([b.data for b in self.buffers], self.saved)
-        self.buffers, self.saved = [], []
+        for group, saved in zip(self.aliases, self.saved):
+            torch._foreach_copy_(group, saved)
+        self.aliases = self.saved = None
         return False
 
 
@@ -120,3 +162,18 @@ def replay_autocast(state):
     kind, enabled, dtype = state
     with torch.autocast(kind, dtype=dtype, enabled=enabled):
         yield
+
+
+class Seed(torch.autograd.Function):
+    """A scalar standing for `out` as the root of a backward, which hands `out` the gradient
+    `grad`: the backward can start after `out` itself has been released."""
+
+    @staticmethod
+    def forward(ctx, out, grad):
+        ctx.grad = grad
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        grad, ctx.grad = ctx.grad, None
+        return grad, None

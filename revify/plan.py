@@ -455,9 +455,8 @@ def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str
     """What each unit's recompute drops (revify.lean): layers are nested in the units whose
     tensors are the largest of the step, where its peak is reached, and nowhere else, since
     each costs its FLOPs once more (the stem neither: it runs its backward last, with little
-    else alive). Every unit names its BatchNorms, whose rerun reuses the forward's statistics
-    (revify.stats); with `keep` (revify.schedule will choose) its dearest layers too, whose
-    outputs its forward may keep (revify.keep)."""
+    else alive). With `keep` (revify.schedule will choose) every unit names its dearest layers,
+    whose outputs its forward may keep (revify.keep)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     largest = {seg.name: largest_tensor([nodes[n] for n in seg.nodes]) for seg in segments}
     hottest = max(largest.values(), default=0)

@@ -38,6 +38,7 @@ then never spans more than k blocks, for one stored activation per anchor.
 """
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
 from contextlib import nullcontext
@@ -49,7 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from .keep import Tape, recording, replaying
 from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
-                    replay_autocast, replay_rng, restore_rng)
+                    replay_autocast, replay_rng, restore_rng, slots, Seed)
 
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
@@ -83,6 +84,7 @@ class Grid:
     steps: tuple[torch.Tensor, torch.Tensor]    # spacing, shaped to broadcast against a half
     limits: tuple[torch.Tensor, torch.Tensor]   # 2^P * step: every value stays below it
     dims: list[int]                              # the dims a per-channel reduction runs over
+    empty: bool = False                          # made for an empty batch: it proves nothing
     # 1 / step: powers of two, so t * (1 / step) is t / step to the bit, and cheaper on CPU
     inverses: tuple[torch.Tensor, torch.Tensor] = ()
 
@@ -104,7 +106,7 @@ class Grid:
         shape = [1] * x.ndim
         shape[dim] = -1
         steps = step.view(shape).chunk(2, dim)
-        return cls(steps, tuple(s * 2.0 ** bits for s in steps), dims)
+        return cls(steps, tuple(s * 2.0 ** bits for s in steps), dims, x.numel() == 0)
 
     def snap(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """`t` rounded onto half `half`'s grid, in the stream dtype (a new tensor)."""
@@ -127,6 +129,27 @@ class Grid:
         limit = self.limits[half].flatten()
         return (_per_channel(t, self.dims, torch.amax) >= limit) | \
             (_per_channel(t, self.dims, torch.amin) <= -limit)
+
+
+class _read_later:
+    """A one-value device tensor read on the host once it is ready, without waiting: on CUDA
+    copied into pinned memory behind an event, on CPU read as it is (numpy, no aten op)."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.event = None
+        if flag.device.type == "cuda":
+            self.flag = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self.flag.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag = flag
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def value(self) -> bool:
+        return bool(self.flag.numpy().any())
 
 
 def _per_channel(t: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:
@@ -205,6 +228,10 @@ class ReversibleStage(nn.Module):
         headroom = torch.full((channels,), HEADROOM_BITS, dtype=torch.int32) \
             if channels and exact else None
         self.register_buffer("headroom", headroom)
+        # The headroom (tensor, version) a forward last found to hold (see `widen`: any other
+        # change, a widening, a loaded or restored state, is checked on the host again), and
+        # the check of the last steady-state forward, read later. Runtime state, not saved.
+        self._held, self._outgrown = None, None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -212,6 +239,10 @@ class ReversibleStage(nn.Module):
                                       unexpected_keys, error_msgs)
         if prefix + "headroom" in missing_keys:  # weights saved before the grid: the first guess
             missing_keys.remove(prefix + "headroom")
+
+    def __getstate__(self):
+        # a pending read may hold a CUDA event, which neither copies nor pickles
+        return {**super().__getstate__(), "_outgrown": None}
 
     def anchored(self, index: int) -> bool:
         """Whether the forward keeps the stream at the input of block `index`."""
@@ -230,11 +261,12 @@ class ReversibleStage(nn.Module):
             self.headroom = headroom
 
     def _forward(self, x):
-        params = list(self.parameters())
-        needs_grad = x.requires_grad or any(p.requires_grad for p in params)
-        if self.stored or exact_backward_enabled() or not torch.is_grad_enabled() or not needs_grad:
+        if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
             return self.couple(x).output
-        return _run_reversible(self, x, *params)
+        branches = branch_params(self)
+        if not x.requires_grad and not any(p.requires_grad for f, g in branches for p in f + g):
+            return self.couple(x).output
+        return _run_reversible(self, x, branches)
 
     # ------------------------------------------------------------------ the grid
     def grid_for(self, x: torch.Tensor) -> Grid | None:
@@ -243,12 +275,21 @@ class ReversibleStage(nn.Module):
         if self.headroom is None or self.headroom.numel() != x.shape[self.dim]:
             self.headroom = torch.full((x.shape[self.dim],), HEADROOM_BITS, dtype=torch.int32,
                                        device=x.device)
+            self._held = None
         return Grid.for_input(x, self.dim, self.headroom.to(x.device),
                               stream_dtype(x.dtype, True))
 
     def widen(self, grid: Grid | None, outgrown: list[torch.Tensor | None]) -> bool:
         """Give the channels that outgrew the grid more headroom; whether the forward must run
-        again (one sync).
+        again.
+
+        Until the grid has held for one forward (after it was made or widened) this reads the
+        check on the host (a sync) and runs the forward again on overflow, so the step is
+        exact. After that, in steady state, it reads nothing back: the widening is applied on
+        the device for the next step, and whether anything outgrew the grid is read a step
+        later without waiting (`_settle`): such a step's reconstruction rounded as floating
+        point would (as with `native`), which is said once, and the next forward checks on the
+        host again.
 
         A channel already at the most headroom that still leaves 2^MIN_BITS of precision stays
         there: its stream grew over 2^(P - MIN_BITS - HEADROOM_BITS) times its input within the
@@ -258,9 +299,17 @@ class ReversibleStage(nn.Module):
         if grid is None or outgrown[0] is None or not _data_dependent_ok(outgrown[0]):
             return False
         over = torch.cat(outgrown).to(self.headroom.device)
-        if not bool(over.any()):
-            return False
         most = SIGNIFICAND_BITS[grid.steps[0].dtype] - MIN_BITS
+        if self._holds():
+            self._outgrown = _read_later(over.any())
+            self.headroom.add_(over.logical_and_(self.headroom < most), alpha=WIDEN_BITS)
+            self.headroom.clamp_max_(most)
+            self._mark_held()  # what it widened is checked when the read comes back
+            return False
+        if not bool(over.any()):
+            if not grid.empty:
+                self._mark_held()
+            return False
         room = over & (self.headroom < most)
         if not bool(room.any()):
             if not getattr(self, "_warned", False):
@@ -277,12 +326,35 @@ class ReversibleStage(nn.Module):
         self.headroom.copy_(torch.where(room, widened, self.headroom))
         return True
 
+    def _holds(self) -> bool:
+        held = self._held
+        return held is not None and held[0] is self.headroom and \
+            held[1] == self.headroom._version
+
+    def _mark_held(self) -> None:
+        self._held = (self.headroom, self.headroom._version)
+
+    def _settle(self) -> None:
+        """Read the last steady-state check if it is ready (never waiting for it)."""
+        pending = self._outgrown
+        if pending is None or not pending.ready():
+            return
+        self._outgrown = None
+        if pending.value():
+            self._held = None
+            warnings.warn("revify: the coupled stream of a reversible stage outgrew its "
+                          "fixed-point grid in a training step, so that step's reconstruction "
+                          "rounded as floating point would (as with reconstruction='native'); "
+                          "the grid is widened and checked again from this step on.",
+                          RuntimeWarning, stacklevel=5)
+
     def _attempts(self, x):
         """Run the forward until the grid holds: yields (grid, context for the attempt).
 
         A repeated attempt draws the random masks of the first and leaves the BatchNorm
         statistics as the first one updated them.
         """
+        self._settle()
         rng = capture_rng(x.device) if self.training else None
         first = True
         while True:
@@ -367,7 +439,7 @@ def _plain_add(h, v, f, grid, half):
 # rebuilds activations from a stage output the compiled graph must not plan around, and dynamo
 # cannot trace the RNG capture. One graph break per stage, on purpose.
 @torch.compiler.disable
-def _run_reversible(stage, x, *params):
+def _run_reversible(stage, x, branches: list[tuple[list, list]]):
     """The stage as a chain of autograd nodes: `_Enter` runs every block (no autograd) and
     `_Exit` returns the output; between them one `_Branch` node per F and per G stands for that
     branch in the graph, holding its parameters. The engine runs their backwards in reverse,
@@ -375,36 +447,32 @@ def _run_reversible(stage, x, *params):
     returns them: the backward holds one branch's gradients at a time, not the stage's (with
     `.grad` already allocated, as under gradient accumulation or DDP's buckets, a single stage
     node would hold every gradient of the stage twice at its end)."""
-    layout = branch_params(stage, params)  # first: it refuses a stage sharded inside
     run = _Run(stage, x.dtype)
     a = list(_Enter.apply(run, x))
-    for i, positions in enumerate(layout):
+    for i, params in enumerate(branches):
         for k in (0, 1):
-            mine, other = a[k], a[1 - k]
-            a[k] = _Branch.apply(run, i, k, mine, other, *[params[j] for j in positions[k]])
+            a[k] = _Branch.apply(run, i, k, a[k], a[1 - k], *params[k])
     return _Exit.apply(run, *a)
 
 
-_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_branch_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def branch_params(stage: ReversibleStage, params: list) -> list[tuple[list[int], list[int]]]:
-    """Per block, the positions in `params` (the stage's parameters, in order) of F's and of
-    G's. Worked out again only when the parameters are other objects than last time (moved with
-    overwrite, loaded with assign=True, sharded; a module sharded inside the stage is refused
-    then): walking every branch's parameters every step was most of the Python calls a step
-    this cache removed. It holds weak references (replaced parameters are freed as before),
-    compared by identity (a recycled id cannot match)."""
-    cached = _layouts.get(stage)
-    if cached is not None and len(cached[0]) == len(params) and \
-            all(ref() is p for ref, p in zip(cached[0], params)):
-        return cached[1]
-    _refuse_fsdp_inside(stage)
-    position = {id(p): i for i, p in enumerate(params)}
-    layout = [tuple([position[id(p)] for p in branch.parameters()] for branch in (b.f, b.g))
-              for b in stage.blocks]
-    _layouts[stage] = ([weakref.ref(p) for p in params], layout)
-    return layout
+def branch_params(stage: ReversibleStage) -> list[tuple[list, list]]:
+    """Per block, the parameters of F and of G, read through their slots (revify.modes.Slots:
+    no module walk each step). When they are other objects than last time (moved with
+    overwrite, loaded with assign=True, sharded) a module sharded inside the stage is refused."""
+    cached = _branch_slots.get(stage)
+    if cached is None:
+        cached = _branch_slots[stage] = [[slots(b.f), slots(b.g)] for b in stage.blocks], [None]
+    branch_slots, last = cached
+    params = [(f.parameters(), g.parameters()) for f, g in branch_slots]
+    flat = [p for f, g in params for p in f + g]
+    if last[0] is None or len(flat) != len(last[0]) or \
+            not all(map(operator.is_, flat, [ref() for ref in last[0]])):
+        _refuse_fsdp_inside(stage)
+        last[0] = [weakref.ref(p) for p in flat]  # weak: replaced parameters are freed
+    return params
 
 
 def _refuse_fsdp_inside(stage: ReversibleStage) -> None:
@@ -440,33 +508,18 @@ def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebui
     re-enters the forward's autocast state; the backward through it runs outside autocast, as
     `loss.backward()` does. When fn's last op does not read its own output in the backward (a
     norm, a conv, an add), `rebuild` may use the value as scratch. Either way the backward
-    starts from a stand-in (`_Seed`), so nothing but fn's own backward keeps the value alive.
+    starts from a stand-in (`Seed`), so nothing but fn's own backward keeps the value alive.
     """
     with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast), replaying(tape):
         inp = _branch_input(stream, dtype).detach().requires_grad_(True)
         out = fn(inp)
-        seed = _Seed.apply(out, grad_out.to(out.dtype))
+        seed = Seed.apply(out, grad_out.to(out.dtype))
     scratch = _output_unread(out, stream)
     rebuild(out.detach() if scratch else _scratch(out.detach(), stream), scratch)
     del out
     grads = torch.autograd.grad(seed, [inp, *params], allow_unused=True)
     d_inp = grads[0] if grads[0] is not None else torch.zeros_like(inp)
     return d_inp, grads[1:]
-
-
-class _Seed(torch.autograd.Function):
-    """A scalar standing for `out` as the root of a backward, which hands `out` the gradient
-    `grad`: the backward can start after `out` itself has been released."""
-
-    @staticmethod
-    def forward(ctx, out, grad):
-        ctx.grad = grad
-        return out.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _):
-        grad, ctx.grad = ctx.grad, None
-        return grad, None
 
 
 def _output_unread(out: torch.Tensor, branch_input: torch.Tensor) -> bool:
@@ -533,6 +586,9 @@ class _Run:
             raise RuntimeError("revify: the output of a reversible stage was modified in place "
                                "before the backward; the stage rebuilds its activations from it.")
         self.stream = list(halves) if halves is not None else _own_halves(hi, self.stage.dim)
+        # The reruns update running statistics once more: the stage's buffers are put back
+        # after the chain's last branch (one snapshot a stage, not one a branch).
+        self.frozen = frozen_buffers(self.stage).__enter__()
 
     def backprop(self, i: int, k: int, grad_out, params, trainable) -> tuple:
         """Block i's branch k (0: F, 1: G, its parameters `params`) rerun on the stream half it
@@ -545,14 +601,14 @@ class _Run:
         rebuild = lambda value, scratch: _accumulate(stream[k], value, grid, k, -1, scratch)
         rng, self.rng[i][k] = self.rng[i][k], None
         tape, self.tapes[i][k] = self.tapes[i][k], None
-        with frozen_buffers(branch):
-            d_inp, d_params = _recompute(branch, stream[1 - k], self.dtype, grad_out, params,
-                                         rng, self.autocast, stream[0].device, rebuild, tape)
+        d_inp, d_params = _recompute(branch, stream[1 - k], self.dtype, grad_out, params,
+                                     rng, self.autocast, stream[0].device, rebuild, tape)
         if k == 0 and i in self.anchors:  # drop the drift: restart from the anchor
             for half, anchor in zip(stream, self.anchors.pop(i)):
                 half.copy_(anchor)
         if (i, k) == self.first:  # the chain's last backward: the stream is the stage input
-            self.stream = self.rng = self.anchors = self.tapes = self.grid = None
+            self.frozen.__exit__(None, None, None)
+            self.stream = self.rng = self.anchors = self.tapes = self.grid = self.frozen = None
         d_params = iter(d_params)
         return d_inp, [next(d_params) if t else None for t in trainable]
 
@@ -644,7 +700,7 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
         rngs, tapes = [], []
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training else None)
-            tapes.append(Tape(outputs=stage.keep))
+            tapes.append(Tape() if stage.keep else None)
             with recording(tapes[-1]):
                 f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)

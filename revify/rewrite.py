@@ -245,8 +245,8 @@ def _nest(gm: fx.GraphModule, names: list[str], label: str, lean: LeanPlan | Non
 
 
 def _wrap(gm: fx.GraphModule, node: fx.Node, wrapper) -> None:
-    """A layer of a unit called through a wrapper (revify.keep's Kept, revify.stats'
-    KeptStats); the layer stays registered in the unit, under the name it had."""
+    """A layer of a unit called through a wrapper (revify.keep's Kept); the layer stays
+    registered in the unit, under the name it had."""
     taken = {name for name, _ in gm.named_children()}
     module = wrapper(gm.get_submodule(node.target))
     node.target = _readable(f"{node.target}_{type(module).__name__.lower()}", taken)

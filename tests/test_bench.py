@@ -196,11 +196,11 @@ def test_step_counts_are_exact():
     assert plain.syncs == 0 and plain.ops < counts.ops
 
 
-def test_bench_rows_report_the_counts_and_revify_s_syncs_are_its_stages_overflow_checks():
+def test_bench_rows_report_the_counts_and_a_steady_revify_step_reads_nothing_back():
     model, x, y = _resnet18(size=32)
     models = strategies(model, (3, 32, 32), ("original", "revify"), batch_size=2)
     stages = sum(isinstance(m, revify.ReversibleStage) for m in models["revify"].modules())
     original, rev = (row.counts for row in run_bench(models, 2, (3, 32, 32), steps=1))
     assert original.syncs == 0 and original.ops > 0 and original.python_calls > 0
-    assert rev.syncs == stages > 0  # one grid check per stage forward
+    assert stages > 0 and rev.syncs == 0  # the grids' checks are read a step later
     assert rev.ops > original.ops

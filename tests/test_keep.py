@@ -125,8 +125,12 @@ def test_keeping_changes_no_gradient_and_leaves_nothing_behind(resnet50):
     with LiveTensorTracker() as tracker:
         F.cross_entropy(rev(x), y).backward()
     grads = [p.grad.clone() for p in rev.parameters()]
-    # every tape was emptied or released with the graph: only the gradients are left
-    assert tracker.current == sum(p.grad.untyped_storage().nbytes() for p in rev.parameters())
+    # every tape was emptied or released with the graph: only the gradients are left, and
+    # each stage's one-value overflow flag, read at its next forward (revify.reversible)
+    flags = [m._outgrown.flag for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    assert len(flags) == len(rev.revify_plan.stages) and all(f.numel() == 1 for f in flags)
+    assert tracker.current == sum(t.untyped_storage().nbytes()
+                                  for t in [p.grad for p in rev.parameters()] + flags)
     assert tracker.peak_without([p.grad for p in rev.parameters()]) <= rev.revify_plan.schedule.budget
     rev.load_state_dict(state)
     with revify.exact_backward():

@@ -324,6 +324,29 @@ def test_a_stream_that_outgrows_its_grid_widens_it_and_stays_exact(data):
     assert all(int(dict(rev.named_buffers())[n] - before[n]) == 1 for n in counts)
 
 
+def test_a_grid_outgrown_in_steady_state_costs_no_sync_is_said_and_widened(data):
+    """Once a stage's grid has held, a training step reads nothing back to the host: a stream
+    that outgrows the grid then is widened on the device for the next step, the next forward
+    says that step was not exact and checks on the host again, and from there it is exact."""
+    from revify.counting import _OpCounter
+    torch.manual_seed(0)
+    rev = revify.transform(TinyResNet(depth=4), input_size=(3, 16, 16)).train()
+    stages = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    x, y = data
+    F.cross_entropy(rev(x), y).backward()  # the first grid holds: steady state from here on
+    assert all(int(s.headroom.max()) == revify.reversible.HEADROOM_BITS for s in stages)
+    with torch.no_grad():  # branch outputs 100 times larger: beyond the grid's 16x
+        for norm in (m for s in stages for m in s.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.weight.mul_(100.0)
+    with _OpCounter() as ops:
+        F.cross_entropy(rev(x), y).backward()
+    assert ops.syncs == 0
+    assert all(int(s.headroom.max()) > revify.reversible.HEADROOM_BITS for s in stages)
+    with pytest.warns(RuntimeWarning, match="outgrew its fixed-point grid"):
+        got = step_grads(rev, x, y)
+    assert worst_rel_err(got, step_grads(rev, x, y, exact=True))[0] == 0.0
+
+
 @pytest.mark.parametrize("shape, dim", [((3, 5, 4, 6), 1), ((3, 5, 4, 6), 3), ((4, 7, 5), 2),
                                         ((2, 3, 7, 4), 0), ((6, 9), 1)])
 def test_per_channel_reductions_in_two_steps_equal_one(shape, dim):
