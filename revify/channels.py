@@ -12,14 +12,19 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_reduction, is_reshape,
-                  op_name, permute_dims, spatial_dims)
+from .ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_getitem, is_reduction,
+                  is_reshape, is_shape_read, op_name, permute_dims, shape_read_dims, spatial_dims)
 from .resize import holds_state, resizer_for
 
 
 def inner_key(node: str) -> str:
     """Where a layer's own width (see `Resizer.inner`) is kept among the node widths."""
     return f"{node}:inner"
+
+
+def groups_key(node: str) -> str:
+    """Where a grouped layer's new group count is kept among the node widths."""
+    return f"{node}:groups"
 
 
 def _alignment(width: float) -> int:
@@ -40,6 +45,8 @@ class BranchChannels:
     sizes: dict[int, int]                      # class -> original channel count
     divisors: dict[int, int] = field(default_factory=dict)  # class -> channels must divide by
     stream: int = 0                            # class of the branch input and output
+    # grouped layer node -> (class, group width): its groups follow the width (RegNet's convs)
+    group_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def widths(self, stream_channels: int, scale: float) -> dict[str, int]:
         """New channel count of every branch node: the stream at `stream_channels`, the rest scaled."""
@@ -51,9 +58,21 @@ class BranchChannels:
                     raise Unresizable(f"half the channels ({stream_channels}) is not a multiple of {div}")
                 new[cls] = stream_channels
             else:
-                align = math.lcm(div, _alignment(size * scale)) if size * scale >= 32 else div
-                new[cls] = max(align, round(size * scale / align) * align)
-        return {name: new[cls] for name, cls in self.node_class.items()}
+                new[cls] = _rounded(size * scale, div)
+        widths = {name: new[cls] for name, cls in self.node_class.items()}
+        widths.update({groups_key(name): new[cls] // width
+                       for name, (cls, width) in self.group_widths.items()})
+        return widths
+
+
+def _rounded(width: float, divisor: int) -> int:
+    """`width` rounded to a multiple of `divisor`, and of the alignment where their common
+    multiple is at most a quarter of the width: 19 groups (RegNet's 152 channels at a group
+    width of 8) and an alignment of 16 would make it 304 channels, too coarse a step to keep a
+    stage's parameter count."""
+    aligned = math.lcm(divisor, _alignment(width)) if width >= 32 else divisor
+    align = aligned if aligned <= max(divisor, width / 4) else divisor
+    return max(align, round(width / align) * align)
 
 
 class _UnionFind:
@@ -104,23 +123,97 @@ def _module_axis(rule, module, dim: int) -> int | None:
     return None if isinstance(module, POSITION_FREE_MODULES) else dim
 
 
-def _moved_position(node: fx.Node, modules, pos: int, source: fx.Node) -> int | None:
-    """Where a layout op puts the channel axis (at `pos` in `source`); None: not a layout op."""
+def _moved_position(node: fx.Node, modules, pos: int, source: fx.Node,
+                    reads: dict) -> tuple[int, list[int]] | None:
+    """Where a layout op puts the channel axis (at `pos` in `source`), and the classes of the
+    channel counts it is given; None: not a layout op."""
     dims = permute_dims(node, modules)
     if dims is not None:
-        return [d % len(dims) for d in dims].index(pos)
-    if not is_reshape(node):
-        return None
-    # Only a per-channel vector may be re-shaped (gamma.reshape(1, -1, 1, 1)): any other
-    # reshape mixes the channels with other dims. A literal channel count would not follow.
-    new = _vector_axis(node.meta.get("shape"))
-    spec = node.args[1:] if node.op == "call_method" else node.args[1:2]
-    if len(spec) == 1 and isinstance(spec[0], (list, tuple)):
-        spec = spec[0]
-    if _vector_axis(source.meta.get("shape")) != pos or new is None or \
-            (new < len(spec) and isinstance(spec[new], int) and spec[new] != -1):
+        return [d % len(dims) for d in dims].index(pos), []
+    return _reshaped_position(node, pos, source, reads) if is_reshape(node) else None
+
+
+def _reshaped_position(node: fx.Node, pos: int, source: fx.Node,
+                       reads: dict) -> tuple[int, list[int]]:
+    """A reshape may merge or split the other dims (`x.view(b, c, -1)`, `gamma.view(1, -1, 1, 1)`)
+    but must keep the channel axis whole: as many elements before it as before. Its channel entry
+    must follow the branch's new width: -1, or a read of that channel count (`x.size(1)`); a
+    literal count would not."""
+    old, new = source.meta.get("shape"), node.meta.get("shape")
+    if old is None or new is None:
+        raise Unresizable(f"'{node.name}' ({op_name(node)}) re-shapes to an unknown shape")
+    before = math.prod(old[:pos])
+    moved = next((k for k in range(len(new))
+                  if math.prod(new[:k]) == before and new[k] == old[pos]), None)
+    spec = _reshape_spec(node, reads)
+    if moved is None or spec is None or len(spec) != len(new):
         raise Unresizable(f"'{node.name}' ({op_name(node)}) re-shapes the channels")
-    return new
+    counts = []
+    for k, (value, count_class) in enumerate(spec):
+        if k == moved and value != -1 and count_class is None:
+            raise Unresizable(f"'{node.name}' ({op_name(node)}) gives the channel count as a fixed "
+                              f"number ({new[k]}), which would not follow a new width")
+        if k != moved and count_class is not None:
+            raise Unresizable(f"'{node.name}' ({op_name(node)}) puts a channel count on dim {k}")
+        if count_class is not None:
+            counts.append(count_class)
+    return moved, counts
+
+
+def _reshape_spec(node: fx.Node, reads: dict) -> list[tuple] | None:
+    """A reshape's target shape as (literal or None, class of the channel count it reads or None)
+    per dim; None if some entry is neither a number nor a shape read."""
+    spec = list(node.args[1:] if node.op == "call_method" else node.args[1:2])
+    spec = spec or [node.kwargs.get("shape")]
+    if len(spec) == 1 and isinstance(spec[0], (list, tuple)):
+        spec = list(spec[0])
+    read = [reads.get(v.name) if isinstance(v, fx.Node) else None for v in spec]
+    if len(spec) == 1 and read[0] is not None and isinstance(read[0][0], tuple):
+        holds, c = read[0]  # y.view(x.shape): every dim read from x
+        return [(None, c if channel else None) for channel in holds]
+    entries = []
+    for value, size in zip(spec, read):
+        if isinstance(value, int):
+            entries.append((value, None))
+        elif size is not None and isinstance(size[0], bool):
+            entries.append((None, size[1] if size[0] else None))
+        else:
+            return None
+    return entries
+
+
+def _holds_channels(holds) -> bool:
+    return any(holds) if isinstance(holds, tuple) else holds
+
+
+def _shape_value(node: fx.Node, pos: dict[str, int], cls: dict[str, int],
+                 reads: dict) -> tuple | None:
+    """What a shape read, an index into one or arithmetic on sizes holds: (channels, class),
+    `channels` saying whether the value is the channel count (a bool; a tuple of them for a
+    whole shape), `class` whose count it is. None: the node is no size.
+
+    A size of another dim stays what it was when the branch is rebuilt at other widths; the
+    channel count follows the new width, so it may only re-shape the channels (see
+    `_reshaped_position`), and arithmetic on it is refused."""
+    if is_shape_read(node) and node.args[0].name in cls:
+        source, dims = node.args[0], shape_read_dims(node)
+        if dims is None:  # the rank
+            return False, None
+        holds = tuple(d == pos[source.name] for d in range(_rank(source)))
+        if not isinstance(dims, (int, slice)):
+            raise Unresizable(f"'{node.name}' ({op_name(node)}) reads a run-time dim")
+        return holds[dims], cls[source.name]
+    inputs = node.all_input_nodes
+    if is_getitem(node) and inputs[0].name in reads:
+        holds, c = reads[inputs[0].name]
+        if not isinstance(holds, tuple) or not isinstance(node.args[1], (int, slice)):
+            raise Unresizable(f"'{node.name}' indexes a size by a run-time value")
+        return holds[node.args[1]], c
+    if inputs and all(i.name in reads for i in inputs):  # arithmetic on sizes: h // 2
+        if any(_holds_channels(reads[i.name][0]) for i in inputs):
+            raise Unresizable(f"'{node.name}' ({op_name(node)}) computes with the channel count")
+        return False, None
+    return None
 
 
 def _agnostic_position(node: fx.Node, inputs: list[fx.Node], pos: dict[str, int]) -> int:
@@ -150,11 +243,13 @@ def _agnostic_position(node: fx.Node, inputs: list[fx.Node], pos: dict[str, int]
 
 
 def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: str,
-                   dim: int = 1) -> BranchChannels:
+                   dim: int = 1, fixed_group_width: bool = True) -> BranchChannels:
     """Assign a channel class to every node of the branch `entry -> ... -> output`.
 
     Every node's channels sit at some dim of its shape (`pos`): `dim` at the entry, moved by
     permutes, kept by everything else. A layer must find them where it works (a Linear: last).
+    A grouped layer keeps its group width (`fixed_group_width`: its groups follow its width, as
+    in RegNet) or its number of groups (as in ResNeXt); see `plan.fixes_group_width`.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     modules = dict(gm.named_modules())
@@ -163,6 +258,8 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
     pos: dict[str, int] = {entry: dim}
     size: dict[int, int] = {cls[entry]: _channels(nodes[entry], dim)}
     divisors: dict[int, int] = {}
+    reads: dict[str, tuple] = {}  # shape reads and sizes computed from them (`_shape_value`)
+    group_widths: dict[str, tuple[int, int]] = {}
 
     def join(a: int, b: int, what: str) -> int:
         if size[uf.find(a)] != size[uf.find(b)]:
@@ -186,13 +283,24 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
             cls[name] = uf.make()
             size[cls[name]] = _channels(node, pos[name])
             continue
+        value = _shape_value(node, pos, cls, reads)
+        if value is not None:
+            reads[name] = value
+            continue
         inputs = [i for i in node.all_input_nodes if i.name in cls]
         if not inputs:
             raise Unresizable(f"'{name}' ({op_name(node)}) has no branch input")
-        moved = _moved_position(node, modules, pos[inputs[0].name], inputs[0])
+        moved = _moved_position(node, modules, pos[inputs[0].name], inputs[0], reads)
         if moved is not None:  # a layout op: same channels, elsewhere
-            pos[name], cls[name] = moved, cls[inputs[0].name]
+            pos[name], cls[name] = moved[0], cls[inputs[0].name]
+            for count in moved[1]:
+                cls[name] = join(cls[name], count, op_name(node))
             continue
+        counted = next((i for i in node.all_input_nodes
+                        if i.name in reads and _holds_channels(reads[i.name][0])), None)
+        if counted is not None:
+            raise Unresizable(f"'{name}' ({op_name(node)}) uses the channel count read by "
+                              f"'{counted.name}', which a half-width branch would change")
         if node.op == "call_module":
             module = modules[node.target]
             if node.target in gm.meta.get("opaque", {}):
@@ -216,15 +324,22 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
             channels = _channels(node, p)
             if channels is None:
                 raise Unresizable(f"'{name}' ({op_name(node)}) drops the channel dim")
-            if rule.ties(module):
-                if channels != size[uf.find(cls[inputs[0].name])]:
+            groups = rule.groups(module)
+            in_size = size[uf.find(cls[inputs[0].name])]
+            keeps_width = groups > 1 and fixed_group_width and channels == in_size
+            if rule.ties(module) or keeps_width:
+                if channels != in_size:
                     raise Unresizable(f"'{node.target}' changes the channel count")
                 cls[name] = cls[inputs[0].name]
             else:
                 cls[name] = uf.make()
                 size[cls[name]] = channels
-            require(uf.find(cls[inputs[0].name]), rule.divisor(module))
-            require(uf.find(cls[name]), rule.divisor(module))
+            if keeps_width:  # its groups follow the width: the width a multiple of a group
+                group_widths[name] = (cls[name], channels // groups)
+                require(uf.find(cls[name]), channels // groups)
+            else:
+                require(uf.find(cls[inputs[0].name]), rule.divisor(module))
+                require(uf.find(cls[name]), rule.divisor(module))
             if rule.inner is not None:  # the layer's own width (attention heads): a class alone
                 width, divisor = rule.inner(module)
                 cls[inner_key(name)] = uf.make()
@@ -253,4 +368,6 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
         r = uf.find(c)
         final_div[r] = math.lcm(final_div.get(r, 1), d)
     return BranchChannels(node_class=roots, sizes={r: size[r] for r in set(roots.values())},
-                          divisors=final_div, stream=uf.find(stream))
+                          divisors=final_div, stream=uf.find(stream),
+                          group_widths={n: (uf.find(c), width)
+                                        for n, (c, width) in group_widths.items()})

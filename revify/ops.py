@@ -4,6 +4,7 @@ Kept in one table-driven file so that teaching revify a new op is one line, not 
 """
 from __future__ import annotations
 
+import inspect
 import operator
 
 import torch
@@ -22,27 +23,59 @@ ADD_METHODS = {"add", "add_"}
 
 # Elementwise activations that may follow a residual add (they then belong to the block).
 ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Hardswish,
-                      nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.PReLU)
+                      nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.PReLU, nn.Softplus, nn.SELU,
+                      nn.CELU, nn.Hardsigmoid, nn.LogSigmoid, nn.Softsign, nn.RReLU)
 ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.leaky_relu, F.elu,
-                        F.hardswish, F.mish, torch.tanh, torch.sigmoid, F.hardtanh}
+                        F.hardswish, F.mish, torch.tanh, torch.sigmoid, F.hardtanh, F.sigmoid,
+                        F.tanh, F.hardsigmoid, F.softplus, F.selu, F.celu, F.softsign,
+                        F.logsigmoid, F.tanhshrink, F.softshrink, F.hardshrink, F.threshold,
+                        F.rrelu}
 ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
 
 # Functions and methods that treat every channel alike: running them at half width is valid.
+# In-place functional forms (F.relu_) are left out: run on the coupled stream they would
+# overwrite it, and only `inplace=` and `x.relu_()` are made out-of-place by the rewrite.
 CHANNEL_AGNOSTIC_FUNCTIONS = ACTIVATION_FUNCTIONS | ADD_FUNCTIONS | {
-    operator.sub, operator.mul, operator.truediv, operator.imul, torch.mul, torch.sub,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d, F.hardsigmoid, F.sigmoid,
-    torch.mean, torch.clamp,
+    operator.sub, operator.mul, operator.truediv, operator.imul, operator.isub,
+    operator.itruediv, operator.neg, operator.pow, torch.mul, torch.sub, torch.div, torch.neg,
+    torch.exp, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.pow, torch.erf,
+    torch.maximum, torch.minimum, torch.clamp, torch.clamp_min, torch.clamp_max,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.mean,
     torchvision.ops.stochastic_depth,  # drops whole samples: channels alike
 }
 CHANNEL_AGNOSTIC_METHODS = ACTIVATION_METHODS | ADD_METHODS | {
-    "mul", "mul_", "sub", "div", "mean", "clamp", "clamp_", "contiguous", "sigmoid",
-    "hardsigmoid",
+    "mul", "mul_", "sub", "sub_", "div", "div_", "neg", "exp", "abs", "sqrt", "rsqrt", "square",
+    "pow", "mean", "clamp", "clamp_", "clamp_min", "clamp_max", "contiguous", "hardsigmoid",
+    "expand_as",  # broadcasts a per-channel gate (SE's y.expand_as(x)): shapes align as in `*`
 }
 
 # Channel-agnostic ops that mix the trailing n dims (pooling): channels must sit before them.
-SPATIAL_FUNCTIONS = {F.avg_pool2d: 2, F.max_pool2d: 2, F.adaptive_avg_pool2d: 2,
-                     F.adaptive_max_pool2d: 2}
+SPATIAL_FUNCTIONS = {F.avg_pool1d: 1, F.max_pool1d: 1, F.adaptive_avg_pool1d: 1,
+                     F.adaptive_max_pool1d: 1, F.avg_pool2d: 2, F.max_pool2d: 2,
+                     F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2, F.avg_pool3d: 3,
+                     F.max_pool3d: 3, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool3d: 3}
+
+# Functions taking a `training` flag, and the module that computes the same while reading the
+# flag from its own mode: traced once, `F.dropout(x, p, training=self.training)` would keep one
+# mode's behaviour for good; as the module it follows `.train()` and `.eval()` as nn.Dropout does.
+MODE_MODULES = {
+    F.dropout: lambda a: nn.Dropout(a["p"], a["inplace"]),
+    F.dropout1d: lambda a: nn.Dropout1d(a["p"], a["inplace"]),
+    F.dropout2d: lambda a: nn.Dropout2d(a["p"], a["inplace"]),
+    F.dropout3d: lambda a: nn.Dropout3d(a["p"], a["inplace"]),
+    F.alpha_dropout: lambda a: nn.AlphaDropout(a["p"], a["inplace"]),
+    F.feature_alpha_dropout: lambda a: nn.FeatureAlphaDropout(a["p"], a["inplace"]),
+    F.rrelu: lambda a: nn.RReLU(a["lower"], a["upper"], a["inplace"]),
+    torchvision.ops.stochastic_depth: lambda a: torchvision.ops.StochasticDepth(a["p"], a["mode"]),
+}
+
+# Shape reads: their result is a size, not a tensor. A size of a dim other than the channels
+# does not change when the branch is rebuilt at other widths (`F.avg_pool2d(x, x.size(2))`).
+SHAPE_METHODS = {"size", "dim"}
+SHAPE_ATTRIBUTES = {"shape", "ndim"}
 REDUCE_FUNCTIONS, REDUCE_METHODS = {torch.mean}, {"mean"}  # channels must not be reduced
 
 # Layout ops: they move the channel axis (a permute) or re-shape a per-channel vector.
@@ -93,6 +126,52 @@ def is_reshape(node: fx.Node) -> bool:
 
 def is_reduction(node: fx.Node) -> bool:
     return _is(node, REDUCE_FUNCTIONS, REDUCE_METHODS)
+
+
+def mode_arguments(node: fx.Node) -> dict | None:
+    """The arguments (defaults filled in) of a call to a function of MODE_MODULES, else None."""
+    if node.op != "call_function" or node.target not in MODE_MODULES:
+        return None
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def mode_module(node: fx.Node) -> tuple[nn.Module, fx.Node] | None:
+    """The module computing `node` that reads `training` from its own mode, and its input;
+    None if `node` is no such call or an argument besides the input is computed at run time."""
+    args = mode_arguments(node)
+    if args is None or not isinstance(args["input"], fx.Node):
+        return None
+    settings = {k: v for k, v in args.items() if k not in ("input", "training")}
+    if any(isinstance(v, fx.Node) for v in settings.values()):
+        return None
+    return MODE_MODULES[node.target](settings), args["input"]
+
+
+def is_shape_read(node: fx.Node) -> bool:
+    """`x.size()`, `x.size(d)`, `x.shape`, `x.dim()`, `x.ndim`: a read of the shape, not the values."""
+    if node.op == "call_method":
+        return node.target in SHAPE_METHODS
+    return node.op == "call_function" and node.target is getattr and \
+        len(node.args) == 2 and node.args[1] in SHAPE_ATTRIBUTES
+
+
+def shape_read_dims(node: fx.Node) -> int | slice | None:
+    """Which dims of its tensor a shape read returns: one dim (`x.size(2)`), a slice of them
+    (`x.size()`, `x.shape`: all), or None (`x.dim()`: the rank, no dim's size)."""
+    if (node.op, node.target) == ("call_method", "dim") or node.args[1:] == ("ndim",):
+        return None
+    dim = node.args[1] if node.op == "call_method" and len(node.args) > 1 else \
+        node.kwargs.get("dim") if node.op == "call_method" else None
+    return slice(None) if dim is None else dim
+
+
+def is_getitem(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
 
 
 def spatial_dims(node: fx.Node) -> int:

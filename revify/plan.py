@@ -13,11 +13,12 @@ import torch
 from torch import fx, nn
 
 from .blocks import ResidualBlock, module_path
-from .channels import BranchChannels, Unresizable, analyze_branch, inner_key
+from .channels import BranchChannels, Unresizable, analyze_branch, groups_key, inner_key
 from .lean import HOT_FRACTION, LeanPlan, largest_tensor, plan_lean
 from .resize import holds_state, rebuild, resizer_for
 
 Action = Literal["reversible", "checkpointed", "stored"]
+MATCH_TOLERANCE = 0.10  # width="match" promises each stage's parameter count within this fraction
 
 
 @dataclass
@@ -166,6 +167,14 @@ class Plan:
     def block(self, name: str) -> BlockPlan:
         return next(b for b in self.blocks if b.name == name)
 
+    def unmatched(self) -> list[StagePlan]:
+        """The stages width="match" could not keep within MATCH_TOLERANCE of their parameters
+        (a branch with little internal width cannot make up for its halved stream layers)."""
+        if self.options.width != "match":
+            return []
+        return [s for s in self.stages
+                if abs(s.params_after - s.params_before) > MATCH_TOLERANCE * s.params_before]
+
     def segment(self, name: str) -> SegmentPlan:
         return next(s for s in self.segments if s.name == name)
 
@@ -252,9 +261,9 @@ def _resized_params(gm: fx.GraphModule, block: BlockPlan, widths: dict[str, int]
             total += widths[name] if isinstance(_attr(gm, node.target), nn.Parameter) else 0
             continue
         key = (node.target, widths[node.all_input_nodes[0].name], widths[name],
-               widths.get(inner_key(name)))
+               widths.get(inner_key(name)), widths.get(groups_key(name)))
         if key not in cache:
-            new = rebuild(gm.get_submodule(node.target), *key[1:3], torch.device("meta"), key[3])
+            new = rebuild(gm.get_submodule(node.target), *key[1:3], torch.device("meta"), *key[3:])
             cache[key] = sum(p.numel() for p in new.parameters())
         total += cache[key]
     return total
@@ -280,8 +289,20 @@ def _shared_layers(gm: fx.GraphModule, blocks: list[ResidualBlock]) -> dict[str,
     return shared
 
 
-def _plan_block(gm, block: ResidualBlock, options: Options,
-                shared: dict[str, str]) -> tuple[BlockPlan, BranchChannels | None]:
+def fixes_group_width(gm: fx.GraphModule) -> bool:
+    """Whether the model's grouped layers keep their group width at other widths (RegNet: 8
+    channels a group in every stage) rather than their number of groups (ResNeXt: 32 groups in
+    every stage). Only layers that all have one group count at several widths say the count;
+    one shape alone says nothing, and then the group width is kept: the layer's parameters then
+    grow with its width as a 1x1 conv's do, so a stage's count can be matched in fine steps."""
+    grouped = [(m.in_channels // groups, groups) for m in gm.modules()
+               if (rule := resizer_for(m)) is not None and (groups := rule.groups(m)) > 1]
+    counts, widths = {g for _, g in grouped}, {w for w, _ in grouped}
+    return not (len(counts) == 1 and len(widths) > 1)
+
+
+def _plan_block(gm, block: ResidualBlock, options: Options, shared: dict[str, str],
+                fixed_group_width: bool = True) -> tuple[BlockPlan, BranchChannels | None]:
     nodes = {n.name: n for n in gm.graph.nodes}
     plan = BlockPlan(name=block.name, block=block, shape=nodes[block.output].meta.get("shape"),
                      dim=_stream_dim(gm, block),
@@ -295,7 +316,8 @@ def _plan_block(gm, block: ResidualBlock, options: Options,
     if plan.reason:
         return plan, None
     try:
-        analysis = analyze_branch(gm, block.entry, list(block.branch), block.branch_output, plan.dim)
+        analysis = analyze_branch(gm, block.entry, list(block.branch), block.branch_output, plan.dim,
+                                  fixed_group_width)
         analysis.widths(plan.shape[plan.dim] // 2, 1.0)
     except Unresizable as exc:
         plan.reason = f"branch cannot be halved: {exc}"
@@ -474,8 +496,9 @@ def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str
 def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options) -> Plan:
     block_plans, analyses = [], {}
     shared = _shared_layers(gm, blocks)
+    fixed_group_width = fixes_group_width(gm)
     for block in blocks:
-        bp, analysis = _plan_block(gm, block, options, shared)
+        bp, analysis = _plan_block(gm, block, options, shared, fixed_group_width)
         block_plans.append(bp)
         if analysis is not None:
             analyses[bp.name] = analysis

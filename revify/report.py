@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
+from .plan import MATCH_TOLERANCE
+
 
 def _shape(shape) -> str:
     return "x".join(map(str, shape[1:])) if shape else "?"
@@ -44,10 +46,22 @@ def format_plan(plan, fmt: str = "simple") -> str:
     ]
     if plan.schedule:
         parts.insert(-1, format_schedule(plan.schedule))
+    if plan.unmatched():
+        parts.insert(-1, unmatched_note(plan))
     if plan.opaque:
         parts.insert(-1, "kept as opaque layers (not traced into):\n" + "\n".join(
             f"  {name}: {why}" for name, why in plan.opaque.items()))
     return "\n\n".join(parts)
+
+
+def unmatched_note(plan) -> str:
+    """The stages whose parameters width="match" could not keep, said in the plan and warned."""
+    stages = ", ".join(f"{s.name} ({_delta(s.params_before, s.params_after)})"
+                       for s in plan.unmatched())
+    return (f"parameters NOT matched within ±{MATCH_TOLERANCE:.0%}: {stages}. width='match' "
+            f"scales only the branches' internal widths (in multiples of their group widths); "
+            f"these have too little of them to make up for their halved stream layers. Pass "
+            f"width= to choose.")
 
 
 def _scheduled(unit: str, schedule) -> list[str]:

@@ -31,13 +31,16 @@ class Resizer:
     # A layer with a width of its own inside (attention's heads x head_dim): (width, divisor).
     # It is scaled like a branch's internal widths and handed to build as `inner=`.
     inner: Callable[[nn.Module], tuple[int, int]] | None = None
+    # The groups of a grouped layer whose group count build may change (handed as `groups=`,
+    # to keep the group width instead; see revify.channels); 1: none.
+    groups: Callable[[nn.Module], int] = lambda m: 1
 
 
 RESIZERS: dict[type, Resizer] = {}
 
 
 def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tensors=None, axis=1,
-                     inner=None):
+                     inner=None, groups=lambda m: 1):
     """Register `build(module, cin, cout, device)` for `types` (and, with care, their subclasses).
 
     tensors: the parameter and buffer names `build` re-creates. A subclass holding any other
@@ -48,7 +51,7 @@ def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tenso
         for t in types:
             RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build, channels_in=channels_in,
                                   tensors=None if tensors is None else frozenset(tensors), axis=axis,
-                                  inner=inner)
+                                  inner=inner, groups=groups)
         return build
     return wrap
 
@@ -74,12 +77,15 @@ def resizer_for(module: nn.Module) -> Resizer | None:
     return None if holds_state(module) else _STATELESS
 
 
-def rebuild(module: nn.Module, cin: int, cout: int, device=None, inner: int | None = None) -> nn.Module:
-    """`module` rebuilt by its rule at `cin` -> `cout` channels (and its own width `inner`)."""
+def rebuild(module: nn.Module, cin: int, cout: int, device=None, inner: int | None = None,
+            groups: int | None = None) -> nn.Module:
+    """`module` rebuilt by its rule at `cin` -> `cout` channels (and its own width `inner`, in
+    `groups` groups where the rule's group count may change)."""
     rule = resizer_for(module)
-    if rule.inner is None:
-        return rule.build(module, cin, cout, device)
-    return rule.build(module, cin, cout, device, inner=inner)
+    extra = {} if rule.inner is None else {"inner": inner}
+    if groups is not None:
+        extra["groups"] = groups
+    return rule.build(module, cin, cout, device, **extra)
 
 
 def _stateless_copy(m: nn.Module) -> nn.Module:
@@ -125,11 +131,15 @@ def _is_depthwise(m: nn.Module) -> bool:
     return m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def _grouped(m: nn.Module) -> int:
+    return 1 if _is_depthwise(m) else m.groups
+
+
 @register_resizer(nn.Conv1d, nn.Conv2d, nn.Conv3d, ties=_is_depthwise,
-                  channels_in=lambda m: m.in_channels,
-                  divisor=lambda m: 1 if _is_depthwise(m) else m.groups, tensors={"weight", "bias"})
-def _resize_conv(m, cin, cout, device=None):
-    groups = cin if _is_depthwise(m) else m.groups
+                  channels_in=lambda m: m.in_channels, divisor=_grouped, groups=_grouped,
+                  tensors={"weight", "bias"})
+def _resize_conv(m, cin, cout, device=None, groups=None):
+    groups = cin if _is_depthwise(m) else groups or m.groups
     k = tuple(m.weight.shape[2:])
     return clone_with(m, dict(in_channels=cin, out_channels=cout, groups=groups),
                       dict(weight=(cout, cin // groups, *k), bias=(cout,)), device)

@@ -17,7 +17,7 @@ from .checkpoint import Checkpointed
 from .keep import Kept
 from .lean import LeanPlan, apply_lean
 from .plan import BlockPlan, Plan, SegmentPlan, StagePlan
-from .channels import inner_key
+from .channels import groups_key, inner_key
 from .resize import carry_over, rebuild
 from .reversible import CouplingBlock, ReversibleStage
 
@@ -96,7 +96,8 @@ def build_branch(gm: fx.GraphModule, bp: BlockPlan, stream_offset: int) -> fx.Gr
         if node.target not in built:
             module = gm.get_submodule(node.target)
             new = rebuild(module, bp.channels[source], bp.channels[node.name],
-                          inner=bp.channels.get(inner_key(node.name)))
+                          inner=bp.channels.get(inner_key(node.name)),
+                          groups=bp.channels.get(groups_key(node.name)))
             carried += carry_over(new, module, stream_offset if source in bp.stream else 0,
                        stream_offset if node.name in bp.stream else 0)
             root.add_module(local, new)

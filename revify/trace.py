@@ -18,6 +18,8 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
+from .hooks import drop_hooks
+from .ops import mode_arguments, mode_module
 from .resize import RESIZERS
 
 
@@ -79,35 +81,44 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), num_inputs:
     A submodule fx cannot trace (data-dependent control flow, say) is retried as an opaque
     leaf: always safe, since an opaque layer with weights is not resizable and its block is
     then checkpointed, with the reason in the plan. So is a submodule whose traced code differs
-    between training and eval mode (`F.dropout(x, training=self.training)`, `if self.training`):
-    traced once, it would keep one mode's behaviour for good; as a leaf it reads its flag when
-    it runs. `gm.meta["opaque"]` says which modules and why.
+    between training and eval mode (`if self.training:`): traced once, it would keep one mode's
+    behaviour for good; as a leaf it reads its flag when it runs. Code that differs only in the
+    flag it passes (`F.dropout(x, p, training=self.training)`) is traced through instead: the
+    call becomes its module form (`nn.Dropout`), which reads the flag when it runs.
+    `gm.meta["opaque"]` says which modules and why; `gm.meta["hooked"]` names the
+    modules whose hooks were left out (revify.hooks).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.transform expects a torch.nn.Module, got {type(model).__name__}.")
     model = copy.deepcopy(model)
+    hooked = drop_hooks(model)  # they must not run on proxies and fake tensors (revify.hooks)
     leaf_modules, opaque = list(leaf_modules), {}
     while True:
         graphs = {mode: _trace_in(model.train(mode), leaf_modules, opaque, num_inputs)
                   for mode in (True, False)}
-        differing = _mode_dependent(graphs[True], graphs[False])
+        own = {mode: _own_nodes(graph) for mode, graph in graphs.items()}
+        readers = _mode_readers(own[True], own[False])
+        differing = {name: what for name, what in _mode_dependent(own[True], own[False]).items()
+                     if name not in readers}
         if not differing:
             break
         if "" in differing:
             raise TraceError(f"{type(model).__name__}.forward itself runs different code in "
-                             f"training and in eval mode, which a traced graph cannot keep; "
-                             f"move that code into a submodule.")
+                             f"training and in eval mode ({differing['']}), which a traced "
+                             f"graph cannot keep; move that code into a submodule.")
         if len(opaque) + len(differing) > MAX_OPAQUE:
             raise TraceError(f"{len(differing)} submodules of {type(model).__name__} run different "
                              f"code in training and eval mode ({', '.join(sorted(differing))}).")
-        for name in differing:
-            opaque[name] = MODE_DEPENDENT
+        for name, what in differing.items():
+            opaque[name] = f"{MODE_DEPENDENT} ({what})"
             leaf_modules.append(name)
     graph = graphs[False]
     model.eval()
+    _read_mode_when_run(model, graph, readers)
     _drop_asserts(graph)
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.meta["opaque"] = opaque
+    gm.meta["hooked"] = hooked
     return gm
 
 
@@ -125,22 +136,93 @@ def _trace_in(model: nn.Module, leaf_modules: list, opaque: dict, num_inputs: in
             leaf_modules.append(where)
 
 
-def _mode_dependent(train: fx.Graph, eval_: fx.Graph) -> set[str]:
-    """Modules whose own traced ops differ between the two graphs ("" for the root's forward).
+def _own_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
+    """Each module's own traced nodes, in order ("" for the root's forward)."""
+    found: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[0] if stack else ""
+        found.setdefault(owner, []).append(node)
+    return found
 
-    Ops are compared by what they do (op, target, constant arguments), not by how they are
-    wired: a difference upstream renames nodes downstream.
-    """
-    def ops(graph):
-        found: dict[str, Counter] = {}
-        for node in graph.nodes:
-            stack = node.meta.get("nn_module_stack") or {}
-            owner = next(reversed(stack.values()))[0] if stack else ""
-            args = fx.node.map_arg((node.args, node.kwargs), lambda n: "%")
-            found.setdefault(owner, Counter())[(node.op, str(node.target), repr(args))] += 1
-        return found
-    a, b = ops(train), ops(eval_)
-    return {m for m in a.keys() | b.keys() if a.get(m) != b.get(m)}
+
+def _signature(node: fx.Node) -> tuple:
+    """What a node does (op, target, constant arguments), not how it is wired: a difference
+    upstream renames nodes downstream."""
+    args = fx.node.map_arg((node.args, node.kwargs), lambda n: "%")
+    return node.op, getattr(node.target, "__name__", str(node.target)), repr(args)
+
+
+def _mode_dependent(train: dict, eval_: dict) -> dict[str, str]:
+    """Modules whose own traced ops differ between the two graphs, with the ops that differ."""
+    differing = {}
+    for owner in train.keys() | eval_.keys():
+        a = Counter(_signature(n) for n in train.get(owner, []))
+        b = Counter(_signature(n) for n in eval_.get(owner, []))
+        if a != b:
+            differing[owner] = _differing_ops(a, b)
+    return differing
+
+
+def _differing_ops(train: Counter, eval_: Counter) -> str:
+    """"in training: add, randn_like; in eval: dropout": the ops one mode runs and the other not
+    (or not with the same arguments)."""
+    def names(ops: Counter) -> str:
+        return ", ".join(sorted({name for _, name, _ in ops}))
+    only_train, only_eval = names(train - eval_), names(eval_ - train)
+    return "; ".join(part for part in (only_train and f"in training: {only_train}",
+                                       only_eval and f"in eval: {only_eval}") if part)
+
+
+def _mode_readers(train: dict, eval_: dict) -> dict[str, list[fx.Node]]:
+    """Modules whose traced code differs between modes only in the `training` flag passed to
+    functions that have a module form (`F.dropout(x, p, training=self.training)`), with the
+    eval graph's nodes that pass it: those nodes become that module (ops.MODE_MODULES)."""
+    readers = {}
+    for owner in train.keys() & eval_.keys():
+        if len(train[owner]) != len(eval_[owner]):
+            continue
+        pairs = list(zip(train[owner], eval_[owner]))
+        flagged = [e for t, e in pairs if _reads_mode(t, e)]
+        if flagged and all(_signature(t) == _signature(e) for t, e in pairs
+                           if not _reads_mode(t, e)):
+            readers[owner] = flagged
+    return readers
+
+
+def _reads_mode(train: fx.Node, eval_: fx.Node) -> bool:
+    """The same call, with training=True traced in training and training=False in eval."""
+    a, b = mode_arguments(train), mode_arguments(eval_)
+    if a is None or b is None or train.target is not eval_.target or mode_module(eval_) is None:
+        return False
+
+    def settings(args):  # inputs are other nodes in the other graph: compared as "%"
+        return repr(fx.node.map_arg({k: v for k, v in args.items() if k != "training"},
+                                    lambda n: "%"))
+    return settings(a) == settings(b) and a["training"] is True and b["training"] is False
+
+
+def _read_mode_when_run(model: nn.Module, graph: fx.Graph, readers: dict[str, list[fx.Node]]):
+    """Replace each flag-passing call by its module form, registered on the module whose code
+    made the call (so the block keeps its name), reading its mode when it runs."""
+    for owner, nodes in readers.items():
+        parent = model.get_submodule(owner)
+        for node in nodes:
+            module, source = mode_module(node)
+            attr = _free_attribute(parent, node.target.__name__)
+            parent.add_module(attr, module.train(parent.training))
+            with graph.inserting_before(node):
+                call = graph.call_module(f"{owner}.{attr}" if owner else attr, (source,))
+            call.meta = dict(node.meta)
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+
+
+def _free_attribute(module: nn.Module, base: str) -> str:
+    name, k = base, 1
+    while hasattr(module, name):
+        name, k = f"{base}_{k}", k + 1
+    return name
 
 
 # Pure ops that only feed shape asserts (x.ndim == 4, x.shape[1] == n): removed with them.

@@ -2,14 +2,17 @@
 trainable module whose plan says what was done."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Literal
 
 import torch
 from torch import nn
 
 from .blocks import find_blocks
+from .hooks import hooks_warning
 from .memory import parse_bytes
 from .plan import Options, Plan, make_plan
+from .report import unmatched_note
 from .rewrite import rewrite
 from .schedule import schedule
 from .trace import propagate_shapes, trace
@@ -86,6 +89,9 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.
         Pass example_inputs at your batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
+
+    Hooks registered on `model`'s modules are not carried into the revified model (its layers
+    are rebuilt, and rerun in the backward): a warning names their modules (revify.hooks).
     """
     options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
                       reconstruction=reconstruction, anchor_every=anchor_every, segments=segments,
@@ -94,17 +100,31 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     leaf_modules = list(leaf_modules)
     example_inputs = _example_inputs(model, example_inputs, input_size)
     gm = trace(model, leaf_modules, len(example_inputs))
+    if gm.meta["hooked"]:
+        warnings.warn(hooks_warning(gm.meta["hooked"]), UserWarning, stacklevel=2)
     propagate_shapes(gm, example_inputs)
     blocks = find_blocks(gm)
     if not blocks:
-        raise NoResidualBlocks(f"{type(model).__name__} has no residual block (an add of x and a "
-                               f"branch computed from x): there is nothing to make reversible.")
+        raise NoResidualBlocks(_no_blocks_message(model, gm.meta["opaque"]))
     plan = make_plan(gm, blocks, options)
+    if plan.unmatched():
+        warnings.warn(f"revify: {unmatched_note(plan)}", UserWarning, stacklevel=2)
     net = rewrite(gm, plan)
     if options.schedules:
         schedule(net, plan, example_inputs)
     recipe = _recipe(model, example_inputs, options, leaf_modules)
     return RevifiedModel(net, plan, recipe).train(model.training)
+
+
+def _no_blocks_message(model: nn.Module, opaque: dict[str, str]) -> str:
+    """Why no block was found; a block kept opaque hides the residual add inside it."""
+    message = (f"{type(model).__name__} has no residual block (an add of x and a branch computed "
+               f"from x): there is nothing to make reversible.")
+    if opaque:
+        message += (" These modules were kept as opaque layers, so revify cannot see a residual "
+                    "add inside them: " + "; ".join(f"{name}: {why}" for name, why in opaque.items())
+                    + ".")
+    return message
 
 
 def _recipe(model: nn.Module, example_inputs: tuple, options: Options, leaf_modules: list) -> dict:
