@@ -151,7 +151,7 @@ def _progress(done: int, total: int, what: str) -> None:
 # ----------------------------------------------------------------------------- commands
 def cmd_convert(args) -> int:
     from .analyze import analyze, format_totals
-    from .files import load_weights, read_weights, save
+    from .files import load_weights, read_calibration, read_weights, save
     from .models import create_model
     from .report import format_weights
     from .transform import transform
@@ -160,18 +160,24 @@ def cmd_convert(args) -> int:
     if _is_file(args.model):
         raise UsageError(f"convert takes a model name, not a file ('{args.model}'); "
                          f"--weights takes the source model's weights")
+    if args.calibration and not args.weights:
+        raise UsageError("--calibration fits the converted model to trained weights: give them "
+                         "with --weights")
     _check_out(args.out)  # before the work, so a typo costs nothing
     options = _transform_options(args)
+    # the stages fitted to the weights on these inputs (revify.distill); not a plan option
+    fit = {"calibration": read_calibration(args.calibration, input_size),
+           "distill_steps": args.distill_steps} if args.calibration else {}
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     model = create_model(args.model, **kwargs)
     weights = None
     if args.weights:
         weights = read_weights(args.weights)
         load_weights(model, weights, args.weights, args.model)
-    rev = transform(model, input_size=input_size, **options)
+    rev = transform(model, input_size=input_size, **options, **fit)
     print(rev.revify_plan)
     if weights is not None:
-        print("\n" + format_weights(model, rev, input_size))
+        print("\n" + format_weights(model, rev, input_size, fit.get("calibration")))
     memory = analyze(model, input_size, args.batch_size, name=args.model, options=options)
     print(f"\nprojected memory of one training step at batch {args.batch_size} "
           f"(revify analyze for the full tables):\n" + format_totals(memory))
@@ -321,6 +327,7 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def _add_convert(sub) -> None:
+    from .distill import DEFAULT_STEPS
     p = _one_line_errors(sub.add_parser(
         "convert", help="revify a model and write it to a file",
         description="Revify MODEL, print the plan and the projected memory, and write a file "
@@ -329,6 +336,12 @@ def _add_convert(sub) -> None:
     p.add_argument("--out", required=True, help="the file to write (written atomically)")
     p.add_argument("--weights", metavar="FILE", help="a local state dict of the source model "
                                                       "(nothing is downloaded)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="unlabelled inputs of the data the --weights were trained on (a tensor N x "
+                        "C x H x W, or an (inputs, labels) pair, saved with torch.save): fit each "
+                        "reversible stage to the trained one, keeping the model's accuracy")
+    p.add_argument("--distill-steps", type=_positive_int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"training steps of that fit (default {DEFAULT_STEPS})")
     p.add_argument("--num-classes", type=int, help="classifier outputs, passed to the constructor")
     _add_input_size(p, [3, 224, 224])
     p.add_argument("--batch-size", type=int, default=64, help="batch of the memory table")

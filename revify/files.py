@@ -204,3 +204,18 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in payload):
         payload = {k.removeprefix("module."): v for k, v in payload.items()}
     return payload
+
+
+def read_calibration(path: str | os.PathLike, input_size) -> torch.Tensor:
+    """Unlabelled inputs for revify.distill from a local file: a tensor (N, *input_size), or
+    an (inputs, labels) pair as `torch.save((x, y), path)` writes it (the labels are unused)."""
+    payload = read_torch_file(path, "calibration file")
+    if isinstance(payload, (tuple, list)) and payload:
+        payload = payload[0]
+    if not isinstance(payload, torch.Tensor) or not payload.is_floating_point():
+        raise RevifyFileError(f"{path} holds no input tensor (a floating-point tensor of shape "
+                              f"N x {' x '.join(map(str, input_size))}, or an (inputs, labels) pair)")
+    if tuple(payload.shape[1:]) != tuple(input_size) or len(payload) == 0:
+        raise RevifyFileError(f"{path} holds inputs of shape {tuple(payload.shape)}; the model "
+                              f"takes N x {' x '.join(map(str, input_size))} (--input-size), N > 0")
+    return payload

@@ -159,6 +159,9 @@ class Plan:
     params_after: int = 0
     opaque: dict[str, str] = field(default_factory=dict)  # modules fx could not trace -> why
     schedule: Schedule | None = None           # revify.schedule's choice (None: not run)
+    # revify.distill.Distillation: how the stages were fitted to a trained model's (None: they
+    # start from slices of its layers)
+    distillation: object | None = None
 
     def __str__(self) -> str:
         from .report import format_plan

@@ -48,6 +48,8 @@ def format_plan(plan, fmt: str = "simple") -> str:
         parts.insert(-1, format_schedule(plan.schedule))
     if plan.unmatched():
         parts.insert(-1, unmatched_note(plan))
+    if plan.distillation:
+        parts.insert(-1, f"weights: {plan.distillation}")
     if plan.opaque:
         parts.insert(-1, "kept as opaque layers (not traced into):\n" + "\n".join(
             f"  {name}: {why}" for name, why in plan.opaque.items()))
@@ -127,25 +129,32 @@ def carried_weights(rev) -> dict[str, int]:
     }
 
 
-def format_weights(model, rev, input_size) -> str:
-    """What conversion did to pretrained weights, said plainly, with the output difference."""
+def format_weights(model, rev, input_size, inputs=None) -> str:
+    """What conversion did to pretrained weights, said plainly, with the output difference on
+    `inputs` (the calibration inputs the stages were fitted on, if any; else a random input)."""
     import torch
     c = carried_weights(rev)
+    fitted = rev.revify_plan.distillation is not None
     torch.manual_seed(0)
-    x = torch.randn(2, *input_size)
+    x = inputs[:64] if inputs is not None else torch.randn(2, *input_size)
     with torch.no_grad():
         before, after = model.eval()(x), rev.eval()(x)
     model.train(), rev.train()
     if not isinstance(before, torch.Tensor):
         before = after = torch.ones(1)  # several outputs: compared by verify's checks instead
     diff = ((after - before).norm() / before.norm().clamp_min(1e-30)).item()
-    return (
-        f"weights: {c['unchanged_tensors']} tensors ({c['unchanged_values']:,} values) outside "
-        f"reversible stages are copied unchanged. {c['sliced_tensors']} tensors of the resized "
-        f"branches start from slices of the originals (F from the first half of the channels, G "
-        f"from the second): {c['carried_values']:,} of their {c['sliced_values']:,} values "
-        f"({c['carried_values'] / max(c['sliced_values'], 1):.0%}) are copied from the source; "
-        f"the rest keep their fresh initialisation.\n"
-        f"Additive coupling at half width computes a different function: on a random input the "
-        f"converted model's output differs from the original's by {diff:.0%} (relative norm). "
-        f"Fine-tune it before use.")
+    start = (f"{c['sliced_tensors']} tensors of the resized branches were fitted to the trained "
+             f"stages (the plan's last lines)" if fitted else
+             f"{c['sliced_tensors']} tensors of the resized branches start from slices of the "
+             f"originals (F from the first half of the channels, G from the second): "
+             f"{c['carried_values']:,} of their {c['sliced_values']:,} values "
+             f"({c['carried_values'] / max(c['sliced_values'], 1):.0%}) are copied from the source; "
+             f"the rest keep their fresh initialisation")
+    end = (f"On {len(x)} calibration inputs the converted model's output differs from the "
+           f"original's by {diff:.1%} (relative norm)." if fitted else
+           f"Additive coupling at half width computes a different function: on a random input "
+           f"the converted model's output differs from the original's by {diff:.0%} (relative "
+           f"norm). Fine-tune it before use, or pass --calibration FILE (unlabelled inputs of "
+           f"the training data) to fit the stages to these weights.")
+    return (f"weights: {c['unchanged_tensors']} tensors ({c['unchanged_values']:,} values) outside "
+            f"reversible stages are copied unchanged. {start}.\n{end}")

@@ -10,6 +10,7 @@ from torch import nn
 
 from .blocks import find_blocks
 from .hooks import hooks_warning
+from .distill import DEFAULT_STEPS, distill
 from .memory import parse_bytes
 from .plan import Options, Plan, make_plan
 from .report import unmatched_note
@@ -58,7 +59,8 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
               anchor_every: int | dict[str, int] | None = None,
               segments: int | Literal["sqrt"] | None = None, lean: bool = True,
               store: Literal["auto", "none"] = "auto", budget: int | str | None = None,
-              leaf_modules: Iterable[type | str] = ()) -> RevifiedModel:
+              leaf_modules: Iterable[type | str] = (), calibration=None,
+              distill_steps: int = DEFAULT_STEPS) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
 
     example_inputs: a tensor (or tuple) shaped like the model's input, used only for its shapes
@@ -90,6 +92,15 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         Pass example_inputs at your batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
 
+    calibration: unlabelled inputs of the data a trained `model` learned from (a tensor, or an
+        iterable of batches such as a DataLoader of (inputs, labels)): each reversible stage
+        is then fitted to the trained stage it replaces, so the converted model starts
+        fine-tuning near the original's accuracy (revify.distill; the plan says how close).
+        Without it F and G start from slices of the trained layers, which keeps little of what
+        the model learned. Costs `distill_steps` steps of training the stages at conversion;
+        the converted model is the same (parameters, memory, exact backward) either way.
+    distill_steps: training steps of that fit (batches of the calibration data, repeated).
+
     Hooks registered on `model`'s modules are not carried into the revified model (its layers
     are rebuilt, and rerun in the backward): a warning names their modules (revify.hooks).
     """
@@ -113,7 +124,11 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     if options.schedules:
         schedule(net, plan, example_inputs)
     recipe = _recipe(model, example_inputs, options, leaf_modules)
-    return RevifiedModel(net, plan, recipe).train(model.training)
+    rev = RevifiedModel(net, plan, recipe).train(model.training)
+    if calibration is not None and plan.stages:
+        distill(rev, model, calibration, steps=distill_steps, leaf_modules=leaf_modules,
+                num_inputs=len(example_inputs))
+    return rev
 
 
 def _no_blocks_message(model: nn.Module, opaque: dict[str, str]) -> str:
