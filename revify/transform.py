@@ -91,7 +91,6 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.
         Pass example_inputs at your batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
-
     calibration: unlabelled inputs of the data a trained `model` learned from (a tensor, or an
         iterable of batches such as a DataLoader of (inputs, labels)): each reversible stage
         is then fitted to the trained stage it replaces, so the converted model starts
