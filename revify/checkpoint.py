@@ -1,25 +1,34 @@
 """Non-invertible layers (stem, downsampling blocks, head): activation checkpointing.
 
-torch's non-reentrant checkpoint, for what it keeps of autograd: the unit's backward runs as the
-nodes of its own forward graph, each handing its parameters' gradients to `.grad` (and DDP's
-buckets) as soon as it has computed them. One autograd node for the whole unit, rerunning it and
-backpropagating through the rerun in one `autograd.grad`, would hold every gradient of the unit
-until its end: with `.grad` allocated (gradient accumulation, DDP) a downsampling block's
-gradients in flight at once, more than its activations at small inputs.
+Non-reentrant checkpointing, as torch.utils.checkpoint's: the unit's forward runs under
+saved-tensor hooks that keep a number in place of each tensor autograd saves; the first time its
+backward unpacks one, the unit is run again (same random masks, same autocast state) and the
+rerun's saved tensors, in the same order, are handed out instead. So the backward runs as the
+nodes of the forward's own graph, each handing its parameters' gradients to `.grad` (and DDP's
+buckets) as soon as it has computed them. (One autograd node for the whole unit, rerunning it
+and backpropagating in one `autograd.grad`, would hold every gradient of the unit until its end:
+with `.grad` allocated, a downsampling block's gradients at once, more than its activations.)
 
-What is added: the rerun leaves running statistics as the forward updated them
-(`frozen_buffers`) and takes kept layers' outputs from the forward's tape (revify.keep). The
-rerun's tensors are not checked against the forward's (`determinism_check="none"`): the rerun
-runs the same ops on the same inputs, and the check costs Python calls per saved tensor.
+Why not torch.utils.checkpoint itself: it checks every rerun tensor against the forward's,
+supports early stopping and several graph tasks at once, which cost about ten Python calls and
+a `detach` per saved tensor; a unit runs the same ops on the same inputs, so two calls and no op
+do. What is added: the rerun leaves running statistics as the forward updated them
+(`frozen_buffers`), takes kept layers' outputs from the forward's tape (revify.keep), and the
+forward computes nothing only saved (revify.modes.discarding). A checkpoint nested in a unit
+(revify.lean) saves its inputs under the unit's hooks, so the unit's forward keeps them no
+more than the rest. Under torch.compile torch's checkpoint is used: the compiled backward graph
+holds the rerun.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from .keep import Tape, recording, replaying
-from .modes import discarding, exact_backward_enabled, frozen_buffers
+from .modes import (capture_autocast, capture_rng, discarding, exact_backward_enabled,
+                    frozen_buffers, replay_autocast, replay_rng)
 
 
 class Checkpointed(nn.Module):
@@ -50,44 +59,67 @@ class Checkpointed(nn.Module):
             # Compiled, the recompute is part of the backward graph, which applies buffer
             # updates once (functionalised): nothing to freeze, and dynamo cannot take our context.
             return checkpoint(self.module, *args, use_reentrant=False)
-        return checkpoint(self.module, *args, use_reentrant=False, context_fn=self._contexts,
-                          determinism_check="none")
-
-    def _contexts(self):
-        tape = Tape() if self.keep else None
-        return _Forward(tape), _Rerun(self.module, tape)
+        frame = _Frame(self, args)
+        with saved_tensors_hooks(frame.pack, frame.unpack), discarding(), recording(frame.tape):
+            return self.module(*args)
 
 
-class _Forward:
-    """The first forward's context: what it saves is dropped (revify.modes.discarding), kept
-    outputs recorded on `tape`."""
+class _SaveInputs(torch.autograd.Function):
+    """Saves a unit's tensor inputs for its rerun under the hooks active around the unit: an
+    enclosing unit's forward drops them as it drops everything else."""
 
-    def __init__(self, tape: Tape | None):
-        self.discarding, self.recording = discarding(), recording(tape)
+    @staticmethod
+    def forward(ctx, anchor, *inputs):
+        ctx.save_for_backward(*inputs)
+        return torch.empty(0)
 
-    def __enter__(self):
-        self.discarding.__enter__()
-        self.recording.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.recording.__exit__(*exc)
-        self.discarding.__exit__(*exc)
-        return False
+    @staticmethod
+    def backward(ctx, *grads):
+        raise AssertionError("revify: a checkpoint's input saver is never backpropagated")
 
 
-class _Rerun:
-    """The rerun's context: buffers put back after it, kept outputs taken from `tape`."""
+_ANCHOR = torch.empty(0, requires_grad=True)  # makes _SaveInputs record its node
 
-    def __init__(self, module: nn.Module, tape: Tape | None):
-        self.frozen, self.replaying = frozen_buffers(module), replaying(tape)
 
-    def __enter__(self):
-        self.frozen.__enter__()
-        self.replaying.__enter__()
-        return self
+class _Frame:
+    """One forward of a checkpointed unit: what its rerun needs, and the rerun's saved tensors
+    (each handed out once; a second backward, with retain_graph=True, reruns the unit again)."""
 
-    def __exit__(self, *exc):
-        self.replaying.__exit__(*exc)
-        self.frozen.__exit__(*exc)
-        return False
+    def __init__(self, unit: Checkpointed, args: tuple):
+        self.module = unit.module
+        self.is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        tensors = [a for a, t in zip(args, self.is_tensor) if t]
+        self.others = [None if t else a for a, t in zip(args, self.is_tensor)]
+        self.requires = [a.requires_grad for a in tensors]
+        self.inputs = _SaveInputs.apply(_ANCHOR, *tensors)
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        self.rng = capture_rng(self.device) if unit.training else None
+        self.autocast = capture_autocast(self.device)
+        self.tape = Tape() if unit.keep else None
+        self.saved, self.count = None, 0
+
+    def pack(self, _) -> int:
+        self.count += 1
+        return self.count - 1
+
+    def unpack(self, index: int) -> torch.Tensor:
+        if self.saved is None or self.saved[index] is None:
+            self.saved = self.rerun()
+        tensor, self.saved[index] = self.saved[index], None
+        return tensor
+
+    def rerun(self) -> list[torch.Tensor]:
+        tensors = iter(self.inputs.grad_fn.saved_tensors)
+        requires = iter(self.requires)
+        args = [next(tensors).detach().requires_grad_(next(requires)) if t else other
+                for t, other in zip(self.is_tensor, self.others)]
+        saved = []
+        with torch.enable_grad(), replay_rng(self.rng, self.device), \
+                replay_autocast(self.autocast), frozen_buffers(self.module), \
+                replaying(self.tape), saved_tensors_hooks(saved.append, _never_unpacked):
+            self.module(*args)
+        return saved
+
+
+def _never_unpacked(_):
+    raise AssertionError("revify: a checkpoint's rerun is never backpropagated itself")

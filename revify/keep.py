@@ -28,6 +28,9 @@ KEEP_FLOPS_PER_BYTE = 192  # a layer is kept if its forward costs at least this 
 KEPT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # one aten.convolution each: the op skipped
 
 _local = threading.local()
+# Tapes entered in any thread: while none is, a kept layer just runs (no lookup). A count
+# gone wrong between threads only costs that lookup, never a wrong value.
+_entered = [0]
 
 
 class Tape:
@@ -60,10 +63,12 @@ class _Using:
     def __enter__(self):
         self.previous = getattr(_local, "state", None)
         _local.state = (self.tape, self.recording) if self.tape is not None else None
+        _entered[0] += self.tape is not None
         return self.tape
 
     def __exit__(self, *exc):
         _local.state = self.previous
+        _entered[0] -= self.tape is not None
         return False
 
 
@@ -131,8 +136,8 @@ class Kept(nn.Module):
         return repr(self.layer)
 
     def forward(self, x):
-        state = current()
-        if state is None or not self.active:
+        state = current() if _entered[0] and self.active else None
+        if state is None:
             return self.layer(x)
         tape, recording = state
         if recording:

@@ -50,7 +50,7 @@ from torch.autograd.function import once_differentiable
 
 from .keep import Tape, recording, replaying
 from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
-                    replay_autocast, replay_rng, restore_rng, slots, Seed)
+                    replay_autocast, replay_rng, restore_rng, slots, Seed, grads_of, NOTHING)
 
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
@@ -510,14 +510,15 @@ def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebui
     norm, a conv, an add), `rebuild` may use the value as scratch. Either way the backward
     starts from a stand-in (`Seed`), so nothing but fn's own backward keeps the value alive.
     """
-    with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast), replaying(tape):
+    with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast), \
+            replaying(tape) if tape is not None else NOTHING:
         inp = _branch_input(stream, dtype).detach().requires_grad_(True)
         out = fn(inp)
         seed = Seed.apply(out, grad_out.to(out.dtype))
     scratch = _output_unread(out, stream)
     rebuild(out.detach() if scratch else _scratch(out.detach(), stream), scratch)
     del out
-    grads = torch.autograd.grad(seed, [inp, *params], allow_unused=True)
+    grads = grads_of(seed, [inp, *params])
     d_inp = grads[0] if grads[0] is not None else torch.zeros_like(inp)
     return d_inp, grads[1:]
 
@@ -701,7 +702,7 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training else None)
             tapes.append(Tape() if stage.keep else None)
-            with recording(tapes[-1]):
+            with recording(tapes[-1]) if stage.keep else NOTHING:
                 f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)
             if grid is not None and _data_dependent_ok(stream[k]):

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from .blocks import module_path
 from .checkpoint import Checkpointed
+from .fast import call_directly
 from .keep import Kept
 from .lean import LeanPlan, apply_lean
 from .plan import BlockPlan, Plan, SegmentPlan, StagePlan
@@ -264,7 +265,19 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             _outline(gm, segment.nodes, segment.name,
                      lambda module, stored=stored: Checkpointed(module, stored=stored), segment.lean)
     gm.graph.lint()
-    return _finalize(gm)
+    net = _finalize(gm)
+    _call_layers_directly(net)
+    return net
+
+
+def _call_layers_directly(net: fx.GraphModule) -> None:
+    """Every graph of `net` (nested checkpoints' too, which are not registered) calls its
+    convolutions, BatchNorms and ReLUs through revify.fast."""
+    graphs = {id(m): m for m in net.modules() if isinstance(m, fx.GraphModule)}
+    graphs |= {id(c.module): c.module for c in net.modules()
+               if isinstance(c, Checkpointed) and isinstance(c.module, fx.GraphModule)}
+    for gm in graphs.values():
+        call_directly(gm)
 
 
 def unit_calls(net: fx.GraphModule) -> list[fx.Node]:

@@ -1,0 +1,78 @@
+"""Layers of the rewritten graphs called without nn.Module's call machinery.
+
+A revified step runs every layer of a reversible branch twice (forward and rerun), and a block's
+branch as two half-width copies (F and G): four calls of each layer where the original makes
+one, and on a GPU, where a step is short, each module call's Python (hook checks, `forward`,
+attribute lookups) costs about as much as the kernel it launches. The rewritten graphs call
+convolutions, BatchNorms and ReLUs through these functions: each does what the module's own
+`forward` does, reading its parameters and buffers from the module's dicts, so the same aten op
+runs with the same arguments, bit for bit. A module with hooks (its own or global ones), a
+subclass (a parametrization makes one) or a setting not covered here goes through its own call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+from torch.nn.modules import module as _module
+
+_GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks,
+                 _module._global_backward_hooks, _module._global_backward_pre_hooks,
+                 _module._global_forward_hooks_always_called)
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(m: nn.Module) -> bool:
+    return any(map(m.__dict__.__getitem__, _HOOKS)) or any(_GLOBAL_HOOKS)
+
+
+def conv2d(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is not nn.Conv2d or m.padding_mode != "zeros" or _hooked(m):
+        return m(x)
+    p = m._parameters
+    return torch.conv2d(x, p["weight"], p["bias"], m.stride, m.padding, m.dilation, m.groups)
+
+
+def batch_norm(m: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """nn.BatchNorm2d's forward where the momentum is set and the batch has more than one value
+    per channel (else the module's own, for its cumulative average or its error)."""
+    if type(m) is not nn.BatchNorm2d or m.momentum is None or x.dim() != 4 or _hooked(m):
+        return m(x)
+    b, p = m._buffers, m._parameters
+    training, tracking = m.training, m.track_running_stats
+    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        return m(x)
+    if training and tracking and b.get("num_batches_tracked") is not None:
+        b["num_batches_tracked"].add_(1)
+    stats = not training or tracking
+    mean, var = (b["running_mean"], b["running_var"]) if stats else (None, None)
+    return torch.batch_norm(x, p["weight"], p["bias"], mean, var,
+                            training or (b["running_mean"] is None and b["running_var"] is None),
+                            m.momentum, m.eps, torch._C._get_cudnn_enabled())
+
+
+def relu(m: nn.ReLU, x: torch.Tensor) -> torch.Tensor:
+    if type(m) is not nn.ReLU or _hooked(m):
+        return m(x)
+    return torch.relu_(x) if m.inplace else torch.relu(x)
+
+
+DIRECT = {nn.Conv2d: conv2d, nn.BatchNorm2d: batch_norm, nn.ReLU: relu}
+
+
+def call_directly(gm: fx.GraphModule) -> None:
+    """Rewrite `gm`'s calls of DIRECT's layers into calls of their functions."""
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.kwargs:
+            continue
+        fn = DIRECT.get(type(gm.get_submodule(node.target)))
+        if fn is None or len(node.args) != 1:
+            continue
+        with gm.graph.inserting_before(node):
+            layer = gm.graph.get_attr(node.target)
+        node.op, node.target, node.args = "call_function", fn, (layer, *node.args)
+        changed = True
+    if changed:
+        gm.recompile()
