@@ -7,7 +7,9 @@ attribute lookups) costs about as much as the kernel it launches. The rewritten 
 convolutions, BatchNorms and ReLUs through these functions: each does what the module's own
 `forward` does, reading its parameters and buffers from the module's dicts, so the same aten op
 runs with the same arguments, bit for bit. A module with hooks (its own or global ones), a
-subclass (a parametrization makes one) or a setting not covered here goes through its own call.
+subclass (a parametrization makes one) or a setting not covered here goes through its own call,
+and so does every layer while torch.compile traces (dynamo knows modules, not these shortcuts).
+Traced again by torch.fx (a GraphModule being unpickled), each call stays one node.
 """
 from __future__ import annotations
 
@@ -23,12 +25,20 @@ _GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hook
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _hooked(m: nn.Module) -> bool:
-    return any(map(m.__dict__.__getitem__, _HOOKS)) or any(_GLOBAL_HOOKS)
+def _own_call(m: nn.Module) -> bool:
+    """Whether `m` must go through its own call: hooks, or torch.compile tracing."""
+    return any(map(m.__dict__.__getitem__, _HOOKS)) or any(_GLOBAL_HOOKS) or \
+        torch.compiler.is_compiling()
+
+
+def _node(fn, m: nn.Module, x: fx.Proxy) -> fx.Proxy:
+    return x.tracer.create_proxy("call_function", fn, (m, x), {})
 
 
 def conv2d(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    if type(m) is not nn.Conv2d or m.padding_mode != "zeros" or _hooked(m):
+    if isinstance(x, fx.Proxy):
+        return _node(conv2d, m, x)
+    if type(m) is not nn.Conv2d or m.padding_mode != "zeros" or _own_call(m):
         return m(x)
     p = m._parameters
     return torch.conv2d(x, p["weight"], p["bias"], m.stride, m.padding, m.dilation, m.groups)
@@ -37,7 +47,9 @@ def conv2d(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def batch_norm(m: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """nn.BatchNorm2d's forward where the momentum is set and the batch has more than one value
     per channel (else the module's own, for its cumulative average or its error)."""
-    if type(m) is not nn.BatchNorm2d or m.momentum is None or x.dim() != 4 or _hooked(m):
+    if isinstance(x, fx.Proxy):
+        return _node(batch_norm, m, x)
+    if type(m) is not nn.BatchNorm2d or m.momentum is None or x.dim() != 4 or _own_call(m):
         return m(x)
     b, p = m._buffers, m._parameters
     training, tracking = m.training, m.track_running_stats
@@ -53,7 +65,9 @@ def batch_norm(m: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def relu(m: nn.ReLU, x: torch.Tensor) -> torch.Tensor:
-    if type(m) is not nn.ReLU or _hooked(m):
+    if isinstance(x, fx.Proxy):
+        return _node(relu, m, x)
+    if type(m) is not nn.ReLU or _own_call(m):
         return m(x)
     return torch.relu_(x) if m.inplace else torch.relu(x)
 

@@ -47,18 +47,19 @@ def test_every_rebuilt_layer_has_hooks_of_its_own(model_and_rev):
 
 def _count_calls(monkeypatch):
     calls = {"reversible": 0, "checkpoint": 0}
-    apply, ckpt = revify.reversible._Enter.apply, revify.checkpoint.checkpoint
+    apply = revify.reversible._Enter.apply
 
     def counting_apply(*a):
         calls["reversible"] += 1
         return apply(*a)
 
-    def counting_checkpoint(*a, **k):
-        calls["checkpoint"] += 1
-        return ckpt(*a, **k)
+    class CountingFrame(revify.checkpoint._Frame):
+        def __init__(self, *a):
+            calls["checkpoint"] += 1
+            super().__init__(*a)
 
     monkeypatch.setattr(revify.reversible._Enter, "apply", counting_apply)
-    monkeypatch.setattr(revify.checkpoint, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(revify.checkpoint, "_Frame", CountingFrame)
     return calls
 
 
