@@ -27,8 +27,8 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 def _own_call(m: nn.Module) -> bool:
     """Whether `m` must go through its own call: hooks, or torch.compile tracing."""
-    return any(map(m.__dict__.__getitem__, _HOOKS)) or any(_GLOBAL_HOOKS) or \
-        torch.compiler.is_compiling()
+    return torch.compiler.is_compiling() or any(map(m.__dict__.__getitem__, _HOOKS)) or \
+        any(_GLOBAL_HOOKS)
 
 
 def _node(fn, m: nn.Module, x: fx.Proxy) -> fx.Proxy:

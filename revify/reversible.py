@@ -263,10 +263,7 @@ class ReversibleStage(nn.Module):
     def _forward(self, x):
         if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
             return self.couple(x).output
-        branches = branch_params(self)
-        if not x.requires_grad and not any(p.requires_grad for f, g in branches for p in f + g):
-            return self.couple(x).output
-        return _run_reversible(self, x, branches)
+        return _run_reversible(self, x)
 
     # ------------------------------------------------------------------ the grid
     def grid_for(self, x: torch.Tensor) -> Grid | None:
@@ -439,7 +436,7 @@ def _plain_add(h, v, f, grid, half):
 # rebuilds activations from a stage output the compiled graph must not plan around, and dynamo
 # cannot trace the RNG capture. One graph break per stage, on purpose.
 @torch.compiler.disable
-def _run_reversible(stage, x, branches: list[tuple[list, list]]):
+def _run_reversible(stage, x):
     """The stage as a chain of autograd nodes: `_Enter` runs every block (no autograd) and
     `_Exit` returns the output; between them one `_Branch` node per F and per G stands for that
     branch in the graph, holding its parameters. The engine runs their backwards in reverse,
@@ -447,6 +444,9 @@ def _run_reversible(stage, x, branches: list[tuple[list, list]]):
     returns them: the backward holds one branch's gradients at a time, not the stage's (with
     `.grad` already allocated, as under gradient accumulation or DDP's buckets, a single stage
     node would hold every gradient of the stage twice at its end)."""
+    branches = branch_params(stage)  # here: dynamo must not trace the slots' lookups
+    if not x.requires_grad and not any(p.requires_grad for f, g in branches for p in f + g):
+        return stage.couple(x).output  # nothing to backpropagate
     run = _Run(stage, x.dtype)
     a = list(_Enter.apply(run, x))
     for i, params in enumerate(branches):
