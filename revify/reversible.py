@@ -271,8 +271,7 @@ class ReversibleStage(nn.Module):
             return None
         if self.headroom is None or self.headroom.numel() != x.shape[self.dim]:
             self.headroom = torch.full((x.shape[self.dim],), HEADROOM_BITS, dtype=torch.int32,
-                                       device=x.device)
-            self._held = None
+                                       device=x.device)  # a new grid: not held (`_holds`)
         return Grid.for_input(x, self.dim, self.headroom.to(x.device),
                               stream_dtype(x.dtype, True))
 
@@ -299,8 +298,7 @@ class ReversibleStage(nn.Module):
         most = SIGNIFICAND_BITS[grid.steps[0].dtype] - MIN_BITS
         if self._holds():
             self._outgrown = _read_later(over.any())
-            self.headroom.add_(over.logical_and_(self.headroom < most), alpha=WIDEN_BITS)
-            self.headroom.clamp_max_(most)
+            self._give_room(over.logical_and_(self.headroom < most), most)
             self._mark_held()  # what it widened is checked when the read comes back
             return False
         if not bool(over.any()):
@@ -319,9 +317,12 @@ class ReversibleStage(nn.Module):
                     f"'native'). Activations that explode like this are typical of an untrained "
                     f"network in eval mode.", RuntimeWarning, stacklevel=4)
             return False
-        widened = (self.headroom + WIDEN_BITS).clamp_max(most)
-        self.headroom.copy_(torch.where(room, widened, self.headroom))
+        self._give_room(room, most)
         return True
+
+    def _give_room(self, room: torch.Tensor, most: int) -> None:
+        """WIDEN_BITS more headroom for the channels in `room` (those below `most`), in place."""
+        self.headroom.add_(room, alpha=WIDEN_BITS).clamp_max_(most)
 
     def _holds(self) -> bool:
         held = self._held
