@@ -27,6 +27,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from .keep import Tape, recording, replaying
+from .ops import draws_random
 from .modes import (capture_autocast, capture_rng, discarding, exact_backward_enabled,
                     frozen_buffers, replay_autocast, replay_rng)
 
@@ -39,6 +40,7 @@ class Checkpointed(nn.Module):
     `stored=True` (revify.schedule: the unit's activations fit under the step's peak) runs it
     with plain autograd instead: nothing recomputed.
     """
+    only_calls_children = True  # draws no random numbers of its own (revify.ops.draws_random)
 
     def __init__(self, module: nn.Module, owned: bool = True, stored: bool = False):
         super().__init__()
@@ -47,6 +49,7 @@ class Checkpointed(nn.Module):
         else:
             object.__setattr__(self, "module", module)
         self.stored = stored
+        self.random = draws_random(module)  # its rerun must replay the RNG state
         self.keep = False  # the forward keeps its kept layers' outputs (revify.keep)
 
     def extra_repr(self) -> str:
@@ -93,7 +96,7 @@ class _Frame:
         self.requires = [a.requires_grad for a in tensors]
         self.inputs = _SaveInputs.apply(_ANCHOR, *tensors)
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        self.rng = capture_rng(self.device) if unit.training else None
+        self.rng = capture_rng(self.device) if unit.training and unit.random else None
         self.autocast = capture_autocast(self.device)
         self.tape = Tape() if unit.keep else None
         self.saved, self.count = None, 0

@@ -126,6 +126,7 @@ class Kept(nn.Module):
     `layer_name` (the layer's name in the source model; a reversible block's two branches each
     have a copy) is how the plan and the schedule name it; `active` says whether the schedule
     lets it keep (it may choose some of a unit's kept layers and not others)."""
+    only_calls_children = True  # draws no random numbers of its own (revify.ops.draws_random)
 
     def __init__(self, layer: nn.Module, layer_name: str = ""):
         super().__init__()

@@ -177,13 +177,14 @@ def replay_autocast(state):
 
 
 class Seed(torch.autograd.Function):
-    """A scalar standing for `out` as the root of a backward, which hands `out` the gradient
-    `grad`: the backward can start after `out` itself has been released."""
+    """A stand-in for `out` as the root of a backward, which hands `out` the gradient `grad`:
+    the backward can start after `out` itself has been released. It is a view of `grad` (alive
+    anyway), so making it allocates and launches nothing."""
 
     @staticmethod
     def forward(ctx, out, grad):
         ctx.grad = grad
-        return out.new_zeros(())
+        return grad.view_as(grad)
 
     @staticmethod
     def backward(ctx, _):
@@ -192,8 +193,8 @@ class Seed(torch.autograd.Function):
 
 
 def grads_of(root: torch.Tensor, inputs: list[torch.Tensor]) -> tuple:
-    """torch.autograd.grad(root, inputs, allow_unused=True) for a scalar `root` whose backward
-    ignores the gradient it is given (Seed): the engine called directly, without
+    """torch.autograd.grad(root, inputs, allow_unused=True) for a `root` whose backward ignores
+    the gradient it is given (Seed: it is given itself): the engine called directly, without
     torch.autograd.grad's Python checks of every input (a dozen calls a branch)."""
     return Variable._execution_engine.run_backward(
         (root,), (root,), False, False, tuple(inputs), True, False)

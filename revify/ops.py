@@ -89,6 +89,54 @@ POSITION_FREE_MODULES = ACTIVATION_MODULES + (nn.Identity, nn.Dropout, nn.AlphaD
                                               torchvision.ops.StochasticDepth, DropPath)
 
 
+# What a rerun must replay the RNG state for (revify.reversible, revify.checkpoint): layers that
+# draw random numbers, and layers known to draw none. Any other module with a forward of its
+# own (one revify does not know, a user's) is taken to draw some; so is a function from outside
+# torch, torchvision, timm, revify and Python's own modules.
+RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                  nn.FeatureAlphaDropout, nn.RReLU, torchvision.ops.StochasticDepth, DropPath)
+DETERMINISTIC_MODULES = tuple(m for m in ACTIVATION_MODULES if m is not nn.RReLU) + (
+    nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+    nn.LayerNorm, nn.Identity, nn.Flatten, nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd, Permute,
+    nn.Sequential, nn.ModuleList, nn.ModuleDict)  # containers: their children are looked at
+RANDOM_FUNCTIONS = set(MODE_MODULES) | {
+    torch.rand, torch.rand_like, torch.randn, torch.randn_like, torch.randint, torch.randint_like,
+    torch.randperm, torch.bernoulli, torch.multinomial, torch.normal, torch.poisson,
+    torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout,
+    torch.rrelu, F.gumbel_softmax}
+RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
+                  "geometric_", "cauchy_", "log_normal_", "multinomial"}
+_KNOWN_FUNCTION_MODULES = ("torch", "_operator", "operator", "builtins", "math", "revify",
+                           "torchvision", "timm")
+
+
+def draws_random(module: nn.Module) -> bool:
+    """Whether running `module` may draw random numbers (its rerun then replays the RNG state
+    its forward drew from). Known once per module, instead of capturing the state every step."""
+    for m in module.modules():
+        if isinstance(m, fx.GraphModule):
+            if any(map(_node_draws_random, m.graph.nodes)):
+                return True
+        elif isinstance(m, RANDOM_MODULES) or not (
+                isinstance(m, DETERMINISTIC_MODULES) or type(m) is nn.Module  # a mere holder
+                or getattr(m, "only_calls_children", False)):
+            return True
+    return False
+
+
+def _node_draws_random(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in RANDOM_METHODS
+    if node.op != "call_function":
+        return False
+    target = node.target  # a method descriptor (torch.Tensor.add) names its class's module
+    origin = getattr(target, "__module__", None) or \
+        getattr(getattr(target, "__objclass__", None), "__module__", "")
+    return target in RANDOM_FUNCTIONS or origin.split(".")[0] not in _KNOWN_FUNCTION_MODULES
+
+
 def is_add(node: fx.Node) -> bool:
     """A plain two-tensor add: `a + b`, `a += b`, `torch.add(a, b)`, `a.add(b)` (no alpha)."""
     if node.op == "call_function" and node.target in ADD_FUNCTIONS:

@@ -24,9 +24,10 @@ float32 with H = 4, far finer than bfloat16 and about what float32 itself rounds
 values of a channel to. Fixed-point arithmetic for exact reversal: MacKay et al., "Reversible
 Recurrent Neural Networks", NeurIPS 2018.
 
-The grid holds while no value reaches 2^P * step. Every add checks its channels (one sync per
-stage); a channel that outgrew its headroom gets 8 more bits and the stage runs its forward
-again, drawing the same random masks and leaving BatchNorm statistics as the first run updated
+The grid holds while no value reaches 2^P * step. Every add records its channels' largest
+magnitude and one reduction per stage compares them with the limits; a channel that outgrew
+its headroom gets 8 more bits and (until the grid has held once: `widen`) the stage runs its
+forward again, drawing the same random masks and leaving BatchNorm statistics as the first run updated
 them. The headroom is kept (a buffer), so a stage pays this once, not every step. A stream that
 grows beyond what the grid can hold with 8 bits of precision left (`ReversibleStage.widen`) makes the
 overflowing adds round as plain floating point would, with a warning. A forward that needs no
@@ -49,6 +50,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .keep import Tape, recording, replaying
+from .ops import draws_random
 from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
                     replay_autocast, replay_rng, restore_rng, slots, Seed, grads_of, NOTHING)
 
@@ -65,6 +67,8 @@ class CouplingBlock(nn.Module):
     def __init__(self, f: nn.Module, g: nn.Module):
         super().__init__()
         self.f, self.g = f, g
+        # per branch, whether its rerun must replay the RNG state its forward drew from
+        self.random = (draws_random(f), draws_random(g))
 
 
 def stream_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
@@ -81,32 +85,29 @@ def _data_dependent_ok(t: torch.Tensor) -> bool:
 @dataclass
 class Grid:
     """The fixed-point grid of a stage's two stream halves, per channel along `dim`."""
-    steps: tuple[torch.Tensor, torch.Tensor]    # spacing, shaped to broadcast against a half
-    limits: tuple[torch.Tensor, torch.Tensor]   # 2^P * step: every value stays below it
+    steps: tuple[torch.Tensor, torch.Tensor]     # spacing, shaped to broadcast against a half
+    inverses: tuple[torch.Tensor, torch.Tensor]  # 1 / step: powers of two, so t * (1 / step)
+                                                 # is t / step to the bit, and cheaper on CPU
+    limit: torch.Tensor                          # per stream channel, 2^P * step: every value
+                                                 # stays below it
     dims: list[int]                              # the dims a per-channel reduction runs over
     empty: bool = False                          # made for an empty batch: it proves nothing
-    # 1 / step: powers of two, so t * (1 / step) is t / step to the bit, and cheaper on CPU
-    inverses: tuple[torch.Tensor, torch.Tensor] = ()
-
-    def __post_init__(self):
-        self.inverses = tuple(1 / step for step in self.steps)
 
     @classmethod
     def for_input(cls, x: torch.Tensor, dim: int, headroom: torch.Tensor, dtype: torch.dtype):
         dims = [d for d in range(x.ndim) if d != dim]
+        bits = SIGNIFICAND_BITS[dtype]
         with torch.no_grad():
-            x = x.detach()
-            size = torch.maximum(_per_channel(x, dims, torch.amax),
-                                 -_per_channel(x, dims, torch.amin)).to(dtype)
+            size = magnitude(x.detach(), dims).to(dtype)
             size = torch.maximum(size, size.max() * 2.0 ** -FLOOR_BITS)
-            size = size.clamp_min(torch.finfo(dtype).tiny * 2.0 ** 64)  # keep steps normal
-            exponent = torch.frexp(size).exponent        # size < 2^exponent
-            bits = SIGNIFICAND_BITS[dtype]
-            step = torch.ldexp(torch.ones_like(size), exponent + headroom - bits)
+            size.clamp_min_(torch.finfo(dtype).tiny * 2.0 ** 64)  # keep steps normal
+            exponent = torch.frexp(size).exponent          # size < 2^exponent
+            step = torch.ldexp(torch.ones_like(size), exponent.add_(headroom).sub_(bits))
+            inverse, limit = step.reciprocal(), step * 2.0 ** bits
         shape = [1] * x.ndim
         shape[dim] = -1
-        steps = step.view(shape).chunk(2, dim)
-        return cls(steps, tuple(s * 2.0 ** bits for s in steps), dims, x.numel() == 0)
+        return cls(step.view(shape).chunk(2, dim), inverse.view(shape).chunk(2, dim), limit,
+                   dims, x.numel() == 0)
 
     def snap(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """`t` rounded onto half `half`'s grid, in the stream dtype (a new tensor)."""
@@ -124,11 +125,17 @@ class Grid:
             scaled = torch.round(t * inverse)
         return stream.addcmul_(scaled, self.steps[half], value=sign)
 
-    def outgrown(self, t: torch.Tensor, half: int) -> torch.Tensor:
-        """Per channel of half `half`: whether `t` reached the grid's limit (no sync)."""
-        limit = self.limits[half].flatten()
-        return (_per_channel(t, self.dims, torch.amax) >= limit) | \
-            (_per_channel(t, self.dims, torch.amin) <= -limit)
+    def outgrown(self, sizes: list[torch.Tensor]) -> torch.Tensor:
+        """Per stream channel: whether a value reached the grid's limit, from the `magnitude`
+        of each half after each of a stage's adds (`sizes`: the first half's, then the
+        second's, as many of each), combined in one reduction (no sync)."""
+        per_half = torch.stack(sizes).unflatten(0, (2, -1)).amax(1)
+        return per_half.flatten() >= self.limit
+
+
+def magnitude(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """Per channel, the largest |value| of `t` (reduced over `dims`)."""
+    return _per_channel(t.abs(), dims, torch.amax)
 
 
 class _read_later:
@@ -153,16 +160,16 @@ class _read_later:
 
 
 def _per_channel(t: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:
-    """`reduce` (amax or amin) over `dims`, the leading ones (the batch) first: that reduction
-    is elementwise across whole samples, vectorised along the contiguous rest, and leaves a
-    tensor a batch smaller for the second. On CPU it is 2-3x faster than reducing over every
-    dim at once, or the inner dims first, when the feature map is small (7x7, 4x4), and as
-    fast on large ones."""
+    """`reduce` (amax or amin) over `dims`. On CPU the leading dims (the batch) first: that
+    reduction is elementwise across whole samples, vectorised along the contiguous rest, and
+    leaves a tensor a batch smaller for the second; 2-3x faster than reducing over every dim
+    at once when the feature map is small (7x7, 4x4), and as fast on large ones. Elsewhere one
+    reduction (one kernel launch)."""
     channel = (set(range(t.ndim)) - set(dims)).pop()
     if t.numel() == 0:  # an empty batch: no value to place on the grid, none can outgrow it
         return t.new_zeros(t.shape[channel])
     outer = [d for d in dims if d < channel]
-    if outer and len(outer) < len(dims):
+    if t.device.type == "cpu" and outer and len(outer) < len(dims):
         t = reduce(t, outer)
         dims = [d - len(outer) for d in dims if d > channel]
     return reduce(t, dims)
@@ -216,6 +223,7 @@ class ReversibleStage(nn.Module):
                  stored: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.random = any(r for block in blocks for r in block.random)
         self.dim = dim
         self.exact = exact
         self.anchor_every = anchor_every
@@ -272,12 +280,13 @@ class ReversibleStage(nn.Module):
         if self.headroom is None or self.headroom.numel() != x.shape[self.dim]:
             self.headroom = torch.full((x.shape[self.dim],), HEADROOM_BITS, dtype=torch.int32,
                                        device=x.device)  # a new grid: not held (`_holds`)
-        return Grid.for_input(x, self.dim, self.headroom.to(x.device),
+        return Grid.for_input(x, self.dim, self.headroom.to(x.device, torch.int32),
                               stream_dtype(x.dtype, True))
 
-    def widen(self, grid: Grid | None, outgrown: list[torch.Tensor | None]) -> bool:
+    def widen(self, grid: Grid | None, sizes: list[torch.Tensor] | None) -> bool:
         """Give the channels that outgrew the grid more headroom; whether the forward must run
-        again.
+        again. `sizes`: the magnitudes the forward's adds left (`Grid.outgrown`), None when
+        there was nothing to check.
 
         Until the grid has held for one forward (after it was made or widened) this reads the
         check on the host (a sync) and runs the forward again on overflow, so the step is
@@ -288,13 +297,13 @@ class ReversibleStage(nn.Module):
         host again.
 
         A channel already at the most headroom that still leaves 2^MIN_BITS of precision stays
-        there: its stream grew over 2^(P - MIN_BITS - HEADROOM_BITS) times its input within the
+        there: its stream grew over 2^(P - MIN_BITS) times its input within the
         stage (an untrained network whose activations explode), and the adds that overflowed
         it rounded as plain floating point would (`native` reconstruction), said once.
         """
-        if grid is None or outgrown[0] is None or not _data_dependent_ok(outgrown[0]):
+        if not sizes:
             return False
-        over = torch.cat(outgrown).to(self.headroom.device)
+        over = grid.outgrown(sizes).to(self.headroom.device)
         most = SIGNIFICAND_BITS[grid.steps[0].dtype] - MIN_BITS
         if self._holds():
             self._outgrown = _read_later(over.any())
@@ -311,7 +320,7 @@ class ReversibleStage(nn.Module):
                 self._warned = True
                 warnings.warn(
                     f"revify: the coupled stream of a reversible stage grew over "
-                    f"2^{most - HEADROOM_BITS}x its input's magnitude within the stage, beyond "
+                    f"2^{most}x its input's magnitude within the stage, beyond "
                     f"what its fixed-point grid holds; those adds rounded as in floating point, "
                     f"so that step's reconstruction was not exact (as with reconstruction="
                     f"'native'). Activations that explode like this are typical of an untrained "
@@ -353,7 +362,7 @@ class ReversibleStage(nn.Module):
         statistics as the first one updated them.
         """
         self._settle()
-        rng = capture_rng(x.device) if self.training else None
+        rng = capture_rng(x.device) if self.training and self.random else None
         first = True
         while True:
             grid = self.grid_for(x)
@@ -372,13 +381,14 @@ class ReversibleStage(nn.Module):
         """
         for grid, context in self._attempts(x):
             with context:
-                coupled, outgrown = self._couple_once(x, grid, anchors, record)
-            if not self.widen(grid, outgrown):
+                coupled, sizes = self._couple_once(x, grid, anchors, record)
+            if not self.widen(grid, sizes):
                 return coupled
 
     def _couple_once(self, x, grid: Grid | None, anchors: dict | None, record: bool):
         # Without a backward to come (inference) nothing needs rebuilding: no overflow check.
-        check = grid is not None and (torch.is_grad_enabled() or record)
+        check = grid is not None and (torch.is_grad_enabled() or record) and \
+            _data_dependent_ok(x)
         dtype, dim = x.dtype, self.dim
         sdt = stream_dtype(dtype, grid is not None)
         halves = x.chunk(2, dim)
@@ -392,7 +402,7 @@ class ReversibleStage(nn.Module):
         value = lambda k: (values[k] if values[k] is not None else h[k]).detach()
         stream = lambda: torch.cat([value(0), value(1)], dim)
         entry = stream() if record else None
-        outgrown = [None, None]
+        sizes = ([], [])
         for i, block in enumerate(self.blocks):
             if anchors is not None and self.anchored(i):
                 anchors[i] = stream()
@@ -400,11 +410,10 @@ class ReversibleStage(nn.Module):
                 f = branch(h[1 - k].contiguous())
                 h[k], values[k] = _plain_add(h[k], values[k], f, grid, k)
                 if check:
-                    over = grid.outgrown(value(k), k)
-                    outgrown[k] = over if outgrown[k] is None else outgrown[k] | over
+                    sizes[k].append(magnitude(value(k), grid.dims))
         output = torch.cat(h, dim)
         exit = output.detach() if values[0] is None else stream()
-        return Coupled(output, exit, entry, grid), outgrown
+        return Coupled(output, exit, entry, grid), sizes[0] + sizes[1]
 
     def inverse(self, coupled: Coupled, anchors: dict | None = None) -> torch.Tensor:
         """The stage input (as its blocks saw it) rebuilt from `coupled.stream` by running the
@@ -562,8 +571,8 @@ class _Run:
         stage = self.stage
         for grid, context in stage._attempts(x):
             with context:
-                x1, x2, outgrown = _forward_once(self, stage, x, grid)
-            if not stage.widen(grid, outgrown):
+                x1, x2, sizes = _forward_once(self, stage, x, grid)
+            if not stage.widen(grid, sizes):
                 break
         self.grid, self.halves = grid, (x1, x2)
 
@@ -616,9 +625,10 @@ class _Run:
 
 
 def _token(like: torch.Tensor) -> torch.Tensor:
-    """What flows between the chain's nodes in the forward: a tensor of a stream half's shape and
-    dtype (the gradient flowing back is the real one) that stores a single value."""
-    return torch.empty_strided(like.shape, [0] * like.ndim, dtype=like.dtype, device=like.device)
+    """What flows between the chain's nodes in the forward: a view of a stream half's shape and
+    dtype (the gradient flowing back is the real one; the values are never read), made without
+    allocating or launching anything."""
+    return like.view_as(like)
 
 
 class _Enter(torch.autograd.Function):
@@ -628,8 +638,7 @@ class _Enter(torch.autograd.Function):
     def forward(ctx, run: _Run, x):
         ctx.dim = run.stage.dim
         run.forward(x)
-        half = x.narrow(ctx.dim, 0, x.shape[ctx.dim] // 2)
-        return _token(half), _token(half)
+        return tuple(x.chunk(2, ctx.dim))
 
     @staticmethod
     @once_differentiable
@@ -687,7 +696,7 @@ def _accumulate(stream, value, grid, half, sign=1, scratch=True):
 
 def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
     """The stage's blocks without autograd, the stream updated in place; returns its halves
-    and, per half, the channels that outgrew the grid (None: nothing to check)."""
+    and the magnitudes its adds left, for `widen` (empty: nothing to check)."""
     dtype, device = x.dtype, x.device
     run.rng, run.anchors, run.tapes = [], {}, []
     if grid is None:
@@ -695,20 +704,20 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
     else:
         sdt = stream_dtype(dtype, True)
         stream = [grid.snap(h.to(sdt), k) for k, h in enumerate(x.chunk(2, stage.dim))]
-    outgrown = [None, None]
+    check = grid is not None and _data_dependent_ok(x)
+    sizes = ([], [])
     for i, block in enumerate(stage.blocks):
         if stage.anchored(i):
             run.anchors[i] = tuple(h.clone() for h in stream)
         rngs, tapes = [], []
         for k, branch in ((0, block.f), (1, block.g)):
-            rngs.append(capture_rng(device) if block.training else None)
+            rngs.append(capture_rng(device) if block.training and block.random[k] else None)
             tapes.append(Tape() if stage.keep else None)
             with recording(tapes[-1]) if stage.keep else NOTHING:
                 f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)
-            if grid is not None and _data_dependent_ok(stream[k]):
-                over = grid.outgrown(stream[k], k)
-                outgrown[k] = over if outgrown[k] is None else outgrown[k].logical_or_(over)
+            if check:
+                sizes[k].append(magnitude(stream[k], grid.dims))
         run.rng.append(rngs)
         run.tapes.append(tapes)
-    return stream[0], stream[1], outgrown
+    return stream[0], stream[1], sizes[0] + sizes[1]

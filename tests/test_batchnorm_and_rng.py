@@ -90,3 +90,30 @@ def test_dropout_and_drop_path_replay_the_same_masks():
     torch.testing.assert_close(rng_after_reversible, rng_after_exact, rtol=0, atol=0)
     other_seed = step_grads(rev, x, y, exact=True, seed=7)
     assert worst_rel_err(other_seed, ref)[0] > 1e-3  # masks really are random
+
+
+def test_only_units_that_draw_random_numbers_capture_the_rng_state(monkeypatch):
+    """Capturing the RNG state copies the generator's state for every branch and unit each step:
+    those known to draw nothing (convolutions, norms, ReLUs) skip it; a branch with a dropout
+    captures it, as does the stage that may rerun its forward (revify.ops.draws_random)."""
+    from revify import checkpoint, modes, reversible
+    captured = []
+
+    def capture(device):
+        captured.append(device)
+        return modes.capture_rng(device)
+
+    monkeypatch.setattr(reversible, "capture_rng", capture)
+    monkeypatch.setattr(checkpoint, "capture_rng", capture)
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))
+    plain = revify.transform(torchvision.models.resnet18(num_classes=5), input_size=(3, 8, 8))
+    F.cross_entropy(plain.train()(x), y).backward()
+    assert captured == []
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[DroppyBlock(8) for _ in range(3)],
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 5))
+    rev = revify.transform(model, input_size=(3, 8, 8), leaf_modules=[DropPath]).train()
+    assert rev.revify_plan.stages[0].blocks == ["1", "2", "3"]
+    captured.clear()  # what the schedule's projections at transform time captured
+    F.cross_entropy(rev(x), y).backward()
+    assert len(captured) == 1 + 2 * 3  # the stage, then F and G of each block; not stem or head
