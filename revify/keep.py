@@ -127,12 +127,13 @@ class Kept(nn.Module):
     have a copy) is how the plan and the schedule name it; `keeps` whether it is in its unit's
     schedule's kept set (the schedule may choose some of a unit's kept layers and not others).
     That is the unit's schedule (revify.modes.UnitSchedule) copied once, by
-    revify.rewrite.set_mode: the layer need not find its unit at every call."""
+    revify.rewrite.set_mode: the layer need not find its unit at every call. Until then it
+    keeps wherever a tape records (a unit records only if its schedule keeps)."""
 
     def __init__(self, layer: nn.Module, layer_name: str = ""):
         super().__init__()
         object.__setattr__(self, "layer", layer)
-        self.layer_name, self.keeps = layer_name, False
+        self.layer_name, self.keeps = layer_name, True
 
     def extra_repr(self) -> str:
         return repr(self.layer)
