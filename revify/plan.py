@@ -1,7 +1,9 @@
 """Step 3 of the pipeline: decide what becomes of every residual block.
 
 The plan is plain data (names, numbers, reasons). The rewrite executes it and the report prints
-it, so what is printed is what was done.
+it, so what is printed is what was done. revify.schedule's choice goes beside it
+(`Plan.schedule`, a frozen `Schedule` attached once), never into it: nothing edits a plan's
+blocks, stages or segments after `make_plan`.
 """
 from __future__ import annotations
 

@@ -246,7 +246,7 @@ class _Pricing:
     """The peak of any choice of modes (one per unit), from one projection per mode (see the
     module docstring). `stages[k]`: whether unit k is a reversible stage."""
 
-    def __init__(self, runs: dict[str, _Run], stages: list[bool]):
+    def __init__(self, runs: dict[Mode, _Run], stages: list[bool]):
         self.runs, self.stages = runs, stages
 
     def held(self, modes: list[Mode], k: int) -> int:
