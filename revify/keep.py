@@ -5,11 +5,12 @@ the backward. Most of that compute sits in a few layers whose outputs are small 
 cost: a 3x3 convolution does 2 * 9 * C_in FLOPs per value it writes, so keeping its output
 costs 4 bytes per 18 * C_in FLOPs saved, a hundred times better than keeping a whole unit. The
 plan marks such layers (`KEEP_FLOPS_PER_BYTE`); when the schedule lets a unit keep them (the
-`kept` of its revify.modes.UnitSchedule names them), its forward records their outputs on a `Tape` that the unit's backward holds, and the rerun takes
-each output from the tape instead of computing it: the layer's backward (gradients of its
-input and weights) runs as plain autograd's, from the same saved input and weights, so nothing
-changes by a bit. The tape lives as long as the unit's piece of the autograd graph and is
-emptied as the rerun consumes it.
+`kept` of its revify.modes.UnitSchedule names them), its forward records their outputs on a
+`Tape` that the unit's backward holds, and the rerun takes each output from the tape instead
+of computing it: the layer's backward (gradients of its input and weights) runs as plain
+autograd's, from the same saved input and weights, so nothing changes by a bit. The tape
+lives as long as the unit's piece of the autograd graph and is emptied as the rerun consumes
+it.
 
 This is the opposite of revify.lean, which nests the cheapest layers (recomputing them once
 more); the two thresholds leave no layer in both.
