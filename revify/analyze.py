@@ -518,7 +518,7 @@ def _unit_table(report_plan, runs) -> list[Unit]:
     shapes = runs["revify"].shapes
     units = []
     for i, seg in enumerate(report_plan.segments):
-        unit = _unit(seg.name, seg.kind, seg.action, shapes.get(i, ()), runs,
+        unit = _unit(seg.name, seg.kind, report_plan.runs_as(seg), shapes.get(i, ()), runs,
                      lambda k, i=i: k is not None and k[0] == i)
         if seg.kind == "stage":
             unit.blocks = [_unit(b, "block", report_plan.block(b).action, report_plan.block(b).shape[1:], runs,

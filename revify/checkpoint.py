@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .keep import Tape, recording, replaying
 from .ops import draws_random
-from .modes import (capture_autocast, capture_rng, discarding, exact_backward_enabled,
-                    frozen_buffers, replay_autocast, replay_rng)
+from .modes import (UnitMode, UnitSchedule, capture_autocast, capture_rng, discarding,
+                    exact_backward_enabled, frozen_buffers, replay_autocast, replay_rng)
 
 
 class Checkpointed(nn.Module):
@@ -37,26 +37,27 @@ class Checkpointed(nn.Module):
 
     `owned=False` (a layer checkpointed inside a unit, revify.lean) leaves `module`'s layers
     registered where the unit has them, so parameter names do not depend on what is nested.
-    `stored=True` (revify.schedule: the unit's activations fit under the step's peak) runs it
-    with plain autograd instead: nothing recomputed.
+    `schedule` (revify.schedule's choice, set by revify.rewrite.set_mode) says how it runs:
+    STORED (the unit's activations fit under the step's peak) with plain autograd, nothing
+    recomputed; its `kept` layers' outputs kept by the forward for the rerun (revify.keep).
     """
     only_calls_children = True  # draws no random numbers of its own (revify.ops.draws_random)
 
-    def __init__(self, module: nn.Module, owned: bool = True, stored: bool = False):
+    def __init__(self, module: nn.Module, owned: bool = True):
         super().__init__()
         if owned:
             self.module = module
         else:
             object.__setattr__(self, "module", module)
-        self.stored = stored
+        self.schedule = UnitSchedule()
         self.random = draws_random(module)  # its rerun must replay the RNG state
-        self.keep = False  # the forward keeps its kept layers' outputs (revify.keep)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{flag}=True" for flag in ("stored", "keep") if getattr(self, flag))
+        return "" if self.schedule == UnitSchedule() else str(self.schedule)
 
     def forward(self, *args):
-        if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
+        if self.schedule.mode is UnitMode.STORED or exact_backward_enabled() \
+                or not torch.is_grad_enabled():
             return self.module(*args)
         if torch.compiler.is_compiling():
             # Compiled, the recompute is part of the backward graph, which applies buffer
@@ -98,7 +99,7 @@ class _Frame:
         self.device = tensors[0].device if tensors else torch.device("cpu")
         self.rng = capture_rng(self.device) if unit.training and unit.random else None
         self.autocast = capture_autocast(self.device)
-        self.tape = Tape() if unit.keep else None
+        self.tape = Tape() if unit.schedule.kept else None
         self.saved, self.count = None, 0
 
     def pack(self, _) -> int:

@@ -4,12 +4,13 @@ A recomputing unit (a checkpointed block, a reversible stage's branches) reruns 
 the backward. Most of that compute sits in a few layers whose outputs are small for what they
 cost: a 3x3 convolution does 2 * 9 * C_in FLOPs per value it writes, so keeping its output
 costs 4 bytes per 18 * C_in FLOPs saved, a hundred times better than keeping a whole unit. The
-plan marks such layers (`KEEP_FLOPS_PER_BYTE`); when the schedule lets a unit keep them, its
-forward records their outputs on a `Tape` that the unit's backward holds, and the rerun takes
-each output from the tape instead of computing it: the layer's backward (gradients of its
-input and weights) runs as plain autograd's, from the same saved input and weights, so nothing
-changes by a bit. The tape lives as long as the unit's piece of the autograd graph and is
-emptied as the rerun consumes it.
+plan marks such layers (`KEEP_FLOPS_PER_BYTE`); when the schedule lets a unit keep them (the
+`kept` of its revify.modes.UnitSchedule names them), its forward records their outputs on a
+`Tape` that the unit's backward holds, and the rerun takes each output from the tape instead
+of computing it: the layer's backward (gradients of its input and weights) runs as plain
+autograd's, from the same saved input and weights, so nothing changes by a bit. The tape
+lives as long as the unit's piece of the autograd graph and is emptied as the rerun consumes
+it.
 
 This is the opposite of revify.lean, which nests the cheapest layers (recomputing them once
 more); the two thresholds leave no layer in both.
@@ -124,20 +125,23 @@ class Kept(nn.Module):
     as before the wrapping).
 
     `layer_name` (the layer's name in the source model; a reversible block's two branches each
-    have a copy) is how the plan and the schedule name it; `active` says whether the schedule
-    lets it keep (it may choose some of a unit's kept layers and not others)."""
+    have a copy) is how the plan and the schedule name it; `keeps` whether it is in its unit's
+    schedule's kept set (the schedule may choose some of a unit's kept layers and not others).
+    That is the unit's schedule (revify.modes.UnitSchedule) copied once, by
+    revify.rewrite.set_mode: the layer need not find its unit at every call. Until then it
+    keeps wherever a tape records (a unit records only if its schedule keeps)."""
     only_calls_children = True  # draws no random numbers of its own (revify.ops.draws_random)
 
     def __init__(self, layer: nn.Module, layer_name: str = ""):
         super().__init__()
         object.__setattr__(self, "layer", layer)
-        self.layer_name, self.active = layer_name, True
+        self.layer_name, self.keeps = layer_name, True
 
     def extra_repr(self) -> str:
         return repr(self.layer)
 
     def forward(self, x):
-        state = current() if _entered[0] and self.active else None
+        state = current() if _entered[0] and self.keeps else None
         if state is None:
             return self.layer(x)
         tape, recording = state

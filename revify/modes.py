@@ -1,15 +1,36 @@
 """Switches and context managers shared by reversible stages and checkpointed layers."""
 from __future__ import annotations
 
+import enum
 import threading
 import weakref
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.autograd.variable import Variable
 
 _local = threading.local()
+
+
+class UnitMode(enum.Enum):
+    """How a unit's backward runs (revify.schedule chooses one per unit)."""
+    LEAN = "lean"       # recompute the unit, its nested layers (revify.lean) once more
+    PLAIN = "plain"     # recompute the unit, its nested layers storing inside the rerun
+    STORED = "stored"   # plain autograd: recompute nothing
+
+
+@dataclass(frozen=True)
+class UnitSchedule:
+    """How one unit runs: its mode, and the kept layers (revify.keep, by layer name) whose
+    outputs its forward keeps for the rerun (none: it keeps nothing). A unit reads it at
+    every forward; `revify.rewrite.set_mode` sets it, once, from the schedule."""
+    mode: UnitMode = UnitMode.LEAN
+    kept: frozenset[str] = frozenset()
+
+    def __str__(self) -> str:
+        return self.mode.value + (f", keeping {', '.join(sorted(self.kept))}" if self.kept else "")
 
 
 @contextmanager

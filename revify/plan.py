@@ -1,12 +1,14 @@
 """Step 3 of the pipeline: decide what becomes of every residual block.
 
 The plan is plain data (names, numbers, reasons). The rewrite executes it and the report prints
-it, so what is printed is what was done.
+it, so what is printed is what was done. revify.schedule's choice goes beside it
+(`Plan.schedule`, a frozen `Schedule` attached once), never into it: nothing edits a plan's
+blocks, stages or segments after `make_plan`.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -15,6 +17,7 @@ from torch import fx, nn
 from .blocks import ResidualBlock, module_path
 from .channels import BranchChannels, Unresizable, analyze_branch, groups_key, inner_key
 from .lean import HOT_FRACTION, LeanPlan, largest_tensor, plan_lean
+from .modes import UnitMode, UnitSchedule
 from .resize import holds_state, rebuild, resizer_for
 
 Action = Literal["reversible", "checkpointed", "stored"]
@@ -125,27 +128,35 @@ class SegmentPlan:
     lean: LeanPlan | None = None               # what a checkpointed unit's recompute drops
     # A unit of its own in the rewritten net (a Checkpointed or ReversibleStage module); False:
     # its nodes run inline, stored (checkpoint="none", the last of sqrt(n) groups). A unit
-    # revify.schedule stores stays a unit: its action becomes "stored".
+    # revify.schedule stores stays a unit, its action as planned: the schedule says how it
+    # runs (Plan.runs_as).
     outlined: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
-    """What revify.schedule chose: the units that keep their activations instead of recomputing
-    them, those that rerun without revify.lean's nesting and those that keep their dearest
-    layers' outputs for the rerun. Bytes are projected for a training step at the example
-    input."""
+    """What revify.schedule chose, made once and never changed: how each unit runs (the units
+    that keep their activations instead of recomputing them, those that rerun without
+    revify.lean's nesting, those that keep their dearest layers' outputs for the rerun), and
+    what that costs. The plan is not edited for it: the units run, and the report prints,
+    the plan as made with this on top. Bytes are projected for a training step at the
+    example input."""
     budget: int                                # the peak activation bytes allowed (gradients
                                                # in flight included: revify.schedule)
     peak_recompute: int                        # the peak with every unit recomputing
-    peak: int                                  # the peak with `stored` kept, `plain` plain
-    stored: dict[str, int] = field(default_factory=dict)  # unit -> bytes it keeps
-    plain: list[str] = field(default_factory=list)  # units whose rerun nests no layer: the peak
-                                               # stays where it is without the nesting
+    peak: int                                  # the peak with the units as `units` says
+    units: dict[str, UnitSchedule] = field(default_factory=dict)  # unit -> how it runs, for
+                                               # every outlined unit, in order
+    stored: dict[str, int] = field(default_factory=dict)  # STORED unit -> bytes it keeps
     kept: dict[str, int] = field(default_factory=dict)  # unit -> bytes of layer outputs its
                                                # forward keeps for its rerun (revify.keep)
     flops_saved: int = 0                       # recompute FLOPs a step no longer runs
     skipped: str = ""                          # why no unit could be considered, if so
+
+    @property
+    def plain(self) -> list[str]:
+        """The units whose rerun nests no layer: the peak stays where it is without it."""
+        return [name for name, unit in self.units.items() if unit.mode is UnitMode.PLAIN]
 
 
 @dataclass
@@ -180,6 +191,29 @@ class Plan:
 
     def segment(self, name: str) -> SegmentPlan:
         return next(s for s in self.segments if s.name == name)
+
+    def unit_schedule(self, name: str) -> UnitSchedule:
+        """How unit `name` runs: as the schedule says, else as the rewrite built it (LEAN,
+        keeping nothing)."""
+        return self.schedule.units.get(name, UnitSchedule()) if self.schedule else UnitSchedule()
+
+    def runs_as(self, segment: SegmentPlan) -> str:
+        """What `segment` runs as: its action, or "stored" where the schedule stores it."""
+        stored = self.unit_schedule(segment.name).mode is UnitMode.STORED
+        return "stored" if stored else segment.action
+
+    def running(self, lean: LeanPlan | None, unit: str) -> LeanPlan | None:
+        """What of `lean` (a plan of unit `unit` or of one of its blocks) runs: its nesting
+        only if the unit runs LEAN (PLAIN and STORED store what is nested; their in-place adds
+        and masked ReLUs stay), only the kept layers the unit keeps."""
+        if lean is None:
+            return None
+        schedule = self.unit_schedule(unit)
+        nests = schedule.mode is UnitMode.LEAN
+        kept = [(n, m) for n, m in zip(lean.kept, lean.kept_layers) if m in schedule.kept]
+        return replace(lean, nested=lean.nested if nests else [],
+                       layers=lean.layers if nests else [],
+                       kept=[n for n, _ in kept], kept_layers=[m for _, m in kept])
 
     def leans(self, segment: SegmentPlan) -> list[LeanPlan]:
         """What the recompute of `segment`'s unit does differently: its own lean plan, or its

@@ -22,14 +22,15 @@ def format_plan(plan, fmt: str = "simple") -> str:
                 roles[f], roles[g] = " (F)", " (G)"
     blocks = [[b.name, _shape(b.shape), b.action + roles.get(b.name, ""),
                "" if b.stage is None else plan.stages[b.stage].name,
-               f"{b.params_before:,}", f"{b.params_after:,}",
-               b.reason or (f"branch {b.lean.describe()}" if b.lean else "")] for b in plan.blocks]
+               f"{b.params_before:,}", f"{b.params_after:,}", b.reason or _branch(plan, b)]
+              for b in plan.blocks]
     stages = [[s.name, len(s.blocks), len(s.couplings), s.channels, f"{s.channels // 2} + {s.channels // 2}",
                f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
                _delta(s.params_before, s.params_after)] for s in plan.stages]
-    segments = [[s.name, s.kind, s.action, ", ".join(s.blocks) or "-",
+    segments = [[s.name, s.kind, plan.runs_as(s), ", ".join(s.blocks) or "-",
                  "; ".join(_scheduled(s.name, plan.schedule) +
-                           ([s.lean.describe()] if s.lean else []))] for s in plan.segments]
+                           ([lean.describe()] if (lean := plan.running(s.lean, s.name)) else []))]
+                for s in plan.segments]
     parts = [
         f"revify plan for {plan.model}: {len(plan.blocks)} residual blocks, "
         f"{sum(b.action == 'reversible' for b in plan.blocks)} reversible in {len(plan.stages)} "
@@ -54,6 +55,12 @@ def format_plan(plan, fmt: str = "simple") -> str:
         parts.insert(-1, "kept as opaque layers (not traced into):\n" + "\n".join(
             f"  {name}: {why}" for name, why in plan.opaque.items()))
     return "\n\n".join(parts)
+
+
+def _branch(plan, block) -> str:
+    """What a reversible block's branches drop in their rebuild, as its stage runs."""
+    lean = block.lean and plan.running(block.lean, plan.stages[block.stage].name)
+    return f"branch {lean.describe()}" if lean else ""
 
 
 def unmatched_note(plan) -> str:

@@ -53,6 +53,7 @@ from .keep import Tape, recording, replaying
 from .ops import draws_random
 from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
                     replay_autocast, replay_rng, restore_rng, slots, Seed, grads_of, NOTHING)
+from .modes import UnitMode, UnitSchedule
 
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
@@ -219,18 +220,18 @@ class ReversibleStage(nn.Module):
     """A run of coupling blocks: split once at entry, concatenate once at exit."""
 
     def __init__(self, blocks: list[CouplingBlock], dim: int = 1, exact: bool = True,
-                 anchor_every: int | None = None, channels: int | None = None,
-                 stored: bool = False):
+                 anchor_every: int | None = None, channels: int | None = None):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.random = any(r for block in blocks for r in block.random)
         self.dim = dim
         self.exact = exact
         self.anchor_every = anchor_every
-        # stored: run with plain autograd, keeping the activations (revify.schedule: they fit
-        # under the step's peak). The same function, grid included: only the backward differs.
-        self.stored = stored
-        self.keep = False  # the forward keeps its kept layers' outputs (revify.keep)
+        # How it runs (revify.schedule, set by revify.rewrite.set_mode): STORED with plain
+        # autograd, keeping the activations (they fit under the step's peak), the same
+        # function, grid included: only the backward differs; its `kept` layers' outputs kept
+        # by the forward for the rebuild (revify.keep).
+        self.schedule = UnitSchedule()
         # Headroom bits per stream channel (see the module docstring): the grid is part of the
         # function the stage computes, so it is saved with the weights.
         headroom = torch.full((channels,), HEADROOM_BITS, dtype=torch.int32) \
@@ -269,7 +270,8 @@ class ReversibleStage(nn.Module):
             self.headroom = headroom
 
     def _forward(self, x):
-        if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
+        if self.schedule.mode is UnitMode.STORED or exact_backward_enabled() \
+                or not torch.is_grad_enabled():
             return self.couple(x).output
         return _run_reversible(self, x)
 
@@ -712,8 +714,8 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
         rngs, tapes = [], []
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training and block.random[k] else None)
-            tapes.append(Tape() if stage.keep else None)
-            with recording(tapes[-1]) if stage.keep else NOTHING:
+            tapes.append(Tape() if stage.schedule.kept else None)
+            with recording(tapes[-1]) if stage.schedule.kept else NOTHING:
                 f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)
             if check:

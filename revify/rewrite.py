@@ -7,8 +7,6 @@ GraphModule and wrapped in `Checkpointed`.
 from __future__ import annotations
 
 import operator
-from typing import Collection
-
 import torch
 from torch import fx, nn
 
@@ -17,6 +15,7 @@ from .checkpoint import Checkpointed
 from .fast import call_directly
 from .keep import Kept
 from .lean import LeanPlan, apply_lean
+from .modes import UnitMode, UnitSchedule
 from .plan import BlockPlan, Plan, SegmentPlan, StagePlan
 from .channels import groups_key, inner_key
 from .resize import carry_over, rebuild
@@ -169,8 +168,7 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan) -> None:
     couplings = [CouplingBlock(_lean_branch(gm, plan.block(f), 0), _lean_branch(gm, plan.block(g), half))
                  for f, g in stage.couplings]
     module = ReversibleStage(couplings, stage.dim, plan.options.reconstruction == "exact",
-                             stage.anchor_every, stage.channels,
-                             stored=plan.segment(stage.name).action == "stored")
+                             stage.anchor_every, stage.channels)
     _check_shape(module, nodes[stage.entry].meta["shape"], stage.name)
     attr = _unit_name(gm, stage.name)
     gm.add_submodule(attr, module)
@@ -261,9 +259,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
         _replace_stage(gm, plan, stage)
     for segment in plan.segments:
         if segment.outlined and segment.kind != "stage":
-            stored = segment.action == "stored"
-            _outline(gm, segment.nodes, segment.name,
-                     lambda module, stored=stored: Checkpointed(module, stored=stored), segment.lean)
+            _outline(gm, segment.nodes, segment.name, Checkpointed, segment.lean)
     gm.graph.lint()
     net = _finalize(gm)
     _call_layers_directly(net)
@@ -294,12 +290,6 @@ def unit_nodes(net: fx.GraphModule, plan: Plan) -> list[tuple[SegmentPlan, fx.No
     return list(zip(outlined, nodes)) if len(nodes) == len(outlined) else None
 
 
-LEAN, PLAIN, STORED = "lean", "plain", "stored"  # how a unit's backward runs (revify.schedule):
-# recompute the unit, its nested layers (revify.lean) once more; recompute it plainly, nested
-# layers stored inside the rerun; recompute nothing
-KEEP = "+keep"  # after LEAN or PLAIN: the forward keeps its kept layers' outputs (revify.keep)
-
-
 def nested(unit: nn.Module) -> list[Checkpointed]:
     """The layers checkpointed inside a unit (revify.lean's nesting)."""
     return [m for m in unit.modules() if isinstance(m, Checkpointed) and m is not unit]
@@ -310,26 +300,19 @@ def kept(unit: nn.Module) -> list[Kept]:
     return [m for m in unit.modules() if isinstance(m, Kept)]
 
 
-def set_mode(unit: nn.Module, mode: str, layers: Collection[str] | None = None) -> None:
-    """Run a unit's backward as `mode` says (LEAN, PLAIN or STORED, the first two with KEEP or
-    not); with KEEP, only the kept layers named in `layers` keep (None: all of them)."""
-    rerun = mode.removesuffix(KEEP)
+def set_mode(unit: nn.Module, schedule: UnitSchedule) -> None:
+    """Run a unit as `schedule` says. What is checkpointed inside it (revify.lean's nesting)
+    stores unless the unit runs LEAN, and keeps nothing; each kept layer learns whether the
+    unit keeps it."""
+    inner = UnitSchedule() if schedule.mode is UnitMode.LEAN else UnitSchedule(UnitMode.STORED)
     for module in unit.modules():
         if isinstance(module, (Checkpointed, ReversibleStage)):
-            module.stored = rerun == STORED or (rerun == PLAIN and module is not unit)
-    unit.keep = mode.endswith(KEEP)
+            module.schedule = schedule if module is unit else inner
     for layer in kept(unit):
-        layer.active = layers is None or layer.layer_name in layers
+        layer.keeps = layer.layer_name in schedule.kept
 
 
 def apply_schedule(net: fx.GraphModule, plan: Plan) -> None:
-    """Execute `plan.schedule` on a net rewritten before it: the units it stores run with plain
-    autograd, those it runs plainly store what is nested in them and those that keep record
-    the outputs of the kept layers their plan still names, as `rewrite` builds them from the
-    scheduled plan (whose stored and plain units nest no layer)."""
-    plain, keeping = set(plan.schedule.plain), set(plan.schedule.kept)
-    for segment, node in unit_nodes(net, plan):
-        mode = STORED if segment.action == "stored" else PLAIN if segment.name in plain else LEAN
-        layers = {name for lean in plan.leans(segment) for name in lean.kept_layers}
-        set_mode(net.get_submodule(node.target), mode + (KEEP if segment.name in keeping else ""),
-                 layers)
+    """Run every unit of `net` (rewritten from `plan`) as `plan.schedule` says."""
+    for segment, node in unit_nodes(net, plan) or []:
+        set_mode(net.get_submodule(node.target), plan.schedule.units[segment.name])

@@ -4,7 +4,8 @@ After the rewrite every non-invertible unit recomputes itself in the backward an
 reversible stage rebuilds its activations: the least memory, for a second forward of compute
 (and a third of the layers revify.lean nests in the hottest units). The peak of that step is
 reached in one place (in a ResNet, the backward of the first units, at full resolution);
-everywhere else the step holds less. So each unit runs in one of three modes:
+everywhere else the step holds less. So each unit runs in one of three modes
+(revify.modes.UnitMode):
 
 - LEAN: the rerun as the rewrite built it, nested layers recomputed once more;
 - PLAIN: the rerun without the nesting (the nested layers store inside it), where its own
@@ -16,6 +17,11 @@ everywhere else the step holds less. So each unit runs in one of three modes:
 and a LEAN or PLAIN rerun may also KEEP: the forward keeps the outputs of the unit's dearest
 layers (revify.keep: 3x3 convolutions, wide 1x1 ones) and the rerun skips them. That buys most
 of a unit's recompute FLOPs for a fraction of what storing it costs, so it fits in more units.
+
+The choice is a `Schedule`, made once and never changed: per unit a revify.modes.UnitSchedule
+(its mode and the kept layers that keep). `transform` attaches it to the plan, which is not
+edited for it, and revify.rewrite.apply_schedule sets each unit's to it, once: what the report
+prints (the plan and its schedule) is what runs.
 
 How a choice is priced. One projection of a training step per mode (fake tensors: every op
 dispatched with its real shapes, nothing allocated, every storage counted; revify.memory), every
@@ -44,6 +50,7 @@ both.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -52,12 +59,23 @@ from torch.utils._pytree import tree_leaves
 
 from .keep import kept_cost
 from .memory import ProjectionTracker, fake_copy, fake_like, prepare_grads
+from .modes import UnitMode, UnitSchedule
 from .plan import Plan, Schedule
 from .reversible import ReversibleStage
-from .rewrite import KEEP, LEAN, PLAIN, STORED, apply_schedule, kept, nested, set_mode, unit_nodes
+from .rewrite import kept, nested, set_mode, unit_nodes
 
 
 SLACK = 0.01  # the default budget: the least peak and 1% (see the module docstring)
+
+
+class Mode(NamedTuple):
+    """A unit's mode as the search prices it: how its backward runs, and whether its forward
+    keeps all of its kept layers' outputs (single kept layers are priced apart, on top)."""
+    base: UnitMode
+    keep: bool = False
+
+
+LEAN, PLAIN, STORED = Mode(UnitMode.LEAN), Mode(UnitMode.PLAIN), Mode(UnitMode.STORED)
 
 
 @dataclass
@@ -147,9 +165,8 @@ def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], input
 
 class projector:
     """project(modes, layers=None) -> _Run: a training step of a fake copy of `net` (nothing
-    allocated) with the units (nodes of `units`) in `modes` (one of LEAN, PLAIN, STORED each,
-    the first two with KEEP or not) and, where `layers[k]` is given, only those kept layers of
-    unit k keeping."""
+    allocated) with the units (nodes of `units`) in `modes` (a Mode each) and, where
+    `layers[k]` is given, only those kept layers of unit k keeping."""
 
     def __init__(self, net: fx.GraphModule, units: list[fx.Node], inputs: tuple):
         self.mode = FakeTensorMode()
@@ -157,11 +174,21 @@ class projector:
         self.units = [self.fake.get_submodule(node.target) for node in units]
         self.names = [node.name for node in units]
         self.inputs = inputs
+        self.kept = [frozenset(layer.layer_name for layer in kept(unit)) for unit in self.units]
 
-    def __call__(self, modes: list[str], layers: list | None = None) -> _Run:
-        for k, (unit, unit_mode) in enumerate(zip(self.units, modes)):
-            set_mode(unit, unit_mode, layers[k] if layers else None)
+    def __call__(self, modes: list[Mode], layers: list | None = None) -> _Run:
+        for unit, schedule in zip(self.units, self.schedules(modes, layers)):
+            set_mode(unit, schedule)
         return _project(self.fake, self.mode, self.names, self.inputs)
+
+    def schedules(self, modes: list[Mode], layers: list | None = None) -> list[UnitSchedule]:
+        """How each unit runs in `modes`: a keeping unit keeps the kept layers `layers[k]`
+        names, or all of its own where that is not given."""
+        def keeps(k: int) -> frozenset[str]:
+            some = layers[k] if layers else None
+            return self.kept[k] if some is None else frozenset(some)
+        return [UnitSchedule(mode.base, keeps(k) if mode.keep else frozenset())
+                for k, mode in enumerate(modes)]
 
     def kept_costs(self) -> list[dict[str, tuple[int, int]]]:
         """Per unit, per kept layer name: the (bytes, FLOPs) of keeping its outputs (both
@@ -219,10 +246,10 @@ class _Pricing:
     """The peak of any choice of modes (one per unit), from one projection per mode (see the
     module docstring). `stages[k]`: whether unit k is a reversible stage."""
 
-    def __init__(self, runs: dict[str, _Run], stages: list[bool]):
+    def __init__(self, runs: dict[Mode, _Run], stages: list[bool]):
         self.runs, self.stages = runs, stages
 
-    def held(self, modes: list[str], k: int) -> int:
+    def held(self, modes: list[Mode], k: int) -> int:
         """What unit k keeps between forward and backward when the units run in `modes`.
 
         Its output is the next unit's input, kept if either of them keeps it: a recomputing
@@ -237,7 +264,7 @@ class _Pricing:
         theirs = every.saves_input[k + 1] if modes[k + 1] == STORED else not self.stages[k + 1]
         return run.inner[k] + (run.size[k] if ours or theirs else 0)
 
-    def peak(self, modes: list[str], extra: list[int] | None = None) -> int:
+    def peak(self, modes: list[Mode], extra: list[int] | None = None) -> int:
         """Each unit's stretches in its own mode's projection, shifted by what the units before
         it keep in their chosen modes instead of that projection's; `extra[k]`: bytes unit k
         keeps on top of its mode (some of its kept layers' outputs), counted from its forward
@@ -250,10 +277,10 @@ class _Pricing:
             peak = max(peak, own.peaks[k] + shift + extra[k])
         return peak
 
-    def saved_flops(self, k: int, mode: str) -> int:
+    def saved_flops(self, k: int, mode: Mode) -> int:
         return self.runs[LEAN].flops[k] - self.runs[mode].flops[k]
 
-    def choose(self, budget: int) -> list[str]:
+    def choose(self, budget: int) -> list[Mode]:
         """Modes by recompute FLOPs saved per byte added (a plain rerun adds none between
         forward and backward, only to its own stretch: those come first), each taken if it saves
         more than the unit's mode so far and the priced peak fits."""
@@ -278,7 +305,7 @@ class _Pricing:
                 modes[k] = before
         return modes
 
-    def choose_layers(self, modes: list[str], costs: list[dict[str, tuple[int, int]]],
+    def choose_layers(self, modes: list[Mode], costs: list[dict[str, tuple[int, int]]],
                       budget: int) -> list[tuple[int, str, int, int]]:
         """In the units that recompute without keeping, the kept layers (unit, name, bytes,
         FLOPs) whose outputs still fit, by FLOPs saved per byte: what the budget leaves after
@@ -314,9 +341,9 @@ def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
 
 
 def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule:
-    """Choose the units of `net` (rewritten from `plan`) that store their activations or rerun
-    plainly within `plan.options.budget`, record the choice in the plan and execute it on
-    `net`."""
+    """How each unit of `net` (rewritten from `plan`) runs within `plan.options.budget`: the
+    units that store their activations, rerun plainly or keep kept layers' outputs. Neither
+    `net` nor `plan` is changed (revify.rewrite.apply_schedule executes the choice)."""
     pairs = unit_nodes(net, plan)
     nodes = [node for _, node in pairs or []]
     why = "no unit to store" if not nodes else _chain(net, nodes)
@@ -329,7 +356,8 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
     # in units with kept layers.
     units = [net.get_submodule(node.target) for node in nodes]
     reruns = [LEAN] + ([PLAIN] if any(map(nested, units)) else [])
-    modes = reruns + [STORED] + ([r + KEEP for r in reruns] if any(map(kept, units)) else [])
+    keeping = [r._replace(keep=True) for r in reruns] if any(map(kept, units)) else []
+    modes = reruns + [STORED] + keeping
     try:
         pricing = _Pricing({mode: project([mode] * n) for mode in modes}, stages)
         costs = project.kept_costs() if any(map(kept, units)) else None
@@ -351,63 +379,39 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
         else:
             chosen[max(k for k in range(n) if chosen[k] != LEAN)] = LEAN
         peak = project(*_with(chosen, pieces)).peak
-    unit_modes, layers = _with(chosen, pieces)
     segments = [seg for seg, _ in pairs]
     kept_bytes = {k: pricing.held(chosen, k) - pricing.held(_without_keep(chosen, k), k)
-                  for k in range(n) if chosen[k].endswith(KEEP)}
+                  for k in range(n) if chosen[k].keep}
     for k, _, nbytes, _ in pieces:
         kept_bytes[k] = kept_bytes.get(k, 0) + nbytes
-    result = Schedule(
+    return Schedule(
         budget, least, peak,
+        units=dict(zip([seg.name for seg in segments], project.schedules(*_with(chosen, pieces)))),
         stored={seg.name: pricing.held(chosen, k) for k, seg in enumerate(segments)
                 if chosen[k] == STORED},
-        plain=[seg.name for k, seg in enumerate(segments) if chosen[k].removesuffix(KEEP) == PLAIN],
         kept={seg.name: kept_bytes[k] for k, seg in enumerate(segments) if k in kept_bytes},
         flops_saved=sum(pricing.saved_flops(k, chosen[k]) for k in range(n))
         + sum(flops for *_, flops in pieces))
-    _record(plan, segments, unit_modes, result, layers)
-    apply_schedule(net, plan)
-    return result
 
 
-def _with(chosen: list[str], pieces: list[tuple[int, str, int, int]]):
+def _with(chosen: list[Mode], pieces: list[tuple[int, str, int, int]]):
     """The units' modes and kept layers (None: all) once `pieces`, layers of units that do
     not keep as a whole, keep too."""
     layers: list[set | None] = [None] * len(chosen)
     for k, name, *_ in pieces:
         layers[k] = (layers[k] or set()) | {name}
-    return [mode + KEEP if layers[k] else mode for k, mode in enumerate(chosen)], layers
+    return [mode._replace(keep=True) if layers[k] else mode for k, mode in enumerate(chosen)], \
+        layers
 
 
 def _skip(plan: Plan, why: str) -> Schedule:
     """No choice: every unit recomputes as the rewrite built it, keeping nothing."""
-    _record(plan, plan.segments, [LEAN] * len(plan.segments),
-            Schedule(plan.options.budget or 0, 0, 0, skipped=why))
-    return plan.schedule
+    return Schedule(plan.options.budget or 0, 0, 0, skipped=why,
+                    units={seg.name: UnitSchedule() for seg in plan.segments if seg.outlined})
 
 
-def _without_keep(modes: list[str], k: int) -> list[str]:
-    return modes[:k] + [modes[k].removesuffix(KEEP)] + modes[k + 1:]
-
-
-def _record(plan: Plan, segments, modes: list[str], result: Schedule,
-            layers: list | None = None) -> None:
-    """Write the choice into the plan: stored units, no layer nested in the stored or plain
-    ones (their in-place adds and masked ReLUs stay, and still save memory), and no layer kept
-    in the units that do not keep, only those of `layers[k]` in a unit keeping some."""
-    plan.schedule = result
-    for k, (segment, mode) in enumerate(zip(segments, modes)):
-        if mode == STORED:
-            segment.action = "stored"
-        some = layers[k] if layers else None
-        for lean in plan.leans(segment):
-            if mode.removesuffix(KEEP) != LEAN:
-                lean.nested, lean.layers = [], []
-            if not mode.endswith(KEEP):
-                lean.kept, lean.kept_layers = [], []
-            elif some is not None:
-                pairs = [(n, m) for n, m in zip(lean.kept, lean.kept_layers) if m in some]
-                lean.kept, lean.kept_layers = [n for n, _ in pairs], [m for _, m in pairs]
+def _without_keep(modes: list[Mode], k: int) -> list[Mode]:
+    return modes[:k] + [modes[k]._replace(keep=False)] + modes[k + 1:]
 
 
 def _shapes(inputs: tuple) -> str:

@@ -14,7 +14,7 @@ from .distill import DEFAULT_STEPS, distill
 from .memory import parse_bytes
 from .plan import Options, Plan, make_plan
 from .report import unmatched_note
-from .rewrite import rewrite
+from .rewrite import apply_schedule, rewrite
 from .schedule import schedule
 from .trace import propagate_shapes, trace
 
@@ -120,8 +120,9 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     if plan.unmatched():
         warnings.warn(f"revify: {unmatched_note(plan)}", UserWarning, stacklevel=2)
     net = rewrite(gm, plan)
-    if options.schedules:
-        schedule(net, plan, example_inputs)
+    if options.schedules:  # the plan is not edited for it: the schedule goes beside it, once
+        plan.schedule = schedule(net, plan, example_inputs)
+        apply_schedule(net, plan)
     recipe = _recipe(model, example_inputs, options, leaf_modules)
     rev = RevifiedModel(net, plan, recipe).train(model.training)
     if calibration is not None and plan.stages:

@@ -101,9 +101,11 @@ def test_keeping_units_skip_their_kept_layers_in_the_rerun(resnet50):
     for segment in rev.revify_plan.segments:
         if segment.name not in units:
             continue
-        named = {m for lean in rev.revify_plan.leans(segment) for m in lean.kept_layers}
+        named = units[segment.name].schedule.kept
         layers = [m for m in units[segment.name].modules() if isinstance(m, Kept)]
-        assert units[segment.name].keep == (segment.name in schedule.kept) == bool(named)
+        assert (segment.name in schedule.kept) == bool(named)
+        assert named == {m for lean in rev.revify_plan.leans(segment)
+                         for m in rev.revify_plan.running(lean, segment.name).kept_layers}
         # the layers the plan names keep (computed once a step), the others rerun (twice)
         for kept in layers:
             twin = twins[next(n for n, m in rev.named_modules() if m is kept.layer)]
@@ -151,9 +153,11 @@ def test_a_keeping_checkpoint_backpropagates_twice():
     """The tape is used up by the first rerun; a second backward (retain_graph) reruns the
     checkpoint again, computing the kept layers: the same gradients twice."""
     from revify.checkpoint import Checkpointed
+    from revify.modes import UnitMode, UnitSchedule
+    from revify.rewrite import set_mode
     conv, x = _conv_and_input()
-    unit = Checkpointed(nn.Sequential(Kept(conv), nn.ReLU()))
-    unit.keep = True
+    unit = Checkpointed(nn.Sequential(Kept(conv, "conv"), nn.ReLU()))
+    set_mode(unit, UnitSchedule(UnitMode.LEAN, frozenset({"conv"})))
     out = unit(x)
     out.sum().backward(retain_graph=True)
     first = x.grad.clone()

@@ -4,6 +4,7 @@ The pricing is checked against a projection of the very choice it prices, the me
 exact accounting of a real step, and the gradients against plain autograd on the same model.
 """
 import random
+import sys
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ import revify
 from revify.checkpoint import Checkpointed
 from revify.keep import Kept
 from revify.memory import measure_step
+from revify.modes import UnitMode, UnitSchedule
 from revify.reversible import ReversibleStage
-from revify.rewrite import KEEP, LEAN, PLAIN, STORED, nested, unit_nodes
-from revify.schedule import _Pricing, projector
+from revify.rewrite import nested, unit_nodes
+from revify.schedule import LEAN, PLAIN, STORED, _Pricing, projector
 
 X = torch.empty(4, 3, 64, 64)
 
@@ -58,7 +60,7 @@ def test_the_pricing_of_a_choice_is_its_projected_peak(make):
 
     n = len(nodes)
     stages = [isinstance(rev.net.get_submodule(node.target), ReversibleStage) for node in nodes]
-    modes = (LEAN, PLAIN, STORED, LEAN + KEEP, PLAIN + KEEP)
+    modes = (LEAN, PLAIN, STORED, LEAN._replace(keep=True), PLAIN._replace(keep=True))
     pricing = _Pricing({mode: project([mode] * n) for mode in modes}, stages)
     random.seed(0)
     choices = [[random.choice(modes) for _ in range(n)] for _ in range(6)]
@@ -80,7 +82,8 @@ def test_stored_units_keep_the_peak_and_skip_their_recompute(resnet18):
     # A conv of a stored unit runs once a step; recomputed, twice.
     name = next(iter(schedule.stored))
     unit = next(m for n, m in rev.net.named_children() if n == name.replace(".", "_"))
-    assert all(m.stored for m in unit.modules() if isinstance(m, (Checkpointed, ReversibleStage)))
+    assert all(m.schedule.mode is UnitMode.STORED
+               for m in unit.modules() if isinstance(m, (Checkpointed, ReversibleStage)))
     conv = next(m for m in unit.modules() if isinstance(m, torch.nn.Conv2d))
     assert _calls_a_step(conv, rev, every, x, y) == (1, 2)
     assert f"Stored instead of recomputed: {', '.join(schedule.stored)}" in str(rev.revify_plan)
@@ -102,7 +105,7 @@ def test_plain_reruns_drop_the_nesting_within_the_budget():
     # conv in the forward and the unit's rerun only.
     unit = rev.net.get_submodule(schedule.plain[0].replace(".", "_"))
     nest = nested(unit)[0]
-    assert nest.stored and not unit.stored
+    assert nest.schedule.mode is UnitMode.STORED and unit.schedule.mode is UnitMode.PLAIN
     conv = next(m for m in nest.module.modules() if isinstance(m, torch.nn.Conv2d))
     assert _calls_a_step(conv, rev, lean, x, y) == (2, 3)
     grads = [p.grad.clone() for p in rev.parameters()]
@@ -148,9 +151,12 @@ def test_impossible_budgets_are_refused(resnet18):
 
 def test_baselines_store_nothing(resnet18):
     for options in ({"reversible": False}, {"checkpoint": "none"}, {"store": "none"}):
-        plan = revify.transform(resnet18, X, **options).revify_plan
+        rev = revify.transform(resnet18, X, **options)
+        plan = rev.revify_plan
         assert plan.schedule is None and all(s.action != "stored" or not s.outlined
                                              for s in plan.segments)
+        assert all(m.schedule == UnitSchedule() for m in rev.modules()
+                   if isinstance(m, (Checkpointed, ReversibleStage)))
 
 
 def test_the_pricing_of_single_kept_layers_bounds_their_projected_peak():
@@ -170,7 +176,8 @@ def test_the_pricing_of_single_kept_layers_bounds_their_projected_peak():
         modes = [random.choice((LEAN, PLAIN)) for _ in range(n)]
         layers = [set(random.sample(sorted(c), random.randint(0, len(c)))) for c in costs]
         extra = [sum(costs[k][name][0] for name in layers[k]) for k in range(n)]
-        projected = project([m + KEEP if layers[k] else m for k, m in enumerate(modes)],
+        projected = project([m._replace(keep=True) if layers[k] else m
+                             for k, m in enumerate(modes)],
                             [s or None for s in layers]).peak
         assert pricing.peak(modes, extra) >= projected
         tight += pricing.peak(modes, extra) == projected
@@ -184,8 +191,7 @@ def test_single_kept_layers_fill_the_budget_and_hold_it():
     in the projection of the choice."""
     rev = revify.transform(torchvision.models.resnet50(num_classes=10), X)
     schedule = rev.revify_plan.schedule
-    named = {s.name: {m for lean in rev.revify_plan.leans(s) for m in lean.kept_layers}
-             for s in rev.revify_plan.segments}
+    named = {name: unit.kept for name, unit in schedule.units.items()}
     planned = {s.name: {m.layer_name for m in rev.net.get_submodule(node.target).modules()
                          if isinstance(m, Kept)}
                for s, node in unit_nodes(rev.net, rev.revify_plan)}
@@ -193,3 +199,30 @@ def test_single_kept_layers_fill_the_budget_and_hold_it():
     assert schedule.peak <= schedule.budget
     x = torch.randn(*X.shape)
     assert _peak(rev, x, torch.randint(0, 10, (len(x),))) <= schedule.budget  # a real step
+
+
+def test_the_units_run_as_the_schedule_says_and_the_plan_is_not_edited(monkeypatch):
+    """The schedule goes beside the plan: every unit runs as its entry says (what the report
+    prints is what runs), and the plan's own part reads as make_plan made it."""
+    pipeline = sys.modules["revify.transform"]  # the module: `revify.transform` is the function
+    made, make_plan = {}, pipeline.make_plan
+
+    def noting_make_plan(*args):
+        plan = make_plan(*args)
+        made["segments"], made["blocks"] = repr(plan.segments), repr(plan.blocks)
+        return plan
+    monkeypatch.setattr(pipeline, "make_plan", noting_make_plan)
+    rev = revify.transform(torchvision.models.resnet18(num_classes=10), torch.empty(4, 3, 128, 128))
+    plan, schedule = rev.revify_plan, rev.revify_plan.schedule
+    modes = {unit.mode for unit in schedule.units.values()}
+    assert {UnitMode.LEAN, UnitMode.STORED} <= modes and schedule.kept  # the check has teeth
+    pairs = unit_nodes(rev.net, plan)
+    assert [seg.name for seg, _ in pairs] == list(schedule.units)
+    for segment, node in pairs:
+        unit = rev.net.get_submodule(node.target)
+        assert unit.schedule == schedule.units[segment.name] == plan.unit_schedule(segment.name)
+        assert {m.layer_name for m in unit.modules() if isinstance(m, Kept) and m.keeps} == \
+            set(unit.schedule.kept)
+        if unit.schedule.mode is UnitMode.STORED:
+            assert plan.runs_as(segment) == "stored" and segment.action != "stored"
+    assert repr(plan.segments) == made["segments"] and repr(plan.blocks) == made["blocks"]
