@@ -359,7 +359,8 @@ def _net_labels(rev: nn.Module, report_plan) -> dict[str, tuple]:
     return labels
 
 
-def _label_modules(net: fx.GraphModule, labels: dict, report_plan) -> list[tuple[nn.Module, tuple]]:
+def _label_modules(net: fx.GraphModule, labels: dict,
+                   report_plan) -> list[tuple[nn.Module, tuple]]:
     """The modules that run under a unit's label (and a block's, in a stage) when called, also
     when the backward reruns them (or a layer nested in them): what makes the FLOPs counted
     under a label after the forward its recomputation."""

@@ -187,27 +187,27 @@ def project(fake: FakeModel, inputs: tuple, grads: str = "fresh", *, loss: str =
         interpreter = _Interpreter(fake.module, tracker, units or [], labels or {})
     handles = _label_hooks(tracker, label_modules)
     try:
-        forward_end, held_by_label = _step(fake, inputs, grads, loss, count_inputs, interpreter,
-                                           tracker)
+        start, held, forward_flops, held_by_label = _step(fake, inputs, grads, loss, count_inputs,
+                                                          interpreter, tracker)
     finally:
         for handle in handles:
             handle.remove()
     kept = [p.grad for p in fake.module.parameters() if p.grad is not None]
     timeline = _timeline(tracker.events)
     return Projection(
-        peak=tracker.peak, peak_activations=tracker.peak_without(kept), held=forward_end[2],
+        peak=tracker.peak, peak_activations=tracker.peak_without(kept), held=held,
         flops=tracker.total_flops, grad_bytes=sum(g.untyped_storage().nbytes() for g in kept),
         timeline=timeline,
-        units=None if units is None else _cut(tracker, interpreter, forward_end[:2], timeline),
+        units=None if units is None else _cut(tracker, interpreter, start, timeline),
         labels=None if labels is None else Labelled(
-            held_by_label, {k: v - forward_end[3].get(k, 0) for k, v in tracker.flops.items()
+            held_by_label, {k: v - forward_flops.get(k, 0) for k, v in tracker.flops.items()
                             if k is not None}, interpreter.shapes))
 
 
 def _step(fake: FakeModel, inputs: tuple, grads: str, loss: str, count_inputs: bool,
           interpreter: fx.Interpreter | None, tracker: ProjectionTracker):
-    """Run the step; returns where the backward began ((events, FLOPs, bytes live, FLOPs by
-    label) then) and the bytes held by label then."""
+    """Run the step; returns where the backward began (events and FLOPs so far), the bytes
+    live then, and the FLOPs and bytes held by label then."""
     with fake.mode:
         prepare_grads(fake.module, grads)
         before = None if count_inputs else _make_inputs(inputs, loss)
@@ -220,14 +220,15 @@ def _step(fake: FakeModel, inputs: tuple, grads: str, loss: str, count_inputs: b
             if loss == "cross_entropy":
                 roots = [F.cross_entropy(out, target)]
             else:
-                roots = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+                roots = [o for o in tree_leaves(out)
+                         if isinstance(o, torch.Tensor) and o.requires_grad]
             del out  # what the backward needs, the roots keep
-            forward_end = (*tracker.here(), tracker.current, dict(tracker.flops))
-            held_by_label = tracker.held_by_label()
+            start, held = tracker.here(), tracker.current
+            forward_flops, held_by_label = dict(tracker.flops), tracker.held_by_label()
             torch.autograd.backward(roots, None if loss == "cross_entropy"
                                     else [torch.empty_like(o) for o in roots])
             del roots
-    return forward_end, held_by_label
+    return start, held, forward_flops, held_by_label
 
 
 def _make_inputs(inputs: tuple, loss: str) -> tuple[list, torch.Tensor | None]:

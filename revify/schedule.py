@@ -86,7 +86,8 @@ class projector:
             unit_costs[layer.layer_name] = (before[0] + cost[0], before[1] + cost[1])
         handles = [m.register_forward_hook(note) for unit in self.units for m in kept(unit)]
         try:
-            with self.fake.mode, torch.no_grad():  # a forward without a backward runs each layer once
+            # a forward without a backward runs each layer once
+            with self.fake.mode, torch.no_grad():
                 self.fake.module(*fake_inputs(self.inputs))
         finally:
             for handle in handles:
