@@ -1,14 +1,11 @@
 """Memory analysis: what one training step holds under each strategy, by exact accounting.
 
-A projection runs one real training step (forward + backward) of the original network, of
-per-block checkpointing and of revify on fake tensors (torch's FakeTensorMode: every op is
-dispatched with its real shapes and dtypes, no data is allocated) while
-`revify.memory.LiveTensorTracker` counts every storage the step creates, at the bytes it stands
-for. Nothing is estimated and nothing is allocated, so a batch of 1024 at 224x224 projects in
-seconds. `measure` runs the same step for real to check the projection.
-
-Fake tensors rather than the meta device: a reversible stage records the autocast state of its
-input's device, and torch has no autocast state for "meta"; fake tensors keep their device.
+A projection (revify.projection) runs one real training step (forward + backward) of the
+original network, of per-block checkpointing and of revify on fake tensors (torch's
+FakeTensorMode: every op is dispatched with its real shapes and dtypes, no data is allocated)
+while a tracker counts every storage the step creates, at the bytes it stands for, and the
+unit whose code created it. Nothing is estimated and nothing is allocated, so a batch of 1024 at
+224x224 projects in seconds. `measure` runs the same step for real to check the projection.
 
 Parameter gradients are projected in both regimes a step can find them in (revify.memory.
 GRAD_REGIMES): "fresh" (created during the step, counted from birth) and "accumulate" (allocated
@@ -26,21 +23,18 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .bench import strategies
 from .checkpoint import Checkpointed
-from .memory import (GRAD_REGIMES, ProjectionTracker, check_grads, fake_copy, measure_step,
-                     prepare_grads)
+from .memory import GRAD_REGIMES, check_grads, measure_step
 from .memory import parse_bytes  # noqa: F401 (revify.analyze.parse_bytes, as before)
+from .projection import FakeModel, fake_model, project
 from .rewrite import unit_calls
 from .trace import trace
+from .transform import transform
 
 STRATEGIES = ("original", "checkpoint", "revify")
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}   # state tensors kept per parameter
@@ -264,98 +258,55 @@ class Analysis:
         return format_analysis(self, fmt, blocks)
 
 
+# ----------------------------------------------------------------------------- strategies
+def checkpoint_baseline(model: nn.Module, example, leaf_modules=(), **how) -> nn.Module:
+    """revify's own checkpointing of the unchanged model: it shares only the leaf modules with
+    revify (the other options concern reversible stages), and recomputes plainly (lean=False);
+    `how`: more of revify.transform's options (segments=...)."""
+    return transform(model, example, leaf_modules=leaf_modules, reversible=False, lean=False,
+                     **how)
+
+
+def strategy_models(model: nn.Module, input_size, options: dict | None = None,
+                    revified: nn.Module | None = None) -> dict[str, nn.Module]:
+    """The model under each of STRATEGIES: as it is, every unit checkpointed one by one, and
+    revify.transform with `options` at a batch of 2 (`revified`, when already transformed so)."""
+    options = options or {}
+    example = torch.empty(2, *input_size)
+    return {"original": model,
+            "checkpoint": checkpoint_baseline(model, example, options.get("leaf_modules", ())),
+            "revify": revified if revified is not None else transform(model, example, **options)}
+
+
 # ----------------------------------------------------------------------------- projection
-class _StepTracker(ProjectionTracker):
-    """Live storages plus, per storage, the unit whose code created it; FLOPs per unit."""
-
-    def __init__(self):
-        super().__init__()
-        self.label = None                           # (row, block or None) running now
-        self.born_in: dict[int, tuple] = {}         # birth id -> label
-        self.flops: dict[tuple, int] = defaultdict(int)
-
-    def count(self, flops: int) -> None:
-        super().count(flops)
-        self.flops[self.label] += flops
-
-    def _track(self, t: torch.Tensor) -> None:
-        birth = len(self.events)
-        super()._track(t)
-        if len(self.events) > birth:
-            self.born_in[birth] = self.label
-
-    def held_by_label(self) -> dict[tuple, int]:
-        held: dict[tuple, int] = defaultdict(int)
-        for birth, nbytes in self.live.values():
-            if birth is not None:
-                held[self.born_in[birth]] += nbytes
-        return dict(held)
-
-    def timeline(self) -> list[int]:
-        """Bytes live after every allocation and release, in order."""
-        current, out = 0, []
-        for _, delta in self.events:
-            current += delta
-            out.append(current)
-        return out
-
-
-class _Labelled(fx.Interpreter):
-    """Runs a graph with the tracker told which unit each node belongs to."""
-
-    def __init__(self, gm: fx.GraphModule, tracker: _StepTracker, labels: dict[str, tuple]):
-        super().__init__(gm)
-        self.tracker, self.labels = tracker, labels
-        self.shapes: dict[int, tuple] = {}
-
-    def run_node(self, node: fx.Node):
-        label = self.labels.get(node.name)
-        self.tracker.label = label
-        result = super().run_node(node)
-        self.tracker.label = None
-        if label is not None and isinstance(result, torch.Tensor):
-            self.shapes[label[0]] = tuple(result.shape[1:])  # the row's last node: its output
-        return result
-
-
 @dataclass
 class _Run:
     memory: StrategyMemory
     held: dict[tuple, int]              # label -> bytes held after the forward
     recompute_flops: dict[tuple, int]   # label -> FLOPs re-run during the backward
-    shapes: dict[int, tuple]
+    shapes: dict[int, tuple]            # row -> its output's shape, batch left out
     timelines: dict[str, list[int]]     # gradient regime -> bytes live after every event
 
 
-def _run(gm: fx.GraphModule, mode: FakeTensorMode, labels: dict, tracker: _StepTracker,
-         batch: int, input_size, dtype, device, optimizer: str, grads: str) -> _Run:
-    """One projected training step of the fake module `gm`, counted by `tracker`, its
-    gradients in the regime `grads`."""
-    with mode:
-        prepare_grads(gm, grads)
-    with mode, tracker:
+def _run(p: _Prepared, batch: int, input_size, dtype, device, optimizer: str,
+         grads: str) -> _Run:
+    """One projected training step of the strategy `p` (cross-entropy on a batch it holds,
+    gradients in the regime `grads`), its memory attributed to the rows of the report."""
+    with p.fake.mode:
         x = torch.empty(batch, *input_size, dtype=dtype, device=device)
-        y = torch.zeros(batch, dtype=torch.long, device=device)
-        interpreter = _Labelled(gm, tracker, labels)
-        loss = F.cross_entropy(interpreter.run(x), y)
-        shapes = interpreter.shapes
-        del interpreter  # its environment still holds the output: the model call would not
-        tracker.mark("forward")
-        held, forward_flops = tracker.held_by_label(), dict(tracker.flops)
-        loss.backward()
-        del loss
-    recompute = {k: v - forward_flops.get(k, 0) for k, v in tracker.flops.items() if k is not None}
-    params = list(gm.parameters())
-    kept = [p.grad for p in params if p.grad is not None]
-    param_bytes = sum(p.untyped_storage().nbytes() for p in params)
-    trainable = sum(p.untyped_storage().nbytes() for p in params if p.requires_grad)
+    step = project(p.fake, (x,), grads, loss="cross_entropy", count_inputs=True, labels=p.labels,
+                   label_modules=p.label_modules)
+    params = list(p.fake.module.parameters())
+    trainable = sum(q.untyped_storage().nbytes() for q in params if q.requires_grad)
     memory = StrategyMemory(
-        params=sum(p.numel() for p in params), param_bytes=param_bytes,
-        grad_bytes=sum(g.untyped_storage().nbytes() for g in kept),
-        optimizer_bytes=OPTIMIZER_STATES[optimizer] * trainable,
-        activation_bytes=tracker.marks["forward"], peak_activation_bytes=tracker.peak_without(kept),
-        step_peak_bytes=tracker.peak, flops=tracker.total_flops)
-    return _Run(memory, held, recompute, shapes, {grads: tracker.timeline()})
+        params=sum(q.numel() for q in params),
+        param_bytes=sum(q.untyped_storage().nbytes() for q in params),
+        grad_bytes=step.grad_bytes, optimizer_bytes=OPTIMIZER_STATES[optimizer] * trainable,
+        activation_bytes=step.held, peak_activation_bytes=step.peak_activations,
+        step_peak_bytes=step.peak, flops=step.flops)
+    # a row's output is that of its label that ran last
+    shapes = {label[0]: shape for label, shape in step.labels.shapes.items()}
+    return _Run(memory, step.labels.held, step.labels.rerun_flops, shapes, {grads: step.timeline})
 
 
 # ----------------------------------------------------------------------------- labels
@@ -408,26 +359,12 @@ def _net_labels(rev: nn.Module, report_plan) -> dict[str, tuple]:
     return labels
 
 
-def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, report_plan) -> list:
-    """Hooks that tell the tracker which unit (and which block of a stage) is running.
-
-    They fire again when the backward re-runs a unit (or a layer nested in it), so the FLOPs
-    counted under a label after the forward are exactly its recomputation. Pre-hooks push the
-    label and post-hooks restore the previous one, also when a checkpoint stops its
-    recomputation early by raising.
-    """
-    previous = []
-
-    def enter(label):
-        def hook(*_):
-            previous.append(tracker.label)
-            tracker.label = label
-        return hook
-
-    def leave(*_):
-        tracker.label = previous.pop()
-
-    handles = []
+def _label_modules(net: fx.GraphModule, labels: dict,
+                   report_plan) -> list[tuple[nn.Module, tuple]]:
+    """The modules that run under a unit's label (and a block's, in a stage) when called, also
+    when the backward reruns them (or a layer nested in them): what makes the FLOPs counted
+    under a label after the forward its recomputation."""
+    modules = []
     for node in unit_calls(net):
         if node.name not in labels:
             continue
@@ -439,18 +376,16 @@ def _label_hooks(net: fx.GraphModule, labels: dict, tracker: _StepTracker, repor
         # a layer checkpointed inside a unit (revify.lean) reruns later, in the unit's backward
         watched += [(inner.module, label) for module, label in watched
                     for inner in module.modules() if isinstance(inner, Checkpointed)]
-        for module, label in watched:
-            handles.append(module.register_forward_pre_hook(enter(label)))
-            handles.append(module.register_forward_hook(leave, always_call=True))
-    return handles
+        modules += watched
+    return modules
 
 
 # ----------------------------------------------------------------------------- analysis
 @dataclass
 class _Prepared:
-    gm: fx.GraphModule       # fake: runs without allocating
-    mode: FakeTensorMode     # the mode its tensors belong to
+    fake: FakeModel          # a graph on fake tensors: runs without allocating
     labels: dict[str, tuple]
+    label_modules: list[tuple[nn.Module, tuple]]
 
 
 def _prepare(models: dict[str, nn.Module], device, dtype) -> dict[str, _Prepared]:
@@ -459,41 +394,30 @@ def _prepare(models: dict[str, nn.Module], device, dtype) -> dict[str, _Prepared
     report_plan = models["revify"].revify_plan
     # The traced original has the node names revify's plan refers to, so its memory can be
     # attributed to the same units; it runs the same ops as the model itself.
-    mode = FakeTensorMode()
     inputs = len((report_plan and models["revify"].revify_recipe or {}).get("inputs", [None]))
-    original = fake_copy(trace(models["original"], num_inputs=inputs), mode, device, dtype)
-    prepared = {"original": _Prepared(original, mode, _original_labels(report_plan))}
+    original = fake_model(trace(models["original"], num_inputs=inputs), device, dtype)
+    prepared = {"original": _Prepared(original, _original_labels(report_plan), [])}
     for name in ("checkpoint", "revify"):
-        mode = FakeTensorMode()
-        fake = fake_copy(models[name], mode, device, dtype)
-        prepared[name] = _Prepared(fake.net, mode, _net_labels(fake, report_plan))
+        whole = fake_model(models[name], device, dtype)
+        net = whole.module.net
+        labels = _net_labels(whole.module, report_plan)
+        prepared[name] = _Prepared(FakeModel(net, whole.mode), labels,
+                                   _label_modules(net, labels, report_plan))
     return prepared
 
 
-def _project(prepared: dict[str, _Prepared], report_plan, batch, input_size, dtype, device,
+def _project(prepared: dict[str, _Prepared], batch, input_size, dtype, device,
              optimizer) -> dict[str, _Run]:
     """Per strategy, a step with fresh gradients, with the peak and timeline of the same step
     with gradients allocated before it beside."""
     runs = {}
     for name, p in prepared.items():
-        fresh, accumulated = (_labelled_run(p, report_plan, batch, input_size, dtype, device,
-                                            optimizer, grads) for grads in GRAD_REGIMES)
+        fresh, accumulated = (_run(p, batch, input_size, dtype, device, optimizer, grads)
+                              for grads in GRAD_REGIMES)
         fresh.memory.accumulate_peak_bytes = accumulated.memory.step_peak_bytes
         fresh.timelines.update(accumulated.timelines)
         runs[name] = fresh
     return runs
-
-
-def _labelled_run(p: _Prepared, report_plan, batch, input_size, dtype, device, optimizer,
-                  grads) -> _Run:
-    tracker = _StepTracker()
-    handles = _label_hooks(p.gm, p.labels, tracker, report_plan)
-    try:
-        return _run(p.gm, p.mode, p.labels, tracker, batch, input_size, dtype, device, optimizer,
-                    grads)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _curve(run: _Run, doubled: _Run, batch: int, grads: str) -> Curve:
@@ -537,17 +461,17 @@ def _default_budget(memory) -> int | None:
 
 
 def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name,
-             options, grads):
+             options, grads, revified=None):
     input_size = _check(input_size, batch_size, optimizer)
     check_grads(grads)  # before the transform, which takes the time
     dtype, memory = parse_dtype(dtype), _default_budget(memory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models = strategies(model, input_size, STRATEGIES, **(options or {}))
+    models = strategy_models(model, input_size, options, revified)
     report_plan = models["revify"].revify_plan
     prepared = _prepare(models, device, dtype)
 
     def project(batch: int) -> dict[str, _Run]:
-        return _project(prepared, report_plan, batch, input_size, dtype, device, optimizer)
+        return _project(prepared, batch, input_size, dtype, device, optimizer)
 
     runs, curve_map = project(batch_size), None
     if curves or (curves is None and memory is not None):  # a second size gives every line
@@ -567,7 +491,8 @@ def _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, cu
 def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
             dtype: str | torch.dtype = torch.float32, optimizer: str = "sgd", memory=None, *,
             device: str | None = None, curves: bool | None = None, name: str | None = None,
-            options: dict | None = None, grads: str = "accumulate") -> Analysis:
+            options: dict | None = None, grads: str = "accumulate",
+            revified: nn.Module | None = None) -> Analysis:
     """Project the memory of one training step under each strategy, allocating nothing.
 
     memory: a budget ('24GiB', '80e9', or bytes) for the budget table; default: the CUDA device's
@@ -578,9 +503,11 @@ def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
     grads: the gradient regime the budget tables use: "accumulate" (gradients allocated before
         the step, as from the second micro-batch of accumulation on and under DDP) or "fresh"
         (zero_grad(set_to_none=True)); both are projected either way.
+    revified: `model` already revify.transform-ed with `options` at a batch of 2 (what
+        `revify convert` has), reported instead of transforming it again.
     """
     return _analyze(model, input_size, batch_size, dtype, optimizer, memory, device, curves, name,
-                    options, grads)[0]
+                    options, grads, revified)[0]
 
 
 def measure(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,

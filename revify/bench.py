@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .analyze import checkpoint_baseline
 from .blocks import find_blocks, module_path
 from .counting import StepCounts, count_step
-from .memory import measure_step, measure_step_profiled, project_peak
+from .memory import measure_step, measure_step_profiled
+from .projection import project_peak
 from .trace import trace
 from .transform import transform
 
@@ -73,11 +75,9 @@ def _revify_at_timm_peak(model, example, options):
 
 
 def _baseline(**how):
-    """revify's own checkpointing of the unchanged model: it shares only the leaf modules (the
-    other options concern reversible stages), and recomputes plainly (lean=False)."""
-    return lambda model, example, options: transform(
-        model, example, leaf_modules=options.get("leaf_modules", ()), reversible=False,
-        lean=False, **how)
+    """revify's own checkpointing of the unchanged model (revify.analyze.checkpoint_baseline)."""
+    return lambda model, example, options: checkpoint_baseline(
+        model, example, options.get("leaf_modules", ()), **how)
 
 
 # Row name -> how the row's model is built from the original, the example input and revify's

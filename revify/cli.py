@@ -178,7 +178,8 @@ def cmd_convert(args) -> int:
     print(rev.revify_plan)
     if weights is not None:
         print("\n" + format_weights(model, rev, input_size, fit.get("calibration")))
-    memory = analyze(model, input_size, args.batch_size, name=args.model, options=options)
+    memory = analyze(model, input_size, args.batch_size, name=args.model, options=options,
+                     revified=rev)
     print(f"\nprojected memory of one training step at batch {args.batch_size} "
           f"(revify analyze for the full tables):\n" + format_totals(memory))
     save(rev, args.out)

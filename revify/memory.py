@@ -8,10 +8,11 @@ on any device. On CUDA, `torch.cuda.max_memory_allocated` is the figure to compa
 Compiled code allocates its buffers below the dispatcher, out of the mode's sight:
 `measure_step_profiled` reads the CPU allocator's own records instead (the profiler's memory
 events), just as exact, and agrees with the tracker on eager models.
+
+Steps projected on fake tensors, without running anything for real, are revify.projection's.
 """
 from __future__ import annotations
 
-import copy
 import os
 import re
 import weakref
@@ -19,9 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
 from torch.utils._pytree import tree_leaves
 
 
@@ -108,49 +107,6 @@ class LiveTensorTracker(TorchDispatchMode):
         return _peak(self.events, skip={self.live[k][0] for k in keys if k in self.live})
 
 
-def fake_copy(model: torch.nn.Module, mode, device=None, dtype=None) -> torch.nn.Module:
-    """`model` in training mode with fake parameters and buffers (of `mode`, a FakeTensorMode;
-    floating ones in `dtype`, all on `device`; None: as they are): nothing is allocated.
-
-    deepcopy's memo swaps each tensor for its fake twin, so tied weights stay tied and no real
-    weight is copied.
-    """
-    memo = {}
-    with mode:
-        for p in model.parameters():
-            memo[id(p)] = torch.nn.Parameter(fake_like(p, device, dtype), p.requires_grad)
-        for b in model.buffers():
-            memo[id(b)] = fake_like(b, device, dtype)
-    return copy.deepcopy(model, memo).train()
-
-
-def fake_like(t: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
-    """An empty tensor shaped like `t` (in the active mode: fake under a FakeTensorMode), on
-    `device` and, if floating, in `dtype` (None: as `t` is)."""
-    floating = dtype is not None and t.is_floating_point()
-    return torch.empty_strided(t.shape, t.stride(), device=device or t.device,
-                               dtype=dtype if floating else t.dtype)
-
-
-class ProjectionTracker(LiveTensorTracker):
-    """A LiveTensorTracker for projected steps (fake or meta tensors, counted at the bytes they
-    stand for) that also counts the FLOPs of every op, by FlopCounterMode's formulas."""
-
-    def __init__(self):
-        super().__init__(count_meta=True)
-        self.total_flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.count(formula(*args, **(kwargs or {}), out_val=out))
-        return out
-
-    def count(self, flops: int) -> None:
-        self.total_flops += flops
-
-
 # How a step finds parameter gradients. "fresh": none (zero_grad(set_to_none=True)); each is
 # born when the backward first computes it and counts from then on. "accumulate": all exist
 # before the step (the second micro-batch of gradient accumulation on, zero_grad(set_to_none=
@@ -172,23 +128,6 @@ def prepare_grads(model: torch.nn.Module, grads: str) -> None:
             p.grad = None
         elif p.requires_grad and p.grad is None:
             p.grad = torch.zeros_like(p)
-
-
-def project_peak(model: torch.nn.Module, example: torch.Tensor, grads: str = "fresh") -> int:
-    """The peak bytes of one training step of `model` on an input shaped like `example`,
-    projected on fake tensors (nothing is allocated): "fresh" all but parameter gradients,
-    "accumulate" all but the gradients that exist before the step (see GRAD_REGIMES). The
-    backward starts from a dense output gradient, as revify.schedule's projections do."""
-    mode = FakeTensorMode()
-    fake = fake_copy(model, mode)
-    with mode:
-        prepare_grads(fake, grads)
-        x = fake_like(example)
-        with ProjectionTracker() as tracker:  # the input is not counted, as in measure_step
-            out = fake(x)
-            out.backward(torch.empty_like(out))
-            del out
-    return tracker.peak_without([p.grad for p in fake.parameters()])
 
 
 def _peak(events: list[tuple[int, int]], skip=frozenset()) -> int:

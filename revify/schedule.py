@@ -24,7 +24,7 @@ edited for it, and revify.rewrite.apply_schedule sets each unit's to it, once: w
 prints (the plan and its schedule) is what runs.
 
 How a choice is priced. One projection of a training step per mode (fake tensors: every op
-dispatched with its real shapes, nothing allocated, every storage counted; revify.memory), every
+dispatched with its real shapes, nothing allocated, every storage counted; revify.projection), every
 unit in that mode, gives the memory over time. The memory during a unit's forward or backward
 depends on that unit's own mode; of the other units only those before it hold anything then
 (what they keep between forward and backward), and that differs between the projections by a
@@ -49,18 +49,15 @@ both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_leaves
 
 from .keep import kept_cost
-from .memory import ProjectionTracker, fake_copy, fake_like, prepare_grads
 from .modes import UnitMode, UnitSchedule
 from .plan import Plan, Schedule
+from .projection import Stretches, fake_inputs, fake_model, project
 from .reversible import ReversibleStage
 from .rewrite import kept, nested, set_mode, unit_nodes
 
@@ -78,108 +75,24 @@ class Mode(NamedTuple):
 LEAN, PLAIN, STORED = Mode(UnitMode.LEAN), Mode(UnitMode.PLAIN), Mode(UnitMode.STORED)
 
 
-@dataclass
-class _Run:
-    """One projected training step, cut into the units' stretches of time."""
-    inner: list[int]   # per unit: bytes born in its forward (its output aside) and alive when
-                       # the backward begins
-    out: list[int]     # per unit: its output's bytes if alive when the backward begins, else 0
-    size: list[int]    # per unit: its output's bytes
-    saves_output: list[bool]  # per unit: whether its own ops save its output for the backward
-    saves_input: list[bool]   # per unit: whether its own ops save its input
-    flops: list[int]   # per unit: FLOPs of its forward and backward stretches
-    peaks: list[int]   # per unit: the most bytes live during its forward or its backward
-    peak: int
-
-    def held(self, k: int) -> int:
-        """What unit k keeps between forward and backward in this projection."""
-        return self.inner[k] + self.out[k]
-
-
-class _Mark(torch.autograd.Function):
-    """The identity on a unit's output; its backward runs just before the unit's backward."""
-
-    @staticmethod
-    def forward(ctx, x, at_backward):
-        ctx.at_backward = at_backward
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.at_backward()
-        return grad, None
-
-
-class _Marked(fx.Interpreter):
-    """Runs the net noting the tracker's position where each unit's forward and backward begin."""
-
-    def __init__(self, net: fx.GraphModule, units: list[str], tracker: ProjectionTracker):
-        super().__init__(net)
-        self.units, self.tracker = {name: k for k, name in enumerate(units)}, tracker
-        self.fwd = [(0, 0)] * len(units)   # (event index, FLOPs so far) per unit
-        self.bwd = [(0, 0)] * len(units)
-        self.births: list[int | None] = [None] * len(units)  # the birth of each unit's output
-        self.saved: list[set] = [set() for _ in units]  # births of what each unit's ops save
-
-    def here(self) -> tuple[int, int]:
-        return len(self.tracker.events), self.tracker.total_flops
-
-    def save(self, k: int, t: torch.Tensor) -> torch.Tensor:
-        self.saved[k].add(self.tracker.live.get(t.untyped_storage()._cdata, (None,))[0])
-        return t
-
-    def run_node(self, node: fx.Node):
-        k = self.units.get(node.name)
-        if k is not None:
-            self.fwd[k] = self.here()
-        if k is None:
-            return super().run_node(node)
-        # What autograd saves in the unit's own ops (a checkpoint's inside stays unseen: it
-        # saves through hooks of its own).
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: self.save(k, t), lambda t: t):
-            result = super().run_node(node)
-        if isinstance(result, torch.Tensor):
-            self.births[k] = self.tracker.live.get(result.untyped_storage()._cdata, (None,))[0]
-            if result.requires_grad:
-                result = _Mark.apply(result, lambda k=k: self.bwd.__setitem__(k, self.here()))
-        return result
-
-
-def _project(fake: fx.GraphModule, mode: FakeTensorMode, units: list[str], inputs: tuple) -> _Run:
-    """One training step of `fake` (backward from a dense gradient, as a loss gives), its
-    gradients allocated before it (never counted: see the module docstring)."""
-    tracker = ProjectionTracker()
-    with mode:
-        prepare_grads(fake, "accumulate")
-        args = [fake_like(t) if isinstance(t, torch.Tensor) else t for t in inputs]
-        with tracker:
-            marked = _Marked(fake, units, tracker)
-            outputs = [o for o in tree_leaves(marked.run(*args))
-                       if isinstance(o, torch.Tensor) and o.requires_grad]
-            start = marked.here()
-            torch.autograd.backward(outputs, [torch.empty_like(o) for o in outputs])
-            del outputs
-    fake.zero_grad(set_to_none=True)
-    return _cut(tracker, marked, start)
-
-
 class projector:
-    """project(modes, layers=None) -> _Run: a training step of a fake copy of `net` (nothing
-    allocated) with the units (nodes of `units`) in `modes` (a Mode each) and, where
-    `layers[k]` is given, only those kept layers of unit k keeping."""
+    """project(modes, layers=None) -> Stretches: a training step of a fake copy of `net`
+    (nothing allocated) with the units (nodes of `units`) in `modes` (a Mode each) and, where
+    `layers[k]` is given, only those kept layers of unit k keeping. The step's gradients are
+    allocated before it (never counted: see the module docstring); its backward starts from a
+    dense gradient, as a loss gives."""
 
     def __init__(self, net: fx.GraphModule, units: list[fx.Node], inputs: tuple):
-        self.mode = FakeTensorMode()
-        self.fake = fake_copy(net, self.mode)
-        self.units = [self.fake.get_submodule(node.target) for node in units]
+        self.fake = fake_model(net)
+        self.units = [self.fake.module.get_submodule(node.target) for node in units]
         self.names = [node.name for node in units]
         self.inputs = inputs
         self.kept = [frozenset(layer.layer_name for layer in kept(unit)) for unit in self.units]
 
-    def __call__(self, modes: list[Mode], layers: list | None = None) -> _Run:
+    def __call__(self, modes: list[Mode], layers: list | None = None) -> Stretches:
         for unit, schedule in zip(self.units, self.schedules(modes, layers)):
             set_mode(unit, schedule)
-        return _project(self.fake, self.mode, self.names, self.inputs)
+        return project(self.fake, self.inputs, "accumulate", units=self.names).units
 
     def schedules(self, modes: list[Mode], layers: list | None = None) -> list[UnitSchedule]:
         """How each unit runs in `modes`: a keeping unit keeps the kept layers `layers[k]`
@@ -202,51 +115,20 @@ class projector:
             unit_costs[layer.layer_name] = (before[0] + cost[0], before[1] + cost[1])
         handles = [m.register_forward_hook(note) for unit in self.units for m in kept(unit)]
         try:
-            with self.mode, torch.no_grad():  # a forward without a backward runs each layer once
-                self.fake(*[fake_like(t) if isinstance(t, torch.Tensor) else t
-                            for t in self.inputs])
+            # a forward without a backward runs each layer once
+            with self.fake.mode, torch.no_grad():
+                self.fake.module(*fake_inputs(self.inputs))
         finally:
             for handle in handles:
                 handle.remove()
         return costs
 
 
-def _cut(tracker: ProjectionTracker, marked: _Marked, start) -> _Run:
-    """The step's timeline cut into each unit's forward and backward stretches.
-
-    Unit k's forward runs from its start to the next unit's (the last one's to the start of
-    the backward); its backward from its mark to the previous unit's (the last one's from the
-    start of the backward, the loss's gradient included; the first one's to the end).
-    """
-    fwd, bwd, births, saved = marked.fwd, marked.bwd, marked.births, marked.saved
-    events, n = tracker.events, len(fwd)
-    timeline, live = [0], 0    # timeline[i]: bytes live after i events
-    for _, delta in events:
-        live += delta
-        timeline.append(live)
-    end = (len(events), tracker.total_flops)
-    forward = [(fwd[k], fwd[k + 1] if k + 1 < n else start) for k in range(n)]
-    backward = [(bwd[k] if k + 1 < n else start, bwd[k - 1] if k else end) for k in range(n)]
-    died = {birth for birth, delta in events[:start[0]] if delta < 0}
-    size = [events[b][1] if b is not None else 0 for b in births]
-    kept = [size[k] if births[k] is not None and births[k] not in died else 0 for k in range(n)]
-    inner = [sum(delta for birth, delta in events[a[0]:b[0]] if delta > 0 and birth not in died
-                 and birth != births[k])
-             for k, (a, b) in enumerate(forward)]
-    flops = [(fb[1] - fa[1]) + (bb[1] - ba[1]) for (fa, fb), (ba, bb) in zip(forward, backward)]
-    peaks = [max(max(timeline[fa[0]:fb[0] + 1]), max(timeline[ba[0]:bb[0] + 1]))
-             for (fa, fb), (ba, bb) in zip(forward, backward)]
-    saves_output = [births[k] is not None and births[k] in saved[k] for k in range(n)]
-    saves_input = [k > 0 and births[k - 1] is not None and births[k - 1] in saved[k]
-                   for k in range(n)]
-    return _Run(inner, kept, size, saves_output, saves_input, flops, peaks, max(timeline))
-
-
 class _Pricing:
     """The peak of any choice of modes (one per unit), from one projection per mode (see the
     module docstring). `stages[k]`: whether unit k is a reversible stage."""
 
-    def __init__(self, runs: dict[Mode, _Run], stages: list[bool]):
+    def __init__(self, runs: dict[Mode, Stretches], stages: list[bool]):
         self.runs, self.stages = runs, stages
 
     def held(self, modes: list[Mode], k: int) -> int:

@@ -13,7 +13,8 @@ from torch import nn
 
 import revify
 from revify.bench import BlockCheckpointed, Compiled, run_bench, strategies, timm_checkpointing
-from revify.memory import measure_step, measure_step_profiled, project_peak
+from revify.memory import measure_step, measure_step_profiled
+from revify.projection import project_peak
 
 # The min-cut partitioner inductor uses, without inductor's C++ compile (a minute per model on
 # 2 cores): the budget is the partitioner's, so it applies just the same.

@@ -53,6 +53,32 @@ def test_convert_prints_plan_weights_and_memory_and_writes_a_loadable_file(conve
     assert rev(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+def test_convert_transforms_once_and_analyzes_the_model_it_converted(capsys, tmp_path,
+                                                                    monkeypatch):
+    import importlib
+    transform_module = importlib.import_module("revify.transform")  # revify.transform: the function
+    analyze_module = importlib.import_module("revify.analyze")
+    real, calls = transform_module.transform, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("reversible", True))
+        return real(*args, **kwargs)
+    # convert imports transform when it runs; analyze builds its baseline with its own import
+    monkeypatch.setattr(transform_module, "transform", counted)
+    monkeypatch.setattr(analyze_module, "transform", counted)
+    code, out, err = run(capsys, "convert", "resnet18", *SMALL, "--out", tmp_path / "model.pt")
+    assert code == 0, err
+    assert "projected memory of one training step" in out
+    assert calls == [True, False]  # revify's once, then the per-unit checkpointing baseline
+
+
+def test_analyze_does_not_import_bench():
+    check = "import revify.analyze, sys; assert 'revify.bench' not in sys.modules"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert result.returncode == 0, result.stderr
+
+
 def test_verify_passes_on_a_converted_file(converted, capsys):
     _, folder = converted
     code, out, err = run(capsys, "verify", folder / "model.pt")
