@@ -161,8 +161,8 @@ class Floor:
     be held between forward and backward (stage outputs, inputs of checkpointed units), plus
     the working set of the one block whose plain recompute keeps the most and that block's
     output gradient. Recomputing that block leanly (revify.lean) can go below it. Units that
-    revify.schedule stores count as held: analyze with options={"store": "none"} for the floor
-    of the design itself."""
+    revify.schedule stores count as held: analyze with options={"schedule": "recompute_all"}
+    for the floor of the design itself."""
     boundary_bytes: int
     block: str
     working_bytes: int
@@ -574,7 +574,8 @@ def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
         total memory when there is one. curves: also project at twice the batch, for
         `peak_at`/`largest_batch` and plots (default: when there is a budget).
     device: the device the step would run on (default: CUDA when available, else CPU).
-    options: keyword arguments of revify.transform for the revify strategy (width, ...).
+    options: the revify strategy's settings: revify.transform's width, budget and leaf_modules,
+        or any revify.plan.Options field (as revify.transform.build_with takes them).
     grads: the gradient regime the budget tables use: "accumulate" (gradients allocated before
         the step, as from the second micro-batch of accumulation on and under DDP) or "fresh"
         (zero_grad(set_to_none=True)); both are projected either way.

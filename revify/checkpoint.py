@@ -27,7 +27,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
 from .keep import Tape, recording, replaying
-from .modes import (capture_autocast, capture_rng, discarding, exact_backward_enabled,
+from .modes import (capture_autocast, capture_rng, discarding, plain_autograd_enabled,
                     frozen_buffers, replay_autocast, replay_rng)
 
 
@@ -53,7 +53,7 @@ class Checkpointed(nn.Module):
         return ", ".join(f"{flag}=True" for flag in ("stored", "keep") if getattr(self, flag))
 
     def forward(self, *args):
-        if self.stored or exact_backward_enabled() or not torch.is_grad_enabled():
+        if self.stored or plain_autograd_enabled() or not torch.is_grad_enabled():
             return self.module(*args)
         if torch.compiler.is_compiling():
             # Compiled, the recompute is part of the backward graph, which applies buffer
