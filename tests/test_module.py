@@ -186,3 +186,18 @@ def test_in_place_change_of_a_stage_output_is_caught():
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
         out.sum().backward()
+
+
+def test_exact_backward_is_plain_autograd_under_its_old_name(monkeypatch):
+    """The old name warns once (DeprecationWarning) and does what plain_autograd does."""
+    import warnings
+    from revify.modes import plain_autograd_enabled
+    monkeypatch.setattr(revify.modes, "_warned", False)
+    with pytest.warns(DeprecationWarning, match=r"now revify.plain_autograd\(\)"):
+        with revify.exact_backward():
+            assert plain_autograd_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with revify.exact_backward():  # once only
+            assert plain_autograd_enabled()
+    assert not plain_autograd_enabled()
