@@ -1,7 +1,8 @@
 """revify: turn residual networks into reversible networks that train in less memory.
 
-The names here are the ones users call; everything else is reached by its module path
-(revify.reversible.ReversibleStage, revify.analyze.measure, revify.transform.build, ...).
+The names here are the ones users call; everything else is imported from its module
+(`from revify.reversible import ReversibleStage`, `from revify.analyze import measure`,
+`from revify.transform import build`: `revify.analyze` and `revify.transform` name the functions).
 """
 from .files import RevifyFileError, load, save
 from .models import UnknownModel

@@ -81,8 +81,8 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     distill_steps: training steps of that fit (batches of the calibration data, repeated).
 
     The layers outside reversible stages are checkpointed and the stream is rebuilt exactly
-    (see README); the baselines revify is measured against are `revify.transform.build`'s
-    Options, used by `revify bench` and `revify drift`.
+    (see README). The baselines revify is measured against are other revify.plan.Options,
+    which `build` below takes (`revify bench` and `revify drift` use it).
 
     Hooks registered on `model`'s modules are not carried into the revified model (its layers
     are rebuilt, and rerun in the backward): a warning names their modules (revify.hooks).
