@@ -19,7 +19,7 @@ import argparse
 import sys
 
 import revify
-from revify.analyze import STRATEGIES, parse_bytes, parse_dtype
+from revify.analyze import STRATEGIES, Analysis, parse_bytes, parse_dtype
 from revify.models import UnknownModel, create_model
 
 GiB = 2**30
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     return args
 
 
-def budget_rows(analysis: revify.Analysis) -> list[list]:
+def budget_rows(analysis: Analysis) -> list[list]:
     """Per strategy: the largest batch, its peak, and how many times the original's batch."""
     largest = analysis.largest_batch()
     rows = []

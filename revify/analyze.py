@@ -34,7 +34,7 @@ from .memory import parse_bytes  # noqa: F401 (revify.analyze.parse_bytes, as be
 from .projection import FakeModel, fake_model, project
 from .rewrite import unit_calls
 from .trace import trace
-from .transform import transform
+from .transform import build_with
 
 STRATEGIES = ("original", "checkpoint", "revify")
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}   # state tensors kept per parameter
@@ -155,8 +155,8 @@ class Floor:
     be held between forward and backward (stage outputs, inputs of checkpointed units), plus
     the working set of the one block whose plain recompute keeps the most and that block's
     output gradient. Recomputing that block leanly (revify.lean) can go below it. Units that
-    revify.schedule stores count as held: analyze with options={"store": "none"} for the floor
-    of the design itself."""
+    revify.schedule stores count as held: analyze with options={"schedule": "recompute_all"}
+    for the floor of the design itself."""
     boundary_bytes: int
     block: str
     working_bytes: int
@@ -263,8 +263,8 @@ def checkpoint_baseline(model: nn.Module, example, leaf_modules=(), **how) -> nn
     """revify's own checkpointing of the unchanged model: it shares only the leaf modules with
     revify (the other options concern reversible stages), and recomputes plainly (lean=False);
     `how`: more of revify.transform's options (segments=...)."""
-    return transform(model, example, leaf_modules=leaf_modules, reversible=False, lean=False,
-                     **how)
+    return build_with(model, example, {"leaf_modules": leaf_modules, "reversible": False,
+                                       "lean": False, **how})
 
 
 def strategy_models(model: nn.Module, input_size, options: dict | None = None,
@@ -275,7 +275,7 @@ def strategy_models(model: nn.Module, input_size, options: dict | None = None,
     example = torch.empty(2, *input_size)
     return {"original": model,
             "checkpoint": checkpoint_baseline(model, example, options.get("leaf_modules", ())),
-            "revify": revified if revified is not None else transform(model, example, **options)}
+            "revify": revified if revified is not None else build_with(model, example, options)}
 
 
 # ----------------------------------------------------------------------------- projection
@@ -499,7 +499,8 @@ def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
         total memory when there is one. curves: also project at twice the batch, for
         `peak_at`/`largest_batch` and plots (default: when there is a budget).
     device: the device the step would run on (default: CUDA when available, else CPU).
-    options: keyword arguments of revify.transform for the revify strategy (width, ...).
+    options: the revify strategy's settings: revify.transform's width, budget and leaf_modules,
+        or any revify.plan.Options field (as revify.transform.build_with takes them).
     grads: the gradient regime the budget tables use: "accumulate" (gradients allocated before
         the step, as from the second micro-batch of accumulation on and under DDP) or "fresh"
         (zero_grad(set_to_none=True)); both are projected either way.

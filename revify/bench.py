@@ -28,7 +28,7 @@ from .counting import StepCounts, count_step
 from .memory import measure_step, measure_step_profiled
 from .projection import project_peak
 from .trace import trace
-from .transform import transform
+from .transform import build_with
 
 # torch.compile rows: name -> the min-cut partitioner's activation_memory_budget, the fraction
 # of the activations it would save that it may keep (1: all of them; 0: recompute what it can).
@@ -59,7 +59,7 @@ def _note(text: str) -> None:
 
 
 def _revify(**overrides):
-    return lambda model, example, options: transform(model, example, **(options | overrides))
+    return lambda model, example, options: build_with(model, example, options | overrides)
 
 
 def _revify_at_timm_peak(model, example, options):
@@ -69,7 +69,7 @@ def _revify_at_timm_peak(model, example, options):
     timm = timm_checkpointing(model, options.get("leaf_modules", ()))
     budget = project_peak(timm, example, grads="accumulate")
     try:
-        return transform(model, example, **(options | {"budget": budget}))
+        return build_with(model, example, options | {"budget": budget})
     except ValueError as exc:  # revify's least peak is over it: nothing to compare at that memory
         raise RowLeftOut(str(exc)) from None
 
@@ -93,9 +93,9 @@ ROWS = {
     "checkpoint-sqrt": _baseline(segments="sqrt"),
     "revify": _revify(),
     # every unit recomputed: what revify.schedule's stored units save in time, at the same peak
-    "revify-recompute": _revify(store="none"),
+    "revify-recompute": _revify(schedule="recompute_all"),
     # the RevNet paper's choice: the non-invertible layers stored, not recomputed
-    "revify-stored": _revify(checkpoint="none"),
+    "revify-stored": _revify(non_invertible="store"),
     # the same memory as timm's checkpointing, spent by the schedule on speed
     "revify-at-timm-peak": _revify_at_timm_peak,
     "revify-native": _revify(reconstruction="native"),
@@ -110,7 +110,8 @@ def strategies(model: nn.Module, input_size, rows=DEFAULT_ROWS, note=_note, batc
                **options) -> dict[str, nn.Module]:
     """The model under each strategy of `rows` (names of ROWS), in ROWS' order.
 
-    options: revify.transform's keyword arguments for the revified rows; the checkpointing
+    options: revify.plan.Options fields and leaf_modules for the revified rows (as
+    revify.transform.build_with takes them); the checkpointing
     baselines share only its leaf modules. batch_size: the batch the rows will run at (revify's
     schedule chooses at it). note(text) says why a row was left out (a model with no block
     submodule for the timm-style rows).

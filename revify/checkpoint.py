@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from .keep import Tape, recording, replaying
 from .ops import draws_random
 from .modes import (UnitMode, UnitSchedule, capture_autocast, capture_rng, discarding,
-                    exact_backward_enabled, frozen_buffers, replay_autocast, replay_rng)
+                    plain_autograd_enabled, frozen_buffers, replay_autocast, replay_rng)
 
 
 class Checkpointed(nn.Module):
@@ -56,7 +56,7 @@ class Checkpointed(nn.Module):
         return "" if self.schedule == UnitSchedule() else str(self.schedule)
 
     def forward(self, *args):
-        if self.schedule.mode is UnitMode.STORED or exact_backward_enabled() \
+        if self.schedule.mode is UnitMode.STORED or plain_autograd_enabled() \
                 or not torch.is_grad_enabled():
             return self.module(*args)
         if torch.compiler.is_compiling():

@@ -62,42 +62,38 @@ def _add_model(p, what="a model name or a revify file") -> None:
                    help="for a FILE from user code: the factory that builds its source model")
 
 
+# Flags of the baselines that convert no longer takes -> where their measurement lives now.
+MOVED = {
+    "--checkpoint": "the layers outside reversible stages are always checkpointed; `revify "
+                    "bench` measures them stored (its revify-stored row)",
+    "--no-reversible": "`revify bench` measures per-block checkpointing (its checkpoint row)",
+    "--store": "`revify bench` measures every unit recomputed (its revify-recompute row)",
+    "--reconstruction": "`revify bench --native` and `revify drift` measure native reconstruction",
+    "--anchor-every": "`revify drift --anchor-every K` measures anchors",
+}
+
+
+class _Moved(argparse.Action):
+    """A removed flag: one sentence saying where it went, exit 2."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is no longer an option of convert: {MOVED[option_string]}")
+
+
 def _add_transform_options(p) -> None:
     g = p.add_argument_group("transform options (see revify.transform)")
     g.add_argument("--width", type=_width, default=None,
                    help="'match' (keep each stage's parameters, default) or an internal width factor")
-    g.add_argument("--checkpoint", choices=["non_invertible", "none"], default=None,
-                   help="checkpoint the layers outside reversible stages (default) or store them")
-    g.add_argument("--no-reversible", dest="reversible", action="store_false",
-                   help="checkpoint every block instead (the per-block checkpointing baseline)")
-    g.add_argument("--reconstruction", choices=["exact", "native"], default=None,
-                   help="stream on a fixed-point grid, rebuilt to the bit (default), or in plain "
-                        "floating point (drifts with depth)")
-    g.add_argument("--anchor-every", type=_positive_int, default=None, metavar="K",
-                   help="keep the stream at every K-th block of each stage: bounds native drift")
-    g.add_argument("--store", choices=["auto", "none"], default=None,
-                   help="let units whose activations fit under the step's peak keep them instead "
-                        "of recomputing them (auto, default), or recompute every unit")
     g.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="a submodule torch.fx should not trace into (repeatable)")
+    for flag in MOVED:
+        g.add_argument(flag, action=_Moved, nargs="?", help=argparse.SUPPRESS)
 
 
 def _transform_options(args) -> dict:
-    """The transform options given on the command line; conflicting ones are a usage error."""
-    if not args.reversible:
-        moot = [flag for flag, value in (("--width", args.width),
-                                         ("--reconstruction", args.reconstruction),
-                                         ("--anchor-every", args.anchor_every)) if value]
-        if moot:
-            raise UsageError(f"{' and '.join(moot)} shape reversible stages; with --no-reversible "
-                             f"there are none")
-        if args.checkpoint == "none":
-            raise UsageError("--no-reversible with --checkpoint none leaves nothing to change")
-    options = {"width": args.width, "checkpoint": args.checkpoint,
-               "reconstruction": args.reconstruction, "anchor_every": args.anchor_every,
-               "store": args.store, "leaf_modules": args.leaf_module or None}
-    options = {k: v for k, v in options.items() if v is not None}
-    return options | ({} if args.reversible else {"reversible": False})
+    """The transform options given on the command line."""
+    options = {"width": args.width, "leaf_modules": args.leaf_module or None}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------- models
@@ -106,15 +102,15 @@ class Source:
     """What a MODEL or FILE argument names: the source model and how to revify it."""
     name: str
     model: object                # the untransformed nn.Module
-    options: dict                # revify.transform keyword arguments
+    options: dict                # settings as revify.transform.build_with takes them
     input_size: tuple[int, ...]
     payload: dict | None = None  # the file's contents, when it was a file
 
     def revified(self):
         from .files import build
-        from .transform import transform
+        from .transform import build_with
         if self.payload is None:
-            return transform(self.model, input_size=self.input_size, **self.options)
+            return build_with(self.model, None, self.options, input_size=self.input_size)
         return build(self.payload, self.model, self.name)
 
 
@@ -392,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_plan)
     _add_analyze(sub)
     p = _one_line_errors(sub.add_parser(
-        "verify", help="check gradients, reconstruction and BatchNorm against exact autograd"))
+        "verify", help="check gradients, reconstruction and BatchNorm against plain autograd"))
     _add_model(p)
     _add_input_size(p)
     p.add_argument("--batch-size", type=int, default=2)

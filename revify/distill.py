@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .modes import exact_backward
+from .modes import plain_autograd
 from .rewrite import unit_nodes
 from .trace import trace
 
@@ -191,7 +191,7 @@ def distill(rev, model: nn.Module, calibration, *, steps: int = DEFAULT_STEPS,
 
 def _fit(fits: dict[str, _Fit], targets, steps: int, lr: float, report: Distillation):
     """Adam on every stage's parameters at once, the learning rate on a cosine to 0; plain
-    autograd (`exact_backward`: the same function, no recomputation, faster here)."""
+    autograd (`plain_autograd`: the same function, no recomputation, faster here)."""
     params = [p for fit in fits.values() for p in fit.stage.parameters() if p.requires_grad]
     if not params or steps == 0:
         return
@@ -202,7 +202,7 @@ def _fit(fits: dict[str, _Fit], targets, steps: int, lr: float, report: Distilla
     for _ in range(steps):
         pairs = targets()
         optimizer.zero_grad(set_to_none=True)
-        with exact_backward():
+        with plain_autograd():
             loss = sum(_relative_mse(fits[name].activate(fits[name].stage(x)), y)
                        for name, (x, y) in pairs.items())
         loss.backward()

@@ -6,7 +6,7 @@ revifies each with every reconstruction mode asked for and measures, under one a
 - reconstruction: the stage input rebuilt from the stage output by running the blocks backwards
   (what the backward does), relative max error against the input the forward saw;
 - gradients: the reversible backward against plain autograd on the same model, input and
-  autocast (`exact_backward`), the worst norm-wise relative error over parameters and input.
+  autocast (`plain_autograd`), the worst norm-wise relative error over parameters and input.
 
 Weights are random and BatchNorm is in training mode for the gradients, as at the start of
 training, when activations are least tame.
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .transform import transform
+from .plan import Options
+from .transform import build
 from .verify import gradient_error, reconstruction_errors
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,8 +64,8 @@ def measure_drift(depths=(9, 18, 36, 54), modes=(("exact", None), ("native", Non
         model = stage_model(depth, channels)
         x = torch.randn(batch, 3, size, size, device=device)
         for reconstruction, anchor_every in modes:
-            rev = transform(model, input_size=(3, size, size), reconstruction=reconstruction,
-                            anchor_every=anchor_every).to(device)
+            options = Options(reconstruction=reconstruction, anchor_every=anchor_every)
+            rev = build(model, None, options, input_size=(3, size, size)).to(device)
             with _autocast(device, autocast):
                 recon = max(reconstruction_errors(rev, x).values())
                 grads = gradient_error(rev.train(), x)[0]

@@ -6,7 +6,7 @@ One `torch.save` of a dict holding only strings, numbers, lists and tensors, so
     format, format_version      "revify", 1
     revify_version, torch_version
     source      {"library": "torchvision" | "timm" | "factory" | "user", "name", "kwargs"}
-    transform   the options of revify.transform (leaf modules as module names)
+    transform   the plan's settings (revify.plan.Options fields; leaf modules as module names)
     inputs      [{"shape", "dtype"}] the example inputs the plan was made at
     state_dict  the revified model's parameters and buffers
 
@@ -132,7 +132,25 @@ def read(path: str | os.PathLike) -> dict:
     missing = {"source", "transform", "inputs", "state_dict"} - payload.keys()
     if missing:
         raise RevifyFileError(f"{path} is a damaged revify file (missing {', '.join(sorted(missing))})")
+    if not isinstance(payload["transform"], dict):
+        raise RevifyFileError(f"{path} is a damaged revify file (its transform settings are not a dict)")
+    payload["transform"] = _renamed(payload["transform"])
     return payload
+
+
+# Settings older files hold under other names: old name -> (new name, {old value: new value}).
+RENAMED = {"checkpoint": ("non_invertible", {"non_invertible": "recompute", "none": "store"}),
+           "store": ("schedule", {"auto": "budget", "none": "recompute_all"})}
+
+
+def _renamed(settings: dict) -> dict:
+    """A recipe's settings under today's Options names (files written before the renames)."""
+    out = dict(settings)
+    for old, (new, values) in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            out[new] = values.get(value, value)
+    return out
 
 
 def source_of(payload: dict, model: nn.Module | None = None) -> nn.Module:
@@ -142,12 +160,19 @@ def source_of(payload: dict, model: nn.Module | None = None) -> nn.Module:
 
 
 def transform_recipe(source: nn.Module, payload: dict) -> nn.Module:
-    """Run revify.transform on `source` as the recipe says."""
-    from .transform import transform
+    """Build the revified model of `source` as the recipe says."""
+    from dataclasses import fields
+
+    from .plan import Options
+    from .transform import build_with
+    unknown = set(payload["transform"]) - {f.name for f in fields(Options)} - {"leaf_modules"}
+    if unknown:
+        raise RevifyFileError(f"the file's recipe has settings this revify does not know "
+                              f"({', '.join(sorted(unknown))}; written by revify "
+                              f"{payload.get('revify_version')}): upgrade revify")
     example = tuple(torch.empty(i["shape"], dtype=getattr(torch, i["dtype"]))
                     for i in payload["inputs"])
-    options = dict(payload["transform"])
-    return transform(source, example, **options)
+    return build_with(source, example, payload["transform"])
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:

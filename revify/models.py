@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 
@@ -118,17 +117,3 @@ def list_convertible(pattern: str = "*", everything: bool = False) -> list[dict]
     rows = json.loads(COVERAGE_FILE.read_text())
     return [r for r in rows if fnmatch.fnmatch(r["model"], pattern) and (everything or r["ok"] == "yes")]
 
-
-def unzero_init(model: nn.Module) -> nn.Module:
-    """Set every all-zero weight (timm's zero-initialised last norm of each residual branch) to
-    one, in place.
-
-    With those weights at zero every branch outputs a constant and no gradient reaches its
-    convolutions, so a gradient check on a freshly built timm model would test next to nothing.
-    Checks (the tests, `scripts/coverage.py`) run on models whose branches compute.
-    """
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rpartition(".")[2] == "weight" and p.is_floating_point() and not p.any():
-                p.fill_(1.0)
-    return model

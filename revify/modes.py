@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import threading
+import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -34,22 +35,35 @@ class UnitSchedule:
 
 
 @contextmanager
-def exact_backward():
+def plain_autograd():
     """Run revified models with plain autograd: store activations, rebuild nothing.
 
     The reference the reversible backward is tested against, and a debugging aid: inside this
     block a revified model computes the same function with ordinary autograd.
     """
-    previous = getattr(_local, "exact", False)
-    _local.exact = True
+    previous = getattr(_local, "plain", False)
+    _local.plain = True
     try:
         yield
     finally:
-        _local.exact = previous
+        _local.plain = previous
 
 
-def exact_backward_enabled() -> bool:
-    return getattr(_local, "exact", False)
+def plain_autograd_enabled() -> bool:
+    return getattr(_local, "plain", False)
+
+
+_warned = False
+
+
+def exact_backward():
+    """Deprecated name of `plain_autograd` (it read as the exact reconstruction): warns once."""
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn("revify.exact_backward() is now revify.plain_autograd(); the old name "
+                      "will be removed", DeprecationWarning, stacklevel=2)
+    return plain_autograd()
 
 
 class discarding:

@@ -26,8 +26,13 @@ MATCH_TOLERANCE = 0.10  # width="match" promises each stage's parameter count wi
 
 @dataclass
 class Options:
+    """Every setting of a plan. `revify.transform` takes the user's (width, budget) and leaves
+    the rest at their defaults; the baselines and measurements (`revify bench`, `revify drift`,
+    the tests) set the others through `revify.transform.build`."""
     width: float | Literal["match"] = "match"   # internal width multiplier, or match parameters
-    checkpoint: Literal["non_invertible", "none"] = "non_invertible"
+    # The layers outside reversible stages (stem, head, blocks that cannot be inverted): their
+    # activations recomputed in the backward (activation checkpointing), or stored as usual.
+    non_invertible: Literal["recompute", "store"] = "recompute"
     reversible: bool = True                      # False: per-block checkpointing only (a baseline)
     reconstruction: Literal["exact", "native"] = "exact"  # fixed-point grid, or plain float
     # Keep the stream at every k-th block input (bounds native drift to k blocks): one k for
@@ -39,19 +44,21 @@ class Options:
     # Leaner recompute of checkpointed units (revify.lean): nested cheap layers, in-place adds,
     # masked ReLUs. False: plain per-unit checkpointing (the baseline revify bench measures).
     lean: bool = True
-    # revify.schedule: "auto" lets the units whose activations fit under `budget` keep them
+    # revify.schedule: "budget" lets the units whose activations fit under `budget` keep them
     # (nothing recomputed in their backward) and the units whose rerun fits without the lean
-    # nesting run it plainly; "none" recomputes every unit, nested layers too.
-    store: Literal["auto", "none"] = "auto"
+    # nesting run it plainly; "recompute_all" recomputes every unit, nested layers too.
+    schedule: Literal["budget", "recompute_all"] = "budget"
     # Peak activation bytes a training step at the example input may reach (None: the peak
     # with every unit recomputing and 1%).
     budget: int | None = None
 
     def __post_init__(self):
-        if self.checkpoint not in ("non_invertible", "none"):
-            raise ValueError(f"checkpoint must be 'non_invertible' or 'none', not {self.checkpoint!r}.")
-        if self.reconstruction not in ("exact", "native"):
-            raise ValueError(f"reconstruction must be 'exact' or 'native', not {self.reconstruction!r}.")
+        for name, allowed in (("non_invertible", ("recompute", "store")),
+                              ("reconstruction", ("exact", "native")),
+                              ("schedule", ("budget", "recompute_all"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, "
+                                 f"not {getattr(self, name)!r}.")
         if self.width != "match" and not (isinstance(self.width, (int, float)) and self.width > 0):
             raise ValueError(f"width must be 'match' or a positive number, not {self.width!r}.")
         every = self.anchor_every.values() if isinstance(self.anchor_every, dict) else \
@@ -60,13 +67,11 @@ class Options:
                 self.segments == "sqrt" or (isinstance(self.segments, int) and self.segments > 0))):
             raise ValueError(f"segments must be 'sqrt' or a positive number, with "
                              f"reversible=False, not {self.segments!r}.")
-        if self.store not in ("auto", "none"):
-            raise ValueError(f"store must be 'auto' or 'none', not {self.store!r}.")
         if self.budget is not None and not (isinstance(self.budget, int) and self.budget > 0):
             raise ValueError(f"budget must be a positive number of bytes, not {self.budget!r}.")
         if self.budget is not None and not self.schedules:
-            raise ValueError("budget needs store='auto' and the default reversible plan "
-                             "(reversible=True, checkpoint='non_invertible', no segments).")
+            raise ValueError("budget needs schedule='budget' and the default reversible plan "
+                             "(reversible=True, non_invertible='recompute', no segments).")
         if not all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in every):
             raise ValueError(f"anchor_every must be a positive whole number of blocks (or a dict "
                              f"of them by stage name), not {self.anchor_every!r}.")
@@ -74,9 +79,10 @@ class Options:
     @property
     def schedules(self) -> bool:
         """Whether revify.schedule may store units: only revify's own plan, not the baselines
-        (per-block checkpointing, sqrt(n) groups) nor the stored layers of checkpoint='none'."""
-        return (self.store == "auto" and self.reversible and self.segments is None
-                and self.checkpoint == "non_invertible")
+        (per-block checkpointing, sqrt(n) groups) nor the stored layers of
+        non_invertible='store'."""
+        return (self.schedule == "budget" and self.reversible and self.segments is None
+                and self.non_invertible == "recompute")
 
     def anchors_for(self, stage: str) -> int | None:
         if isinstance(self.anchor_every, dict):
@@ -127,7 +133,7 @@ class SegmentPlan:
     blocks: list[str] = field(default_factory=list)
     lean: LeanPlan | None = None               # what a checkpointed unit's recompute drops
     # A unit of its own in the rewritten net (a Checkpointed or ReversibleStage module); False:
-    # its nodes run inline, stored (checkpoint="none", the last of sqrt(n) groups). A unit
+    # its nodes run inline, stored (non_invertible="store", the last of sqrt(n) groups). A unit
     # revify.schedule stores stays a unit, its action as planned: the schedule says how it
     # runs (Plan.runs_as).
     outlined: bool = True
@@ -462,7 +468,7 @@ def _plan_segments(gm, block_plans: list[BlockPlan], stages: list[StagePlan],
     for bp in block_plans:
         if bp.pre_op:
             owner[bp.pre_op] = ("stage", stages[bp.stage].name)
-    stored = "checkpointed" if options.checkpoint == "non_invertible" else "stored"
+    stored = "checkpointed" if options.non_invertible == "recompute" else "stored"
     segments: list[SegmentPlan] = []
     loose: list[str] = []
     for node in gm.graph.nodes:
@@ -544,12 +550,12 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
         raise ValueError(f"anchor_every names no reversible stage: {', '.join(sorted(unknown))} "
                          f"(stages: {', '.join(s.name for s in stages) or 'none'}).")
     for bp in block_plans:
-        if bp.action != "reversible" and options.checkpoint == "none":
+        if bp.action != "reversible" and options.non_invertible == "store":
             bp.action = "stored"
     segments = _plan_segments(gm, block_plans, stages, options)
     if options.segments is not None:
         segments = _grouped(segments, options.segments)
-    elif options.lean and options.checkpoint == "non_invertible":  # stored layers set the peak
+    elif options.lean and options.non_invertible == "recompute":  # stored layers set the peak
         _plan_lean(gm, segments, {bp.name: bp for bp in block_plans}, options.schedules)
     params_before = sum(p.numel() for p in gm.parameters())
     changed = sum(s.params_after - s.params_before for s in stages)

@@ -51,7 +51,7 @@ from torch.autograd.function import once_differentiable
 
 from .keep import Tape, recording, replaying
 from .ops import draws_random
-from .modes import (capture_autocast, capture_rng, exact_backward_enabled, frozen_buffers,
+from .modes import (capture_autocast, capture_rng, plain_autograd_enabled, frozen_buffers,
                     replay_autocast, replay_rng, restore_rng, slots, Seed, grads_of, NOTHING)
 from .modes import UnitMode, UnitSchedule
 
@@ -270,7 +270,7 @@ class ReversibleStage(nn.Module):
             self.headroom = headroom
 
     def _forward(self, x):
-        if self.schedule.mode is UnitMode.STORED or exact_backward_enabled() \
+        if self.schedule.mode is UnitMode.STORED or plain_autograd_enabled() \
                 or not torch.is_grad_enabled():
             return self.couple(x).output
         return _run_reversible(self, x)
@@ -591,7 +591,7 @@ class _Run:
         if self.state is None:
             raise RuntimeError("revify: a reversible stage's backward ran twice; the stage output "
                                "it rebuilds from is released after the first backward. Run the "
-                               "forward again, or run the step under revify.exact_backward() "
+                               "forward again, or run the step under revify.plain_autograd() "
                                "(plain autograd) to backpropagate through one graph twice.")
         hi, halves = self.state
         self.state = None
@@ -682,7 +682,7 @@ class _Exit(torch.autograd.Function):
             raise RuntimeError(
                 "revify: a reversible stage's backward cannot be differentiated again "
                 "(create_graph=True: double backward, gradient penalties); run that step under "
-                "revify.exact_backward(), which computes the same function with plain autograd.")
+                "revify.plain_autograd(), which computes the same function with plain autograd.")
         ctx.run.start_backward()
         return (None, *dy.chunk(2, ctx.run.stage.dim))
 

@@ -3,6 +3,7 @@ trainable module whose plan says what was done."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict
 from typing import Iterable, Literal
 
 import torch
@@ -53,12 +54,7 @@ def _example_inputs(model: nn.Module, example_inputs, input_size) -> tuple:
 
 
 def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int] = (3, 224, 224),
-              width: float | Literal["match"] = "match",
-              checkpoint: Literal["non_invertible", "none"] = "non_invertible",
-              reversible: bool = True, reconstruction: Literal["exact", "native"] = "exact",
-              anchor_every: int | dict[str, int] | None = None,
-              segments: int | Literal["sqrt"] | None = None, lean: bool = True,
-              store: Literal["auto", "none"] = "auto", budget: int | str | None = None,
+              width: float | Literal["match"] = "match", budget: int | str | None = None,
               leaf_modules: Iterable[type | str] = (), calibration=None,
               distill_steps: int = DEFAULT_STEPS) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
@@ -67,29 +63,13 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         (default: a batch of 2 of `input_size`). Nothing is computed on real data.
     width: "match" picks the branches' internal widths so every stage keeps its parameter count
         within 10%; a number scales the original internal widths instead.
-    checkpoint: "non_invertible" wraps every layer outside a reversible stage in activation
-        checkpointing; "none" stores their activations as usual.
-    reversible: False checkpoints every block instead (the per-block checkpointing baseline).
-    segments: with reversible=False, checkpoint the units (stem, blocks, head) in this many
-        contiguous groups instead, the last one stored ("sqrt": sqrt(n) groups, the
-        `checkpoint_sequential` baseline).
-    reconstruction: "exact" keeps the coupled stream on a fixed-point grid (revify.reversible), so
-        the backward rebuilds every activation to the bit; "native" adds in plain floating
-        point: reconstruction error then grows with depth (see README).
-    anchor_every: keep the stream at every k-th block input of each reversible stage (or
-        {stage name: k}); the backward restarts from it there, so native reconstruction never
-        drifts over more than k blocks. Costs one stored activation per anchor.
-    lean: recompute checkpointed units leanly (revify.lean: cheap expanding layers recomputed
-        once more, in-place adds, masked ReLUs); False is plain per-unit checkpointing.
-    store: "auto" lets the units whose activations fit under `budget` keep them instead of
-        recomputing them in the backward, the units whose rerun fits without revify.lean's
-        nesting rerun plainly, and the units whose dearest layers' outputs fit keep those for
-        the rerun (revify.schedule, revify.keep; the plan says which); "none" recomputes every
-        unit, nested layers too.
     budget: the peak activation memory (bytes, or a size such as '2GiB') a training step at the
         example input may reach, gradients in flight to already allocated `.grad` included
         (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.
-        Pass example_inputs at your batch size for a budget to mean your step.
+        Under it, units keep their activations instead of recomputing them in the backward, or
+        rerun without revify.lean's nesting, or keep their dearest layers' outputs for the
+        rerun (revify.schedule, revify.keep; the plan says which). Pass example_inputs at your
+        batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     calibration: unlabelled inputs of the data a trained `model` learned from (a tensor, or an
         iterable of batches such as a DataLoader of (inputs, labels)): each reversible stage
@@ -100,25 +80,38 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         the converted model is the same (parameters, memory, exact backward) either way.
     distill_steps: training steps of that fit (batches of the calibration data, repeated).
 
+    The layers outside reversible stages are checkpointed and the stream is rebuilt exactly
+    (see README). The baselines revify is measured against are other revify.plan.Options,
+    which `build` below takes (`revify bench` and `revify drift` use it).
+
     Hooks registered on `model`'s modules are not carried into the revified model (its layers
     are rebuilt, and rerun in the backward): a warning names their modules (revify.hooks).
     """
-    options = Options(width=width, checkpoint=checkpoint, reversible=reversible,
-                      reconstruction=reconstruction, anchor_every=anchor_every, segments=segments,
-                      lean=lean, store=store,
-                      budget=None if budget is None else parse_bytes(budget))
+    options = Options(width=width, budget=None if budget is None else parse_bytes(budget))
+    return build(model, example_inputs, options, input_size=input_size, leaf_modules=leaf_modules,
+                 calibration=calibration, distill_steps=distill_steps)
+
+
+def build(model: nn.Module, example_inputs=None, options: Options | None = None, *,
+          input_size: Iterable[int] = (3, 224, 224), leaf_modules: Iterable[type | str] = (),
+          calibration=None, distill_steps: int = DEFAULT_STEPS) -> RevifiedModel:
+    """`transform` with every plan setting (revify.plan.Options): the baselines (reversible=False,
+    segments, lean=False, non_invertible="store", schedule="recompute_all") and native
+    reconstruction with anchors, for the benchmark, the drift measurement and the tests.
+    Warnings point at the caller's caller (`transform`'s caller when it calls this)."""
+    options = Options() if options is None else options
     leaf_modules = list(leaf_modules)
     example_inputs = _example_inputs(model, example_inputs, input_size)
     gm = trace(model, leaf_modules, len(example_inputs))
     if gm.meta["hooked"]:
-        warnings.warn(hooks_warning(gm.meta["hooked"]), UserWarning, stacklevel=2)
+        warnings.warn(hooks_warning(gm.meta["hooked"]), UserWarning, stacklevel=3)
     propagate_shapes(gm, example_inputs)
     blocks = find_blocks(gm)
     if not blocks:
         raise NoResidualBlocks(_no_blocks_message(model, gm.meta["opaque"]))
     plan = make_plan(gm, blocks, options)
     if plan.unmatched():
-        warnings.warn(f"revify: {unmatched_note(plan)}", UserWarning, stacklevel=2)
+        warnings.warn(f"revify: {unmatched_note(plan)}", UserWarning, stacklevel=3)
     net = rewrite(gm, plan)
     if options.schedules:  # the plan is not edited for it: the schedule goes beside it, once
         plan.schedule = schedule(net, plan, example_inputs)
@@ -129,6 +122,17 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         distill(rev, model, calibration, steps=distill_steps, leaf_modules=leaf_modules,
                 num_inputs=len(example_inputs))
     return rev
+
+
+def build_with(model: nn.Module, example_inputs, settings: dict, **kwargs) -> RevifiedModel:
+    """`build` with the settings as plain data: Options fields by name, and leaf_modules (a
+    file's recipe, the `options` of revify.analyze and revify bench's rows); budget may be a
+    size such as '2GiB'."""
+    settings = dict(settings)
+    kwargs.setdefault("leaf_modules", settings.pop("leaf_modules", None) or ())
+    if isinstance(settings.get("budget"), str):
+        settings["budget"] = parse_bytes(settings["budget"])
+    return build(model, example_inputs, Options(**settings), **kwargs)
 
 
 def _no_blocks_message(model: nn.Module, opaque: dict[str, str]) -> str:
@@ -153,11 +157,8 @@ def _recipe(model: nn.Module, example_inputs: tuple, options: Options, leaf_modu
         "library": "user", "name": f"{cls.__module__}.{cls.__qualname__}", "kwargs": {}}
     return {
         "source": source,
-        "transform": {"width": options.width, "checkpoint": options.checkpoint,
-                      "reversible": options.reversible, "reconstruction": options.reconstruction,
-                      "anchor_every": options.anchor_every, "segments": options.segments,
-                      "lean": options.lean, "store": options.store, "budget": options.budget,
-                      "leaf_modules": leaf_names},
+        # Options by field name (revify.files.read maps the names older files used)
+        "transform": asdict(options) | {"leaf_modules": leaf_names},
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                    if isinstance(t, torch.Tensor) else None for t in example_inputs],
     }

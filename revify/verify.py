@@ -1,7 +1,7 @@
 """`revify verify`: the checks to trust a revified model with before spending GPU hours on it.
 
 - gradients: one training step through the reversible backward against the same model under
-  `exact_backward()` (plain autograd, activations stored), worst relative error over every
+  `plain_autograd()` (plain autograd, activations stored), worst relative error over every
   parameter and the input;
 - reconstruction: per reversible stage, the input rebuilt from the output by running the blocks
   backwards, in float32 and under bfloat16 autocast (relative max error), in training mode as
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .modes import exact_backward
+from .modes import plain_autograd
 from .reversible import ReversibleStage
 
 # Relative tolerances. Exact reconstruction rebuilds every activation to the bit, so its
@@ -55,13 +55,13 @@ def _loss(out, seed: int) -> torch.Tensor:
                for t in _tensors(out))
 
 
-def _step(model: nn.Module, x: torch.Tensor, exact: bool) -> tuple[dict, dict]:
+def _step(model: nn.Module, x: torch.Tensor, plain: bool) -> tuple[dict, dict]:
     """(gradients of parameters and input, buffers) after one step; the model is restored."""
     before = copy.deepcopy(dict(model.named_buffers()))
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(0)
-    with exact_backward() if exact else nullcontext():
+    with plain_autograd() if plain else nullcontext():
         _loss(model(x), seed=1).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     grads["<input>"] = x.grad.detach().clone()
@@ -90,7 +90,7 @@ def _worst(grads: dict, ref_grads: dict) -> tuple[float, str]:
 
 
 def gradient_error(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
-    """The worst relative gradient error (parameters and input) of one step against exact
+    """The worst relative gradient error (parameters and input) of one step against plain
     autograd on the same model and input, and where it is."""
     return _worst(_step(model, x, False)[0], _step(model, x, True)[0])
 
@@ -98,13 +98,13 @@ def gradient_error(model: nn.Module, x: torch.Tensor) -> tuple[float, str]:
 def _gradient_checks(model, x, reconstruction) -> list[Check]:
     (grads, buffers), (ref_grads, ref_buffers) = _step(model, x, False), _step(model, x, True)
     worst, where = _worst(grads, ref_grads)
-    checks = [Check("gradients vs exact autograd", where, worst, GRAD_TOLERANCE[reconstruction])]
+    checks = [Check("gradients vs plain autograd", where, worst, GRAD_TOLERANCE[reconstruction])]
     before = dict(model.named_buffers())
     stats = [k for k in ref_buffers if k.endswith(("running_mean", "running_var"))]
     counters = [k for k in ref_buffers if k.endswith("num_batches_tracked")]
     if stats:
         err, where = max((_rel(buffers[k], ref_buffers[k]), _short(k)) for k in stats)
-        checks.append(Check("BatchNorm statistics vs exact autograd", where, err, 1e-5))
+        checks.append(Check("BatchNorm statistics vs plain autograd", where, err, 1e-5))
     if counters:
         off, where = max((abs(int(buffers[k] - before[k]) - 1), _short(k)) for k in counters)
         checks.append(Check("BatchNorm counted once per step", where, off, 0))

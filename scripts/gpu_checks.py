@@ -37,7 +37,7 @@ def check(name, value, limit):
 def grads(model, x, y, dtype, scaler=None, exact=False):
     model.zero_grad(set_to_none=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with revify.exact_backward() if exact else torch.enable_grad():
+    with revify.plain_autograd() if exact else torch.enable_grad():
         with torch.autocast(DEVICE, dtype):
             loss = F.cross_entropy(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
@@ -133,7 +133,7 @@ def steady():
     for _ in range(2):
         F.cross_entropy(rev(x), y).backward()
     check("host syncs in a steady-state resnet50 step", count_step(rev, x, y).syncs, 0)
-    stages = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
     with torch.no_grad():
         for norm in (m for s in stages for m in s.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             norm.weight.mul_(100.0)

@@ -1,5 +1,5 @@
 """Where a revified step's extra time goes: the forward and backward of the original, of revify,
-of the same revified model with plain autograd (`exact_backward`: nothing recomputed, so what is
+of the same revified model with plain autograd (`plain_autograd`: nothing recomputed, so what is
 left is the architecture's own cost: half-width couplings, the grid), and of revify with
 `reconstruction="native"` (no grid), every configuration in one process with the steps
 interleaved in shuffled order. Ratios are to the original's step.
@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from interleaved import arguments, medians, model_and_batch
 
 import revify
+from revify.plan import Options
+from revify.transform import build as revify_build
 
 
 def main() -> None:
@@ -23,8 +25,8 @@ def main() -> None:
     runs = {
         "original": (build(), contextlib.nullcontext),
         "revify": (rev, contextlib.nullcontext),
-        "revify, nothing recomputed": (rev, revify.exact_backward),
-        "revify, no grid": (revify.transform(build(), x, reconstruction="native"),
+        "revify, nothing recomputed": (rev, revify.plain_autograd),
+        "revify, no grid": (revify_build(build(), x, Options(reconstruction="native")),
                             contextlib.nullcontext),
     }
 

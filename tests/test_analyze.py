@@ -10,7 +10,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import revify
-from revify.analyze import STRATEGIES, parse_bytes, plot
+from revify.analyze import STRATEGIES, measure, parse_bytes, plot
 from revify.cli import main
 from revify.checkpoint import Checkpointed
 from revify.reversible import ReversibleStage
@@ -40,7 +40,7 @@ def test_projection_matches_a_real_training_step(name):
     """Both gradient regimes (fresh, and allocated before the step), projected and measured."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None)
-    result = revify.measure(model, input_size=(3, 64, 64), batch_size=2, device="cpu")
+    result = measure(model, input_size=(3, 64, 64), batch_size=2, device="cpu")
     for strategy in STRATEGIES:
         assert {"step_peak_bytes", "accumulate_peak_bytes"} <= result.measured[strategy].keys()
         for key, measured in result.measured[strategy].items():
@@ -115,7 +115,7 @@ def test_units_account_for_everything_held_after_the_forward(tiny, analysis):
 
 
 def test_recompute_flops_are_what_the_backward_runs_again(tiny, analysis):
-    with revify.exact_backward():  # plain autograd: nothing is recomputed
+    with revify.plain_autograd():  # plain autograd: nothing is recomputed
         plain = revify.analyze(tiny, input_size=SIZE, batch_size=4, curves=False)
     for strategy in STRATEGIES:
         recompute = sum(u.recompute_flops[strategy] for u in analysis.units)

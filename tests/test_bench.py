@@ -15,6 +15,8 @@ import revify
 from revify.bench import BlockCheckpointed, Compiled, run_bench, strategies, timm_checkpointing
 from revify.memory import measure_step, measure_step_profiled
 from revify.projection import project_peak
+from revify.plan import Options
+from revify.transform import build
 
 # The min-cut partitioner inductor uses, without inductor's C++ compile (a minute per model on
 # 2 cores): the budget is the partitioner's, so it applies just the same.
@@ -100,7 +102,7 @@ def test_profiled_memory_agrees_with_the_live_tensor_tracker(strategy):
     saved RNG states, 5 KB a block), hence not to the byte."""
     model, x, y = _resnet18()
     if strategy == "checkpoint":
-        model = revify.transform(model, input_size=(3, 64, 64), reversible=False).train()
+        model = build(model, None, Options(reversible=False), input_size=(3, 64, 64)).train()
     tracked, profiled = measure_step(model, x, y), measure_step_profiled(model, x, y)
     assert profiled.peak_activation_bytes == pytest.approx(tracked.peak_activation_bytes, rel=0.02)
     assert profiled.peak_bytes == pytest.approx(tracked.peak_bytes, rel=0.02)
@@ -200,7 +202,7 @@ def test_step_counts_are_exact():
 def test_bench_rows_report_the_counts_and_a_steady_revify_step_reads_nothing_back():
     model, x, y = _resnet18(size=32)
     models = strategies(model, (3, 32, 32), ("original", "revify"), batch_size=2)
-    stages = sum(isinstance(m, revify.ReversibleStage) for m in models["revify"].modules())
+    stages = sum(isinstance(m, revify.reversible.ReversibleStage) for m in models["revify"].modules())
     original, rev = (row.counts for row in run_bench(models, 2, (3, 32, 32), steps=1))
     assert original.syncs == 0 and original.ops > 0 and original.python_calls > 0
     assert stages > 0 and rev.syncs == 0  # the grids' checks are read a step later

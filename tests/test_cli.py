@@ -83,15 +83,15 @@ def test_verify_passes_on_a_converted_file(converted, capsys):
     _, folder = converted
     code, out, err = run(capsys, "verify", folder / "model.pt")
     assert code == 0, err
-    assert "gradients vs exact autograd" in out and "BatchNorm counted once per step" in out
+    assert "gradients vs plain autograd" in out and "BatchNorm counted once per step" in out
     assert out.count("reconstruction, float32") == 4 and out.count("bfloat16 autocast") == 4
     assert "11 of 11 checks passed" in out and "FAIL" not in out
 
 
 def test_verify_fails_when_reconstruction_is_broken(converted, capsys, monkeypatch):
     _, folder = converted
-    real = revify.ReversibleStage.inverse
-    monkeypatch.setattr(revify.ReversibleStage, "inverse",
+    real = revify.reversible.ReversibleStage.inverse
+    monkeypatch.setattr(revify.reversible.ReversibleStage, "inverse",
                         lambda self, coupled, anchors=None: real(self, coupled, anchors) * 1.001)
     code, out, _ = run(capsys, "verify", folder / "model.pt")
     assert code == 1 and "FAIL" in out and "3 of 11 checks passed" in out
@@ -196,10 +196,10 @@ def _bad_files(folder: Path) -> dict[str, Path]:
     (["convert", "{state_dict}", "--out", "{out}"], 2, "convert takes a model name"),
     (["convert", "resnet18", "--out", "{out}", "--input-size", "3", "32"], 2, "expected 3 arguments"),
     (["convert", "resnet18", "--out", "{out}", "--input-size", "3", "0", "32"], 2, "must be positive"),
-    (["convert", "resnet18", "--out", "{out}", "--no-reversible", "--width", "0.5"], 2,
-     "--width shape reversible stages"),
-    (["convert", "resnet18", "--out", "{out}", "--no-reversible", "--checkpoint", "none"], 2,
-     "leaves nothing to change"),
+    (["convert", "resnet18", "--out", "{out}", "--no-reversible"], 2,
+     "--no-reversible is no longer an option of convert: `revify bench` measures"),
+    (["convert", "resnet18", "--out", "{out}", "--store", "none"], 2, "revify-recompute row"),
+    (["convert", "resnet18", "--out", "{out}", "--anchor-every", "2"], 2, "revify drift --anchor-every"),
     (["convert", "resnet18", "--out", "{out}", "--width", "-1"], 2, "neither 'match' nor a positive"),
     (["convert", "resnet18"], 2, "the following arguments are required: --out"),
     (["plan", "resnet18", "--source", "a.b:c"], 2, "--source names the source of a revify FILE"),

@@ -52,7 +52,7 @@ def test_hooks_registered_on_the_revified_model_fire_once_per_call():
     """A layer with a hook goes through its own call: the hook sees every forward (the rerun's
     too), as on any module."""
     rev = revify.transform(torchvision.models.resnet18(num_classes=10), input_size=(3, 32, 32))
-    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
     norm = next(m for m in stage.blocks[0].f.modules() if isinstance(m, nn.BatchNorm2d))
     calls = []
     handle = norm.register_forward_hook(lambda m, i, o: calls.append(o.shape))

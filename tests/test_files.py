@@ -8,8 +8,10 @@ from conftest import TinyResNet, step_grads
 import revify
 from revify import files
 from revify.models import create_model
+from revify.plan import Options
 from revify.report import carried_weights
 from revify.reversible import CouplingBlock
+from revify.transform import build
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def test_file_loads_with_weights_only_and_names_its_source(saved_resnet18):
     assert payload["format"] == "revify" and payload["format_version"] == files.FORMAT_VERSION
     assert payload["source"] == {"library": "torchvision", "name": "resnet18",
                                  "kwargs": {"num_classes": 7}}
-    assert payload["transform"]["reconstruction"] == "exact"
+    assert payload["transform"]["non_invertible"] == "recompute"  # Options' names
     assert payload["inputs"] == [{"shape": [2, 3, 32, 32], "dtype": "float32"}]
     assert payload["revify_version"] == revify.__version__
     assert payload["state_dict"].keys() == rev.state_dict().keys()
@@ -59,6 +61,27 @@ def test_user_model_needs_the_model_argument(tmp_path, data):
     loaded = revify.load(path, model=TinyResNet())
     got, ref = step_grads(loaded, x, y), step_grads(rev, x, y)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_file_with_the_old_setting_names_loads(tmp_path):
+    """Files written before the renames say checkpoint="none" and store="none" for today's
+    non_invertible="store" and schedule="recompute_all"; settings no revify knows are refused."""
+    torch.manual_seed(0)
+    rev = build(TinyResNet(), None, Options(non_invertible="store"), input_size=(3, 16, 16))
+    revify.save(rev, tmp_path / "new.pt")
+    payload = torch.load(tmp_path / "new.pt", weights_only=True)
+    settings = payload["transform"]
+    del settings["non_invertible"], settings["schedule"]
+    payload["transform"] = settings | {"checkpoint": "none", "store": "none"}
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = revify.load(tmp_path / "old.pt", model=TinyResNet())
+    assert loaded.revify_plan.options == Options(non_invertible="store", schedule="recompute_all")
+    for (k, a), b in zip(rev.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    payload["transform"]["frobnicate"] = 1
+    torch.save(payload, tmp_path / "future.pt")
+    with pytest.raises(revify.RevifyFileError, match=r"settings this revify does not know \(frobnicate"):
+        revify.load(tmp_path / "future.pt", model=TinyResNet())
 
 
 def test_model_of_another_shape_is_refused(tmp_path):

@@ -49,7 +49,7 @@ def test_full_jacobian_matches_float64_finite_differences():
     torch.manual_seed(0)
     rev = smoothed(revify.transform(TinyResNet(depth=2, c=4), input_size=(3, 6, 6))).double().train()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    first_stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    first_stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
     leaves = [x] + list(first_stage.parameters()) + list(rev.net.stem.parameters())
     out_size = rev(x).numel()
     analytic = []
@@ -80,20 +80,20 @@ def test_second_backward_through_a_stage_is_a_clear_error():
     rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16)).train()
     out = rev(torch.randn(2, 3, 16, 16)).sum()
     out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match=r"backward ran twice.*revify.exact_backward\(\)"):
+    with pytest.raises(RuntimeError, match=r"backward ran twice.*revify.plain_autograd\(\)"):
         out.backward()
 
 
-def test_double_backward_names_exact_backward_and_works_under_it():
+def test_double_backward_names_plain_autograd_and_works_under_it():
     """A gradient penalty differentiates the backward itself: the reversible backward cannot
     be (it rebuilds activations outside autograd), so it says so and names the way; under
-    exact_backward() the same model gives the penalty's gradients."""
+    plain_autograd() the same model gives the penalty's gradients."""
     torch.manual_seed(0)
     rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16)).train()
     x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"create_graph=True.*revify.exact_backward\(\)"):
+    with pytest.raises(RuntimeError, match=r"create_graph=True.*revify.plain_autograd\(\)"):
         torch.autograd.grad(rev(x).sum(), x, create_graph=True)
-    with revify.exact_backward():
+    with revify.plain_autograd():
         grad, = torch.autograd.grad(rev(x).sum(), x, create_graph=True)
         grad.square().sum().backward()
     # the penalty reaches the weights of every convolution (biases of the head need not)
@@ -111,7 +111,7 @@ def test_frozen_parameters_and_input_without_grad():
     results = []
     for exact in (False, True):
         rev.zero_grad(set_to_none=True)
-        with revify.exact_backward() if exact else torch.enable_grad():
+        with revify.plain_autograd() if exact else torch.enable_grad():
             F.cross_entropy(rev(x), y).backward()
         results.append({n: p.grad for n, p in rev.named_parameters()})
     got, ref = results
@@ -149,7 +149,7 @@ def test_autocast_backward_replays_the_forward_autocast_state():
     for exact in (False, True):
         rev.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16), \
-                (revify.exact_backward() if exact else torch.enable_grad()):
+                (revify.plain_autograd() if exact else torch.enable_grad()):
             loss = F.cross_entropy(rev(x).float(), y)
         loss.backward()
         grads.append({n: p.grad.float() for n, p in rev.named_parameters()})

@@ -1,7 +1,7 @@
 """revify.keep: a unit's forward keeps its dearest layers' outputs and the rerun reuses them.
 
 Checked against plain autograd (the same layer run normally, the same model under
-exact_backward) and by counting the layer's calls and the step's live memory.
+plain_autograd) and by counting the layer's calls and the step's live memory.
 """
 import pytest
 import torch
@@ -13,6 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import revify
 from revify.keep import Kept, Tape, recording, replaying
 from revify.memory import LiveTensorTracker
+from revify.plan import Options
+from revify.transform import build
 from revify.rewrite import unit_nodes
 from conftest import assert_rerun_is_plain
 
@@ -79,7 +81,8 @@ def test_without_a_tape_a_kept_layer_just_runs():
 def resnet50():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).train()
-    return model, revify.transform(model, X).train(), revify.transform(model, X, store="none").train()
+    return (model, revify.transform(model, X).train(),
+            build(model, X, Options(schedule="recompute_all")).train())
 
 
 def _step(model, x, y):
@@ -130,21 +133,20 @@ def test_keeping_changes_no_gradient_and_leaves_nothing_behind(resnet50):
     grads = [p.grad.clone() for p in rev.parameters()]
     # every tape was emptied or released with the graph: only the gradients are left, and
     # each stage's one-value overflow flag, read at its next forward (revify.reversible)
-    flags = [m._outgrown.flag for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    flags = [m._outgrown.flag for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
     assert len(flags) == len(rev.revify_plan.stages) and all(f.numel() == 1 for f in flags)
     assert tracker.current == sum(t.untyped_storage().nbytes()
                                   for t in [p.grad for p in rev.parameters()] + flags)
     assert tracker.peak_without([p.grad for p in rev.parameters()]) <= rev.revify_plan.schedule.budget
     rev.load_state_dict(state)
-    with revify.exact_backward():
+    with revify.plain_autograd():
         _step(rev, x, y)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, rev.parameters()))
 
 
 def test_baselines_and_plain_checkpointing_keep_nothing(resnet50):
     model, _, every = resnet50
-    for rev in (every, revify.transform(model, X, lean=False),
-                revify.transform(model, X, reversible=False)):
+    for rev in (every, build(model, X, Options(lean=False)), build(model, X, Options(reversible=False))):
         assert not any(isinstance(m, Kept) for m in rev.modules())
         assert "keeps the output of" not in str(rev.revify_plan)
 

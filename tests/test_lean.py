@@ -8,6 +8,8 @@ import revify
 from revify.bench import timm_checkpointing
 from revify.lean import masked_relu
 from revify.memory import measure_step
+from revify.plan import Options
+from revify.transform import build
 from conftest import step_grads, worst_rel_err
 
 
@@ -15,9 +17,10 @@ from conftest import step_grads, worst_rel_err
 def resnet50_pair():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10)
-    # every unit recomputing (store="none"): the schedule would run some plainly or stored
-    lean = revify.transform(model, input_size=(3, 64, 64), store="none").train()
-    plain = revify.transform(model, input_size=(3, 64, 64), lean=False, store="none").train()
+    # every unit recomputing (schedule="recompute_all"): the schedule would run some plainly or stored
+    every = Options(schedule="recompute_all")
+    lean = build(model, None, every, input_size=(3, 64, 64)).train()
+    plain = build(model, None, Options(lean=False, schedule="recompute_all"), input_size=(3, 64, 64)).train()
     plain.load_state_dict(lean.state_dict())
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     return model, lean, plain, x, y

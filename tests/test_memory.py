@@ -5,13 +5,15 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import revify
 from revify.memory import LiveTensorTracker, measure_step
+from revify.plan import Options
+from revify.transform import build
 
 
-def _peaks(block, layers, grads="fresh", **options):
+def _peaks(block, layers, grads="fresh", **settings):
     torch.manual_seed(0)
     model = ResNet(block, layers, num_classes=10).train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    rev = revify.transform(model, input_size=(3, 64, 64), **options).train()
+    rev = build(model, None, Options(**settings), input_size=(3, 64, 64)).train()
     return measure_step(model, x, y, grads=grads), measure_step(rev, x, y, grads=grads)
 
 
@@ -43,7 +45,7 @@ def test_doubling_blocks_leaves_revified_peak_nearly_unchanged():
     assert rev4.peak_activation_bytes <= 1.10 * rev2.peak_activation_bytes
     # What the stages hold between forward and backward does not grow either; with the default
     # schedule the deeper net stores more units under the same peak (revify.schedule).
-    (_, every2), (_, every4) = (_peaks(BasicBlock, [k] * 4, store="none") for k in (2, 4))
+    (_, every2), (_, every4) = (_peaks(BasicBlock, [k] * 4, schedule="recompute_all") for k in (2, 4))
     assert every4.activation_bytes <= 1.10 * every2.activation_bytes
 
 
@@ -77,7 +79,7 @@ def test_reversible_stage_keeps_no_saved_tensors():
     """The stage's autograd node saves nothing through autograd: it rebuilds from its output."""
     torch.manual_seed(0)
     rev = revify.transform(ResNet(BasicBlock, [3, 1, 1, 1], num_classes=10), input_size=(3, 32, 32))
-    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
     seen = []
     stage.register_forward_hook(lambda mod, inp, out: seen.append(out))
     packed = []
@@ -102,11 +104,11 @@ def test_exact_reconstruction_costs_no_memory_over_native():
     model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=10).train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     exact = revify.transform(model, input_size=(3, 64, 64)).train()
-    native = revify.transform(model, input_size=(3, 64, 64), reconstruction="native").train()
+    native = build(model, None, Options(reconstruction="native"), input_size=(3, 64, 64)).train()
     assert "native reconstruction" in str(native.revify_plan)
     native_step, exact_step = measure_step(native, x, y), measure_step(exact, x, y)
     grid_bytes = 4 * 4 * sum(s.headroom.numel() for s in exact.modules()
-                             if isinstance(s, revify.ReversibleStage))  # steps and limits
+                             if isinstance(s, revify.reversible.ReversibleStage))  # steps and limits
     assert exact_step.activation_bytes <= native_step.activation_bytes + grid_bytes
     assert exact_step.peak_activation_bytes <= native_step.peak_activation_bytes + 2 * grid_bytes
     assert worst_rel_err(step_grads(exact, x, y), step_grads(exact, x, y, exact=True))[0] == 0.0
@@ -122,8 +124,8 @@ def test_sqrt_segments_checkpoint_groups_of_blocks_like_checkpoint_sequential():
     torch.manual_seed(0)
     model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=10).train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    grouped = revify.transform(model, input_size=(3, 64, 64), reversible=False, segments="sqrt")
-    per_block = revify.transform(model, input_size=(3, 64, 64), reversible=False)
+    grouped = build(model, None, Options(reversible=False, segments="sqrt"), input_size=(3, 64, 64))
+    per_block = build(model, None, Options(reversible=False), input_size=(3, 64, 64))
     units = len(per_block.revify_plan.segments)  # stem, 8 blocks, head
     groups = grouped.revify_plan.segments
     assert len(groups) == round(units ** 0.5) == 3
@@ -143,4 +145,4 @@ def test_sqrt_segments_checkpoint_groups_of_blocks_like_checkpoint_sequential():
     for n, p in model.named_parameters():
         torch.testing.assert_close(by_path[n].grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
     with __import__("pytest").raises(ValueError, match="with reversible=False"):
-        revify.transform(model, input_size=(3, 64, 64), segments="sqrt")
+        Options(segments="sqrt")

@@ -10,6 +10,8 @@ import torchvision
 import revify
 import revify.checkpoint
 import revify.reversible
+from revify.plan import Options
+from revify.transform import build
 from conftest import TinyResNet, step_grads, worst_rel_err
 
 
@@ -90,7 +92,7 @@ def test_train_eval_switching(model_and_rev):
     with torch.no_grad():
         a, b = rev(x), rev(x[:2])
     torch.testing.assert_close(a[:2], b)  # eval: per-sample, running statistics
-    with torch.no_grad(), revify.exact_backward():
+    with torch.no_grad(), revify.plain_autograd():
         torch.testing.assert_close(rev(x), a)
     rev.train()
     assert all(m.training for m in rev.modules())
@@ -146,7 +148,7 @@ def test_replaced_parameters_get_the_gradients(model_and_rev):
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     rev.train()
     step_grads(rev, x, y)                                       # the layout is worked out
-    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
     old = list(stage.parameters())
     for p in old:
         p.grad = None
@@ -178,9 +180,24 @@ def test_optimizer_step_trains(model_and_rev):
 
 def test_in_place_change_of_a_stage_output_is_caught():
     torch.manual_seed(0)
-    rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16), checkpoint="none").train()
-    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    rev = build(TinyResNet(depth=2), None, Options(non_invertible="store"), input_size=(3, 16, 16)).train()
+    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
     out = stage(torch.randn(2, 8, 16, 16, requires_grad=True))
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
         out.sum().backward()
+
+
+def test_exact_backward_is_plain_autograd_under_its_old_name(monkeypatch):
+    """The old name warns once (DeprecationWarning) and does what plain_autograd does."""
+    import warnings
+    from revify.modes import plain_autograd_enabled
+    monkeypatch.setattr(revify.modes, "_warned", False)
+    with pytest.warns(DeprecationWarning, match=r"now revify.plain_autograd\(\)"):
+        with revify.exact_backward():
+            assert plain_autograd_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with revify.exact_backward():  # once only
+            assert plain_autograd_enabled()
+    assert not plain_autograd_enabled()

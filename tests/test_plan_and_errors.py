@@ -9,7 +9,9 @@ from torch import nn
 
 import revify
 from revify.blocks import find_blocks
+from revify.plan import Options
 from revify.trace import propagate_shapes, trace
+from revify.transform import build
 from conftest import Block, TinyResNet, step_grads, worst_rel_err
 
 
@@ -48,7 +50,7 @@ def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
     for stage in plan.stages:
         assert abs(stage.params_after - stage.params_before) <= 0.10 * stage.params_before
     assert plan.params_after == sum(p.numel() for p in rev.parameters())
-    stage_modules = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    stage_modules = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
     assert [sum(p.numel() for p in m.parameters()) for m in stage_modules] == \
         [s.params_after for s in plan.stages]
     assert [len(m.blocks) for m in stage_modules] == [len(s.blocks) for s in plan.stages] == [2, 3, 5, 2]
@@ -66,9 +68,9 @@ def test_width_option_scales_internal_channels():
         assert a.width == 0.5 and b.width == 1.0 and a.params_after < b.params_after
 
 
-def test_checkpoint_none_stores_non_invertible_layers(data):
-    rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16), checkpoint="none")
-    assert not any(isinstance(m, revify.Checkpointed) for m in rev.modules())
+def test_non_invertible_store_keeps_the_layers_outside_stages_stored(data):
+    rev = build(TinyResNet(depth=2), None, Options(non_invertible="store"), input_size=(3, 16, 16))
+    assert not any(isinstance(m, revify.checkpoint.Checkpointed) for m in rev.modules())
     assert {s.action for s in rev.revify_plan.segments} == {"reversible", "stored"}
     x, y = data
     assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
@@ -223,7 +225,7 @@ def test_code_that_differs_in_training_keeps_its_training_behaviour(data):
     assert list(rev.revify_plan.opaque) == ["stage2.0.noise"]
     assert "runs different code in training and in eval mode" in rev.revify_plan.opaque["stage2.0.noise"]
     assert rev.revify_plan.block("stage2.0").action == "checkpointed"
-    same = revify.transform(model, input_size=(3, 16, 16), reversible=False)  # the same function
+    same = build(model, None, Options(reversible=False), input_size=(3, 16, 16))  # the same function
     with torch.no_grad():
         torch.testing.assert_close(same.eval()(x), model.eval()(x))
         torch.manual_seed(0)
@@ -256,7 +258,7 @@ def test_untraceable_model_forward_names_the_way_out():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(width=-1), "width must be"), (dict(checkpoint="sometimes"), "checkpoint must be"),
+    (dict(width=-1), "width must be"), (dict(budget="lots"), "cannot read the memory size"),
     (dict(input_size=(3, 0, 16)), "input_size must be positive")])
 def test_impossible_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -288,7 +290,7 @@ def test_weights_shared_between_blocks_stay_tied(data):
 def test_stage_inverse_rebuilds_the_input_exactly():
     torch.manual_seed(0)
     rev = revify.transform(TinyResNet(depth=6), input_size=(3, 16, 16)).eval()
-    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
     x = torch.randn(4, 8, 16, 16)
     with torch.no_grad():
         coupled = stage.couple(x, record=True)
@@ -312,7 +314,7 @@ def test_a_stream_that_outgrows_its_grid_widens_it_and_stays_exact(data):
         if isinstance(block, Block):
             nn.init.constant_(block.bn2.weight, 100.0)
     rev = revify.transform(model, input_size=(3, 16, 16)).train()
-    stages = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
     x, y = data
     # step_grads restores every buffer afterwards: both paths start from the first grid
     got, ref = step_grads(rev, x, y), step_grads(rev, x, y, exact=True)
@@ -331,7 +333,7 @@ def test_a_grid_outgrown_in_steady_state_costs_no_sync_is_said_and_widened(data)
     from revify.counting import _OpCounter
     torch.manual_seed(0)
     rev = revify.transform(TinyResNet(depth=4), input_size=(3, 16, 16)).train()
-    stages = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
     x, y = data
     F.cross_entropy(rev(x), y).backward()  # the first grid holds: steady state from here on
     assert all(int(s.headroom.max()) == revify.reversible.HEADROOM_BITS for s in stages)
@@ -377,7 +379,7 @@ def test_a_stream_beyond_any_grid_warns_and_trains_on(data):
     assert torch.isfinite(x.grad).all()
     most = 24 - revify.reversible.MIN_BITS
     assert all(int(s.headroom.max()) == most for s in rev.modules()
-               if isinstance(s, revify.ReversibleStage))
+               if isinstance(s, revify.reversible.ReversibleStage))
 
 
 class TokenMLP(nn.Module):
@@ -414,7 +416,7 @@ def test_blocks_split_the_dim_their_layers_work_on():
     x = torch.randn(2, 8, 8, requires_grad=True)
     ref = copy.deepcopy(rev)
     rev(x).square().sum().backward()
-    with revify.exact_backward():
+    with revify.plain_autograd():
         ref(x).square().sum().backward()
     for (n, p), q in zip(rev.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
@@ -472,10 +474,10 @@ def test_an_eval_pass_with_gradients_leaves_the_grid_as_training_left_it(data):
     with torch.no_grad():  # no gradients: the grid is not checked
         rev.train()(x)
     rev.eval()
-    stages = [m for m in rev.modules() if isinstance(m, revify.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
     before = [s.headroom.clone() for s in stages]
     grads = []
-    for context in (contextlib.nullcontext, revify.exact_backward):
+    for context in (contextlib.nullcontext, revify.plain_autograd):
         with context():
             inp = x.clone().requires_grad_(True)
             rev(inp).square().sum().backward()

@@ -16,6 +16,8 @@ from revify.checkpoint import Checkpointed
 from revify.keep import Kept
 from revify.memory import measure_step
 from revify.modes import UnitMode, UnitSchedule
+from revify.plan import Options
+from revify.transform import build
 from revify.reversible import ReversibleStage
 from revify.rewrite import nested, unit_nodes
 from revify.schedule import LEAN, PLAIN, STORED, _Pricing, projector
@@ -54,7 +56,7 @@ def resnet18():
                                   lambda: torchvision.models.resnet50(num_classes=10)],
                          ids=["resnet18", "resnet50"])
 def test_the_pricing_of_a_choice_is_its_projected_peak(make):
-    rev = revify.transform(make(), X, store="none")
+    rev = build(make(), X, Options(schedule="recompute_all"))
     nodes = [node for _, node in unit_nodes(rev.net, rev.revify_plan)]
     project = projector(rev.net, nodes, (X,))
 
@@ -74,7 +76,7 @@ def test_stored_units_keep_the_peak_and_skip_their_recompute(resnet18):
     # unit holds what it stores: nothing fits. At 128x128 activations set it.
     example = torch.empty(4, 3, 128, 128)
     x, y = torch.randn(4, 3, 128, 128), torch.randint(0, 10, (4,))
-    every = revify.transform(resnet18, example, store="none").train()
+    every = build(resnet18, example, Options(schedule="recompute_all")).train()
     rev = revify.transform(resnet18, example).train()
     schedule = rev.revify_plan.schedule
     assert schedule.stored and schedule.peak == schedule.peak_recompute <= schedule.budget
@@ -95,7 +97,7 @@ def test_plain_reruns_drop_the_nesting_within_the_budget():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    lean = revify.transform(model, X, store="none").train()
+    lean = build(model, X, Options(schedule="recompute_all")).train()
     rev = revify.transform(model, X).train()
     schedule = rev.revify_plan.schedule
     assert schedule.plain and schedule.peak_recompute <= schedule.peak <= schedule.budget
@@ -110,7 +112,7 @@ def test_plain_reruns_drop_the_nesting_within_the_budget():
     assert _calls_a_step(conv, rev, lean, x, y) == (2, 3)
     grads = [p.grad.clone() for p in rev.parameters()]
     rev.zero_grad()
-    with revify.exact_backward():  # the batch statistics moved twice: same weights, same step
+    with revify.plain_autograd():  # the batch statistics moved twice: same weights, same step
         _step(rev, x, y)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, rev.parameters()))
 
@@ -125,7 +127,7 @@ def test_scheduled_gradients_equal_plain_autograd(resnet18):
     _step(rev, x, y)
     grads = [p.grad.clone() for p in rev.parameters()]
     rev.load_state_dict(state)
-    with revify.exact_backward():
+    with revify.plain_autograd():
         _step(rev, x, y)
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, rev.parameters()))
 
@@ -143,16 +145,16 @@ def test_a_larger_budget_stores_more_and_holds(resnet18):
 def test_impossible_budgets_are_refused(resnet18):
     with pytest.raises(ValueError, match="budget of 1,000 bytes is below that"):
         revify.transform(resnet18, X, budget=1000)
-    with pytest.raises(ValueError, match="budget needs store='auto'"):
-        revify.transform(resnet18, X, budget="1GiB", reversible=False)
-    with pytest.raises(ValueError, match="store must be"):
-        revify.transform(resnet18, X, store="some")
+    with pytest.raises(ValueError, match="budget needs schedule='budget'"):
+        Options(budget=2 ** 30, reversible=False)
+    with pytest.raises(ValueError, match="schedule must be"):
+        Options(schedule="some")
 
 
 def test_baselines_store_nothing(resnet18):
-    for options in ({"reversible": False}, {"checkpoint": "none"}, {"store": "none"}):
-        rev = revify.transform(resnet18, X, **options)
-        plan = rev.revify_plan
+    for options in (Options(reversible=False), Options(non_invertible="store"),
+                    Options(schedule="recompute_all")):
+        plan = build(resnet18, X, options).revify_plan
         assert plan.schedule is None and all(s.action != "stored" or not s.outlined
                                              for s in plan.segments)
         assert all(m.schedule == UnitSchedule() for m in rev.modules()

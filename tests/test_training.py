@@ -2,7 +2,7 @@
 accumulation, frozen layers, channels_last, resuming from a checkpoint, torch.compile.
 
 References are independent of the reversible backward: plain autograd on the same model
-(`exact_backward`), or a second run of the same procedure.
+(`plain_autograd`), or a second run of the same procedure.
 """
 import copy
 
@@ -15,12 +15,14 @@ from torch import nn
 import revify
 from revify.drift import measure_drift, stage_model
 from revify.memory import measure_step
+from revify.plan import Options
+from revify.transform import build
 
 
-def _revified(depth=2, **options):
+def _revified(depth=2, **settings):
     torch.manual_seed(0)
     model = TinyResNet(depth=depth)
-    return model, revify.transform(model, input_size=(3, 16, 16), **options)
+    return model, build(model, None, Options(**settings), input_size=(3, 16, 16))
 
 
 # ----------------------------------------------------------------------------- precision, drift
@@ -41,7 +43,7 @@ def test_anchors_bound_native_drift_and_cost_one_activation_each():
     # memory: after the forward, each anchor holds one copy of the stream (here in float32)
     held = {}
     for k in (None, 4):
-        rev = revify.transform(model, input_size=(3, 8, 8), reconstruction="native", anchor_every=k)
+        rev = build(model, None, Options(reconstruction="native", anchor_every=k), input_size=(3, 8, 8))
         held[k] = measure_step(rev.train(), x, torch.tensor([0, 1])).activation_bytes
     anchors = (12 - 1) // 4
     assert held[4] - held[None] == anchors * x.shape[0] * 8 * 8 * 8 * 4
@@ -76,7 +78,7 @@ def test_autocast_gradients_match_autograd_under_the_same_autocast(dtype):
         rev.zero_grad(set_to_none=True)
         state = copy.deepcopy(rev.state_dict())
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=dtype == torch.float16)
-        with revify.exact_backward() if exact else torch.enable_grad():
+        with revify.plain_autograd() if exact else torch.enable_grad():
             with torch.autocast("cpu", dtype):
                 loss = F.cross_entropy(rev(x), y)
             scaler.scale(loss).backward()
@@ -95,7 +97,7 @@ def test_gradient_accumulation_sums_micro_batches_like_autograd():
     def accumulate(exact):
         rev.zero_grad(set_to_none=True)
         state = copy.deepcopy(rev.state_dict())
-        with revify.exact_backward() if exact else torch.enable_grad():
+        with revify.plain_autograd() if exact else torch.enable_grad():
             for xs, ys in zip(x.chunk(2), y.chunk(2)):
                 (F.cross_entropy(rev(xs), ys) / 2).backward()
         grads = {n: p.grad.clone() for n, p in rev.named_parameters()}
