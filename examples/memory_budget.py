@@ -19,7 +19,7 @@ import argparse
 import sys
 
 import revify
-from revify.analyze import STRATEGIES, Analysis, parse_bytes, parse_dtype
+from revify.memory.analyze import STRATEGIES, Analysis, parse_bytes, parse_dtype
 from revify.models import UnknownModel, create_model
 
 GiB = 2**30

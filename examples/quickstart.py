@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import revify
-from revify.memory import measure_step
+from revify.memory.measure import measure_step
 
 
 def main():

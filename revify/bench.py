@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .analyze import checkpoint_baseline
-from .blocks import find_blocks, module_path
-from .counting import StepCounts, count_step
-from .memory import measure_step, measure_step_profiled
-from .projection import project_peak
-from .trace import trace
-from .transform import build_with
+from revify.memory.analyze import checkpoint_baseline
+from revify.graph.blocks import find_blocks, module_path
+from revify.memory.counting import StepCounts, count_step
+from revify.memory.measure import measure_step, measure_step_profiled
+from revify.memory.projection import project_peak
+from revify.graph.trace import trace
+from revify.pipeline import build_with
 
 # torch.compile rows: name -> the min-cut partitioner's activation_memory_budget, the fraction
 # of the activations it would save that it may keep (1: all of them; 0: recompute what it can).
@@ -75,7 +75,7 @@ def _revify_at_timm_peak(model, example, options):
 
 
 def _baseline(**how):
-    """revify's own checkpointing of the unchanged model (revify.analyze.checkpoint_baseline)."""
+    """revify's own checkpointing of the unchanged model (revify.memory.analyze.checkpoint_baseline)."""
     return lambda model, example, options: checkpoint_baseline(
         model, example, options.get("leaf_modules", ()), **how)
 
@@ -92,7 +92,7 @@ ROWS = {
     # checkpoint_sequential's sqrt(n) groups, the last stored
     "checkpoint-sqrt": _baseline(segments="sqrt"),
     "revify": _revify(),
-    # every unit recomputed: what revify.schedule's stored units save in time, at the same peak
+    # every unit recomputed: what revify.plan.schedule's stored units save in time, at the same peak
     "revify-recompute": _revify(schedule="recompute_all"),
     # the RevNet paper's choice: the non-invertible layers stored, not recomputed
     "revify-stored": _revify(non_invertible="store"),
@@ -110,8 +110,8 @@ def strategies(model: nn.Module, input_size, rows=DEFAULT_ROWS, note=_note, batc
                **options) -> dict[str, nn.Module]:
     """The model under each strategy of `rows` (names of ROWS), in ROWS' order.
 
-    options: revify.plan.Options fields and leaf_modules for the revified rows (as
-    revify.transform.build_with takes them); the checkpointing
+    options: revify.plan.plan.Options fields and leaf_modules for the revified rows (as
+    revify.pipeline.build_with takes them); the checkpointing
     baselines share only its leaf modules. batch_size: the batch the rows will run at (revify's
     schedule chooses at it). note(text) says why a row was left out (a model with no block
     submodule for the timm-style rows).
@@ -360,7 +360,7 @@ def format_bench(results: list[BenchResult], fmt: str = "simple") -> str:
 
 
 def format_counts(results: list[BenchResult], fmt: str = "simple") -> str:
-    """Per strategy, what a step costs in launches (revify.counting), with ratios to the
+    """Per strategy, what a step costs in launches (revify.memory.counting), with ratios to the
     first row's."""
     from tabulate import tabulate
     base = results[0].counts

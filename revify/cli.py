@@ -12,9 +12,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import __version__
-from .files import RevifyFileError
-from .models import UnknownModel
+from revify import __version__
+from revify.files import RevifyFileError
+from revify.models import UnknownModel
 
 
 class UsageError(Exception):
@@ -102,13 +102,13 @@ class Source:
     """What a MODEL or FILE argument names: the source model and how to revify it."""
     name: str
     model: object                # the untransformed nn.Module
-    options: dict                # settings as revify.transform.build_with takes them
+    options: dict                # settings as revify.pipeline.build_with takes them
     input_size: tuple[int, ...]
     payload: dict | None = None  # the file's contents, when it was a file
 
     def revified(self):
-        from .files import build
-        from .transform import build_with
+        from revify.files import build
+        from revify.pipeline import build_with
         if self.payload is None:
             return build_with(self.model, None, self.options, input_size=self.input_size)
         return build(self.payload, self.model, self.name)
@@ -119,8 +119,8 @@ def _is_file(spec: str) -> bool:
 
 
 def _source(args, **kwargs) -> Source:
-    from .files import read, source_of
-    from .models import create_model
+    from revify.files import read, source_of
+    from revify.models import create_model
     if not _is_file(args.model):
         if args.source:
             raise UsageError("--source names the source of a revify FILE; MODEL is built by name")
@@ -146,11 +146,11 @@ def _progress(done: int, total: int, what: str) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_convert(args) -> int:
-    from .analyze import analyze, format_totals
-    from .files import load_weights, read_calibration, read_weights, save
-    from .models import create_model
-    from .report import format_weights
-    from .transform import transform
+    from revify.memory.analyze import analyze, format_totals
+    from revify.files import load_weights, read_calibration, read_weights, save
+    from revify.models import create_model
+    from revify.plan.report import format_weights
+    from revify.pipeline import transform
     input_size = _positive_ints(args.input_size, "--input-size")
     _positive_ints([args.batch_size], "--batch-size")
     if _is_file(args.model):
@@ -194,8 +194,8 @@ def cmd_analyze(args) -> int:
 
     from tabulate import tabulate_formats
 
-    from .analyze import analyze, measure, parse_bytes, parse_dtype, plot, require_matplotlib
-    from .files import atomic_path
+    from revify.memory.analyze import analyze, measure, parse_bytes, parse_dtype, plot, require_matplotlib
+    from revify.files import atomic_path
     _positive_ints([args.batch_size], "--batch-size")
     try:
         dtype = parse_dtype(args.dtype)
@@ -224,7 +224,7 @@ def cmd_analyze(args) -> int:
 def cmd_verify(args) -> int:
     import torch
 
-    from .verify import format_checks, verify
+    from revify.verify import format_checks, verify
     _positive_ints([args.batch_size], "--batch-size")
     source = _source(args)
     rev = source.revified()
@@ -237,7 +237,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import (AUTOCAST, COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles,
+    from revify.bench import (AUTOCAST, COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles,
                         format_counts, run_bench, strategies)
     _positive_ints([args.batch_size, args.steps], "--batch-size and --steps")
     if args.device == "cuda":
@@ -276,7 +276,7 @@ def cmd_bench(args) -> int:
 def cmd_list(args) -> int:
     from tabulate import tabulate
 
-    from .models import list_convertible
+    from revify.models import list_convertible
     found = list_convertible(args.pattern, args.all)
     if not found:
         raise UsageError(f"no {'' if args.all else 'convertible '}model matches '{args.pattern}' "
@@ -294,7 +294,7 @@ def cmd_list(args) -> int:
 def cmd_drift(args) -> int:
     import torch
 
-    from .drift import format_drift, measure_drift
+    from revify.drift import format_drift, measure_drift
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     if args.autocast == "fp16" and args.device == "cpu":
@@ -307,7 +307,7 @@ def cmd_drift(args) -> int:
 
 
 def _check_out(path: str) -> None:
-    from .files import check_writable
+    from revify.files import check_writable
     try:
         check_writable(path)
     except RevifyFileError as exc:
@@ -324,7 +324,7 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def _add_convert(sub) -> None:
-    from .distill import DEFAULT_STEPS
+    from revify.distill import DEFAULT_STEPS
     p = _one_line_errors(sub.add_parser(
         "convert", help="revify a model and write it to a file",
         description="Revify MODEL, print the plan and the projected memory, and write a file "

@@ -37,9 +37,9 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
-from .modes import plain_autograd
-from .rewrite import unit_nodes
-from .trace import trace
+from revify.runtime.modes import plain_autograd
+from revify.rewrite import unit_nodes
+from revify.graph.trace import trace
 
 DEFAULT_STEPS = 400
 DEFAULT_LR = 2e-3

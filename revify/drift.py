@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .plan import Options
-from .transform import build
-from .verify import gradient_error, reconstruction_errors
+from revify.plan.plan import Options
+from revify.pipeline import build
+from revify.verify import gradient_error, reconstruction_errors
 
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

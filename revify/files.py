@@ -6,7 +6,7 @@ One `torch.save` of a dict holding only strings, numbers, lists and tensors, so
     format, format_version      "revify", 1
     revify_version, torch_version
     source      {"library": "torchvision" | "timm" | "factory" | "user", "name", "kwargs"}
-    transform   the plan's settings (revify.plan.Options fields; leaf modules as module names)
+    transform   the plan's settings (revify.plan.plan.Options fields; leaf modules as module names)
     inputs      [{"shape", "dtype"}] the example inputs the plan was made at
     state_dict  the revified model's parameters and buffers
 
@@ -81,7 +81,7 @@ def _plain(value, where: str):
 
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Write a revified model (from revify.transform or revify.load) to `path`, atomically."""
-    from . import __version__
+    from revify import __version__
     recipe = getattr(model, "revify_recipe", None)
     if recipe is None:
         raise RevifyFileError(f"revify.save expects a model from revify.transform or revify.load, "
@@ -155,7 +155,7 @@ def _renamed(settings: dict) -> dict:
 
 def source_of(payload: dict, model: nn.Module | None = None) -> nn.Module:
     """The untransformed source model of a file: `model` if given, else rebuilt by name."""
-    from .models import rebuild
+    from revify.models import rebuild
     return model if model is not None else rebuild(payload["source"])
 
 
@@ -163,8 +163,8 @@ def transform_recipe(source: nn.Module, payload: dict) -> nn.Module:
     """Build the revified model of `source` as the recipe says."""
     from dataclasses import fields
 
-    from .plan import Options
-    from .transform import build_with
+    from revify.plan.plan import Options
+    from revify.pipeline import build_with
     unknown = set(payload["transform"]) - {f.name for f in fields(Options)} - {"leaf_modules"}
     if unknown:
         raise RevifyFileError(f"the file's recipe has settings this revify does not know "

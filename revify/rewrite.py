@@ -10,16 +10,16 @@ import operator
 import torch
 from torch import fx, nn
 
-from .blocks import module_path
-from .checkpoint import Checkpointed
-from .fast import call_directly
-from .keep import Kept
-from .lean import LeanPlan, apply_lean
-from .modes import UnitMode, UnitSchedule
-from .plan import BlockPlan, Plan, SegmentPlan, StagePlan
-from .channels import groups_key, inner_key
-from .resize import carry_over, rebuild
-from .reversible import CouplingBlock, ReversibleStage
+from revify.graph.blocks import module_path
+from revify.runtime.checkpoint import Checkpointed
+from revify.runtime.fast import call_directly
+from revify.runtime.keep import Kept
+from revify.plan.lean import LeanPlan, apply_lean
+from revify.runtime.modes import UnitMode, UnitSchedule
+from revify.plan.plan import BlockPlan, Plan, SegmentPlan, StagePlan
+from revify.graph.channels import groups_key, inner_key
+from revify.plan.resize import carry_over, rebuild
+from revify.runtime.reversible import CouplingBlock, ReversibleStage
 
 
 def _unit_name(gm: fx.GraphModule, label: str) -> str:
@@ -237,7 +237,7 @@ def _outline(gm: fx.GraphModule, names: list[str], label: str, wrap, lean: LeanP
 
 
 def _nest(gm: fx.GraphModule, names: list[str], label: str, lean: LeanPlan | None = None) -> None:
-    """A layer of a unit checkpointed once more inside it (see revify.lean); its modules stay
+    """A layer of a unit checkpointed once more inside it (see revify.plan.lean); its modules stay
     registered in the unit, under the names they had."""
     taken = {name for name, _ in gm.named_children()}
     _outline(gm, names, label, lambda region: Checkpointed(region, owned=False), lean,
@@ -245,7 +245,7 @@ def _nest(gm: fx.GraphModule, names: list[str], label: str, lean: LeanPlan | Non
 
 
 def _wrap(gm: fx.GraphModule, node: fx.Node, wrapper) -> None:
-    """A layer of a unit called through a wrapper (revify.keep's Kept); the layer stays
+    """A layer of a unit called through a wrapper (revify.runtime.keep's Kept); the layer stays
     registered in the unit, under the name it had."""
     taken = {name for name, _ in gm.named_children()}
     module = wrapper(gm.get_submodule(node.target))
@@ -268,7 +268,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
 
 def _call_layers_directly(net: fx.GraphModule) -> None:
     """Every graph of `net` (nested checkpoints' too, which are not registered) calls its
-    convolutions, BatchNorms and ReLUs through revify.fast."""
+    convolutions, BatchNorms and ReLUs through revify.runtime.fast."""
     graphs = {id(m): m for m in net.modules() if isinstance(m, fx.GraphModule)}
     graphs |= {id(c.module): c.module for c in net.modules()
                if isinstance(c, Checkpointed) and isinstance(c.module, fx.GraphModule)}
@@ -291,17 +291,17 @@ def unit_nodes(net: fx.GraphModule, plan: Plan) -> list[tuple[SegmentPlan, fx.No
 
 
 def nested(unit: nn.Module) -> list[Checkpointed]:
-    """The layers checkpointed inside a unit (revify.lean's nesting)."""
+    """The layers checkpointed inside a unit (revify.plan.lean's nesting)."""
     return [m for m in unit.modules() if isinstance(m, Checkpointed) and m is not unit]
 
 
 def kept(unit: nn.Module) -> list[Kept]:
-    """The layers whose outputs a unit's forward may keep (revify.keep)."""
+    """The layers whose outputs a unit's forward may keep (revify.runtime.keep)."""
     return [m for m in unit.modules() if isinstance(m, Kept)]
 
 
 def set_mode(unit: nn.Module, schedule: UnitSchedule) -> None:
-    """Run a unit as `schedule` says. What is checkpointed inside it (revify.lean's nesting)
+    """Run a unit as `schedule` says. What is checkpointed inside it (revify.plan.lean's nesting)
     stores unless the unit runs LEAN, and keeps nothing; each kept layer learns whether the
     unit keeps it."""
     inner = UnitSchedule() if schedule.mode is UnitMode.LEAN else UnitSchedule(UnitMode.STORED)

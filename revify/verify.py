@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .modes import plain_autograd
-from .reversible import ReversibleStage
+from revify.runtime.modes import plain_autograd
+from revify.runtime.reversible import ReversibleStage
 
 # Relative tolerances. Exact reconstruction rebuilds every activation to the bit, so its
 # gradients match plain autograd to rounding of the gradient sums; native reconstruction adds

@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from revify.analyze import analyze
+from revify.memory.analyze import analyze
 from revify.bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_compiles, format_counts,
                           run_bench, strategies)
 
@@ -136,7 +136,7 @@ def _write(args, rows, counts):
         f"included); memory by: live tensors, or the CPU allocator's profiled allocations "
         f"for compiled rows; ratios to the original in the same run).\n\n{_table(rows, 'github')}\n"
         f"\n## Per training step: aten ops, Python calls, host syncs\n\nExact counts of one step "
-        f"(revify.counting: ops dispatched below autograd, those that are not views or aliases, "
+        f"(revify.memory.counting: ops dispatched below autograd, those that are not views or aliases, "
         f"Python calls by sys.setprofile, ops whose result the host must wait for); ratios to "
         f"the original. Compiled rows are not counted.\n\n"
         + "\n\n".join(f"### {name}\n\n{table}" for name, table in counts) + "\n")

@@ -125,7 +125,7 @@ def compiled():
 
 def steady():
     import warnings
-    from revify.counting import count_step
+    from revify.memory.counting import count_step
     torch.manual_seed(0)
     rev = revify.transform(torchvision.models.resnet50(num_classes=10), input_size=(3, 64, 64)).to(DEVICE)
     x = torch.randn(16, 3, 64, 64, device=DEVICE)
@@ -133,7 +133,7 @@ def steady():
     for _ in range(2):
         F.cross_entropy(rev(x), y).backward()
     check("host syncs in a steady-state resnet50 step", count_step(rev, x, y).syncs, 0)
-    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     with torch.no_grad():
         for norm in (m for s in stages for m in s.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             norm.weight.mul_(100.0)

@@ -1,4 +1,4 @@
-"""What each unit's kept layers (revify.keep) are worth in step time: the default revified
+"""What each unit's kept layers (revify.runtime.keep) are worth in step time: the default revified
 ResNet-50 timed with keeping switched off in one unit at a time, in all, and in none, against
 the original, every configuration in one process with the steps interleaved in shuffled order.
 

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from interleaved import arguments, medians, model_and_batch
 
 import revify
-from revify.plan import Options
-from revify.transform import build as revify_build
+from revify.plan.plan import Options
+from revify.pipeline import build as revify_build
 
 
 def main() -> None:

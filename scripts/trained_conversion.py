@@ -10,7 +10,7 @@ converted three ways and fine-tuned for one epoch each:
 - `scratch`: a revified ResNet-20 of fresh weights, trained for the same one epoch.
 
 It prints test accuracy before and after the epoch (the original too, fine-tuned alike), the time each conversion took, and the peak
-activation memory of one fine-tuning step (revify.memory.measure_step: every tensor allocated
+activation memory of one fine-tuning step (revify.memory.measure.measure_step: every tensor allocated
 during the step, counted exactly) against the original's.
 
     python scripts/trained_conversion.py [--epochs 8] [--train 4000] [--size 16] [--seed 0] [--threads 1]
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import revify
-from revify.memory import measure_step
+from revify.memory.measure import measure_step
 
 CLASSES = 10
 

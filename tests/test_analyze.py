@@ -10,10 +10,10 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import revify
-from revify.analyze import STRATEGIES, measure, parse_bytes, plot
+from revify.memory.analyze import STRATEGIES, measure, parse_bytes, plot
 from revify.cli import main
-from revify.checkpoint import Checkpointed
-from revify.reversible import ReversibleStage
+from revify.runtime.checkpoint import Checkpointed
+from revify.runtime.reversible import ReversibleStage
 from conftest import TinyResNet
 
 SIZE = (3, 16, 16)

@@ -95,7 +95,7 @@ def test_dropout_and_drop_path_replay_the_same_masks():
 def test_only_units_that_draw_random_numbers_capture_the_rng_state(monkeypatch):
     """Capturing the RNG state copies the generator's state for every branch and unit each step:
     those known to draw nothing (convolutions, norms, ReLUs) skip it; a branch with a dropout
-    captures it, as does the stage that may rerun its forward (revify.ops.draws_random)."""
+    captures it, as does the stage that may rerun its forward (revify.graph.ops.draws_random)."""
     from revify import checkpoint, modes, reversible
     captured = []
 

@@ -13,10 +13,10 @@ from torch import nn
 
 import revify
 from revify.bench import BlockCheckpointed, Compiled, run_bench, strategies, timm_checkpointing
-from revify.memory import measure_step, measure_step_profiled
-from revify.projection import project_peak
-from revify.plan import Options
-from revify.transform import build
+from revify.memory.measure import measure_step, measure_step_profiled
+from revify.memory.projection import project_peak
+from revify.plan.plan import Options
+from revify.pipeline import build
 
 # The min-cut partitioner inductor uses, without inductor's C++ compile (a minute per model on
 # 2 cores): the budget is the partitioner's, so it applies just the same.
@@ -187,7 +187,7 @@ class _ReadsBack(nn.Module):
 def test_step_counts_are_exact():
     """Ops below autograd (views apart), Python calls, host syncs: each counted, and the
     same on every count (no clock)."""
-    from revify.counting import count_step
+    from revify.memory.counting import count_step
     model, x, y = _ReadsBack(), torch.randn(2, 2, 2), torch.tensor([0, 2])
     counts = count_step(model, x, y)
     assert counts == count_step(model, x, y)
@@ -202,7 +202,7 @@ def test_step_counts_are_exact():
 def test_bench_rows_report_the_counts_and_a_steady_revify_step_reads_nothing_back():
     model, x, y = _resnet18(size=32)
     models = strategies(model, (3, 32, 32), ("original", "revify"), batch_size=2)
-    stages = sum(isinstance(m, revify.reversible.ReversibleStage) for m in models["revify"].modules())
+    stages = sum(isinstance(m, revify.runtime.reversible.ReversibleStage) for m in models["revify"].modules())
     original, rev = (row.counts for row in run_bench(models, 2, (3, 32, 32), steps=1))
     assert original.syncs == 0 and original.ops > 0 and original.python_calls > 0
     assert stages > 0 and rev.syncs == 0  # the grids' checks are read a step later

@@ -73,7 +73,7 @@ def test_convert_transforms_once_and_analyzes_the_model_it_converted(capsys, tmp
 
 
 def test_analyze_does_not_import_bench():
-    check = "import revify.analyze, sys; assert 'revify.bench' not in sys.modules"
+    check = "import revify.memory.analyze, sys; assert 'revify.bench' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert result.returncode == 0, result.stderr
@@ -90,15 +90,15 @@ def test_verify_passes_on_a_converted_file(converted, capsys):
 
 def test_verify_fails_when_reconstruction_is_broken(converted, capsys, monkeypatch):
     _, folder = converted
-    real = revify.reversible.ReversibleStage.inverse
-    monkeypatch.setattr(revify.reversible.ReversibleStage, "inverse",
+    real = revify.runtime.reversible.ReversibleStage.inverse
+    monkeypatch.setattr(revify.runtime.reversible.ReversibleStage, "inverse",
                         lambda self, coupled, anchors=None: real(self, coupled, anchors) * 1.001)
     code, out, _ = run(capsys, "verify", folder / "model.pt")
     assert code == 1 and "FAIL" in out and "3 of 11 checks passed" in out
 
 
 def test_verify_catches_a_wrong_backward(capsys, monkeypatch):
-    import revify.reversible as reversible
+    import revify.runtime.reversible as reversible
     real = reversible._own_halves
     monkeypatch.setattr(reversible, "_own_halves",
                         lambda t, dim: [h * 1.01 for h in real(t, dim)])  # a rebuild 1% off

@@ -97,7 +97,7 @@ def test_only_the_reversible_stages_change_and_the_original_is_untouched(trained
     model, _, _ = trained
     before = copy.deepcopy(model.state_dict())
     stages = tuple(name + "." for name, m in distilled.named_modules()
-                   if isinstance(m, revify.reversible.ReversibleStage))
+                   if isinstance(m, revify.runtime.reversible.ReversibleStage))
     fitted, sliced = distilled.state_dict(), revify.transform(model, input_size=(3, SIZE, SIZE)).state_dict()
     outside = [k for k in fitted if not k.startswith(stages)]
     inside = [k for k in fitted if k.startswith(stages) and fitted[k].is_floating_point()]

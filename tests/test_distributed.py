@@ -78,7 +78,7 @@ def train(model: nn.Module, rev: nn.Module, x, y) -> dict:
     """
     stage_grad_fns = []
     for stage in rev.modules():
-        if isinstance(stage, revify.reversible.ReversibleStage):
+        if isinstance(stage, revify.runtime.reversible.ReversibleStage):
             stage.register_forward_hook(lambda m, i, out: stage_grad_fns.append(out.grad_fn.name()))
     optimizer = torch.optim.SGD(rev.parameters(), lr=LR, momentum=MOMENTUM)
     grads, losses = None, []
@@ -108,11 +108,11 @@ def wrap(case: str, rev: nn.Module) -> nn.Module:
         return DDP(rev, gradient_as_bucket_view=True)
     mesh = init_device_mesh("cpu", (WORLD,))
     for module in list(rev.modules()):
-        if case == "fsdp2_per_stage" and isinstance(module, revify.reversible.ReversibleStage):
+        if case == "fsdp2_per_stage" and isinstance(module, revify.runtime.reversible.ReversibleStage):
             fully_shard(module, mesh=mesh)
-        if case == "fsdp2_per_coupling_block" and isinstance(module, revify.reversible.CouplingBlock):
+        if case == "fsdp2_per_coupling_block" and isinstance(module, revify.runtime.reversible.CouplingBlock):
             fully_shard(module, mesh=mesh)
-        if case == "fsdp2_per_branch" and isinstance(module, revify.reversible.CouplingBlock):
+        if case == "fsdp2_per_branch" and isinstance(module, revify.runtime.reversible.CouplingBlock):
             fully_shard(module.f, mesh=mesh)
             fully_shard(module.g, mesh=mesh)
     return fully_shard(rev, mesh=mesh)
@@ -159,7 +159,7 @@ def test_model_has_reversible_stages_and_checkpointed_segments():
     rev = revified()
     actions = [segment.action for segment in rev.revify_plan.segments]
     assert actions.count("reversible") == 2 and "checkpointed" in actions, str(rev.revify_plan)
-    assert sum(isinstance(m, revify.reversible.ReversibleStage) for m in rev.modules()) == 2
+    assert sum(isinstance(m, revify.runtime.reversible.ReversibleStage) for m in rev.modules()) == 2
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -14,7 +14,7 @@ from conftest import assert_directional_derivatives, smoothed, step_grads, unzer
 from torch import nn
 
 import revify
-from revify.resize import RESIZERS, resizer_for
+from revify.plan.resize import RESIZERS, resizer_for
 
 # family -> (model, reversible blocks expected at least)
 FAMILIES = {
@@ -229,7 +229,7 @@ def test_convnext_layer_scale_is_carried_per_half():
         gamma = model.stages[0].blocks[1].gamma
         gamma.copy_(torch.arange(gamma.numel()))
     rev = revify.transform(model, input_size=(3, 32, 32))
-    coupling = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)).blocks[1]
+    coupling = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)).blocks[1]
     half = gamma.numel() // 2
     assert torch.equal(coupling.f.gamma, gamma[:half])
     assert torch.equal(coupling.g.gamma, gamma[half:])
@@ -308,7 +308,7 @@ def _vit(depth=3, **kwargs):
 
 
 def _stage(rev):
-    return next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
+    return next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
 
 
 def test_vit_couples_attention_with_mlp_on_the_channel_dim():
@@ -352,11 +352,11 @@ def test_attention_rule_rebuilds_the_same_layer_and_one_with_fewer_heads():
     torch.manual_seed(0)
     attn = Attention(64, num_heads=4, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm).eval()
     x = torch.randn(2, 5, 64)
-    same = revify.resize.rebuild(attn, 64, 64, inner=64)
+    same = revify.plan.resize.rebuild(attn, 64, 64, inner=64)
     same.load_state_dict(attn.state_dict())
     with torch.no_grad():
         assert torch.equal(same.eval()(x), attn(x))
-        narrow = revify.resize.rebuild(attn, 32, 32, inner=32).eval()
+        narrow = revify.plan.resize.rebuild(attn, 32, 32, inner=32).eval()
         assert narrow.num_heads == 2 and narrow(x[..., :32]).shape == (2, 5, 32)
 
 

@@ -1,4 +1,4 @@
-"""revify.fast: the rewritten graphs call convolutions, BatchNorms and ReLUs without the module
+"""revify.runtime.fast: the rewritten graphs call convolutions, BatchNorms and ReLUs without the module
 call machinery, computing what the modules compute, to the bit."""
 import pytest
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 
 import revify
 from revify import fast
-from revify.counting import count_step
+from revify.memory.counting import count_step
 
 
 def _same_step(layer: nn.Module, direct, x: torch.Tensor) -> None:
@@ -52,7 +52,7 @@ def test_hooks_registered_on_the_revified_model_fire_once_per_call():
     """A layer with a hook goes through its own call: the hook sees every forward (the rerun's
     too), as on any module."""
     rev = revify.transform(torchvision.models.resnet18(num_classes=10), input_size=(3, 32, 32))
-    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
     norm = next(m for m in stage.blocks[0].f.modules() if isinstance(m, nn.BatchNorm2d))
     calls = []
     handle = norm.register_forward_hook(lambda m, i, o: calls.append(o.shape))

@@ -8,10 +8,10 @@ from conftest import TinyResNet, step_grads
 import revify
 from revify import files
 from revify.models import create_model
-from revify.plan import Options
-from revify.report import carried_weights
-from revify.reversible import CouplingBlock
-from revify.transform import build
+from revify.plan.plan import Options
+from revify.plan.report import carried_weights
+from revify.runtime.reversible import CouplingBlock
+from revify.pipeline import build
 
 
 @pytest.fixture(scope="module")

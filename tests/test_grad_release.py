@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import revify
-from revify.memory import LiveTensorTracker
+from revify.memory.measure import LiveTensorTracker
 from conftest import TinyResNet
 
 
@@ -15,7 +15,7 @@ def _revified(depth=3, c=8):
 
 
 def _stages(rev):
-    return [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
+    return [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
 
 
 def test_each_branch_s_gradients_reach_autograd_before_the_next_branch_reruns(data):

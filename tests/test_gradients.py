@@ -49,7 +49,7 @@ def test_full_jacobian_matches_float64_finite_differences():
     torch.manual_seed(0)
     rev = smoothed(revify.transform(TinyResNet(depth=2, c=4), input_size=(3, 6, 6))).double().train()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    first_stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
+    first_stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
     leaves = [x] + list(first_stage.parameters()) + list(rev.net.stem.parameters())
     out_size = rev(x).numel()
     analytic = []

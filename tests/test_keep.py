@@ -1,4 +1,4 @@
-"""revify.keep: a unit's forward keeps its dearest layers' outputs and the rerun reuses them.
+"""revify.runtime.keep: a unit's forward keeps its dearest layers' outputs and the rerun reuses them.
 
 Checked against plain autograd (the same layer run normally, the same model under
 plain_autograd) and by counting the layer's calls and the step's live memory.
@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import revify
-from revify.keep import Kept, Tape, recording, replaying
-from revify.memory import LiveTensorTracker
-from revify.plan import Options
-from revify.transform import build
+from revify.runtime.keep import Kept, Tape, recording, replaying
+from revify.memory.measure import LiveTensorTracker
+from revify.plan.plan import Options
+from revify.pipeline import build
 from revify.rewrite import unit_nodes
 from conftest import assert_rerun_is_plain
 
@@ -132,8 +132,8 @@ def test_keeping_changes_no_gradient_and_leaves_nothing_behind(resnet50):
         F.cross_entropy(rev(x), y).backward()
     grads = [p.grad.clone() for p in rev.parameters()]
     # every tape was emptied or released with the graph: only the gradients are left, and
-    # each stage's one-value overflow flag, read at its next forward (revify.reversible)
-    flags = [m._outgrown.flag for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
+    # each stage's one-value overflow flag, read at its next forward (revify.runtime.reversible)
+    flags = [m._outgrown.flag for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     assert len(flags) == len(rev.revify_plan.stages) and all(f.numel() == 1 for f in flags)
     assert tracker.current == sum(t.untyped_storage().nbytes()
                                   for t in [p.grad for p in rev.parameters()] + flags)
@@ -154,8 +154,8 @@ def test_baselines_and_plain_checkpointing_keep_nothing(resnet50):
 def test_a_keeping_checkpoint_backpropagates_twice():
     """The tape is used up by the first rerun; a second backward (retain_graph) reruns the
     checkpoint again, computing the kept layers: the same gradients twice."""
-    from revify.checkpoint import Checkpointed
-    from revify.modes import UnitMode, UnitSchedule
+    from revify.runtime.checkpoint import Checkpointed
+    from revify.runtime.modes import UnitMode, UnitSchedule
     from revify.rewrite import set_mode
     conv, x = _conv_and_input()
     unit = Checkpointed(nn.Sequential(Kept(conv, "conv"), nn.ReLU()))

@@ -1,4 +1,4 @@
-"""The lean recompute (revify.lean): what checkpointed units and hot branches keep, exactly."""
+"""The lean recompute (revify.plan.lean): what checkpointed units and hot branches keep, exactly."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,10 +6,10 @@ import torchvision
 
 import revify
 from revify.bench import timm_checkpointing
-from revify.lean import masked_relu
-from revify.memory import measure_step
-from revify.plan import Options
-from revify.transform import build
+from revify.plan.lean import masked_relu
+from revify.memory.measure import measure_step
+from revify.plan.plan import Options
+from revify.pipeline import build
 from conftest import step_grads, worst_rel_err
 
 
@@ -117,7 +117,7 @@ class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
 def test_a_checkpoints_first_forward_computes_no_mask():
     """The checkpoint drops what its first forward saves, so the mask is computed only in the
     recompute, whose mask the backward uses: relu's gradients all the same."""
-    from revify.checkpoint import Checkpointed
+    from revify.runtime.checkpoint import Checkpointed
     torch.manual_seed(0)
     x = torch.randn(4, 6, requires_grad=True)
     unit = Checkpointed(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Identity()))

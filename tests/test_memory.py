@@ -4,9 +4,9 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import revify
-from revify.memory import LiveTensorTracker, measure_step
-from revify.plan import Options
-from revify.transform import build
+from revify.memory.measure import LiveTensorTracker, measure_step
+from revify.plan.plan import Options
+from revify.pipeline import build
 
 
 def _peaks(block, layers, grads="fresh", **settings):
@@ -44,7 +44,7 @@ def test_doubling_blocks_leaves_revified_peak_nearly_unchanged():
     assert orig4.peak_activation_bytes > 1.5 * orig2.peak_activation_bytes
     assert rev4.peak_activation_bytes <= 1.10 * rev2.peak_activation_bytes
     # What the stages hold between forward and backward does not grow either; with the default
-    # schedule the deeper net stores more units under the same peak (revify.schedule).
+    # schedule the deeper net stores more units under the same peak (revify.plan.schedule).
     (_, every2), (_, every4) = (_peaks(BasicBlock, [k] * 4, schedule="recompute_all") for k in (2, 4))
     assert every4.activation_bytes <= 1.10 * every2.activation_bytes
 
@@ -79,7 +79,7 @@ def test_reversible_stage_keeps_no_saved_tensors():
     """The stage's autograd node saves nothing through autograd: it rebuilds from its output."""
     torch.manual_seed(0)
     rev = revify.transform(ResNet(BasicBlock, [3, 1, 1, 1], num_classes=10), input_size=(3, 32, 32))
-    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
     seen = []
     stage.register_forward_hook(lambda mod, inp, out: seen.append(out))
     packed = []
@@ -108,7 +108,7 @@ def test_exact_reconstruction_costs_no_memory_over_native():
     assert "native reconstruction" in str(native.revify_plan)
     native_step, exact_step = measure_step(native, x, y), measure_step(exact, x, y)
     grid_bytes = 4 * 4 * sum(s.headroom.numel() for s in exact.modules()
-                             if isinstance(s, revify.reversible.ReversibleStage))  # steps and limits
+                             if isinstance(s, revify.runtime.reversible.ReversibleStage))  # steps and limits
     assert exact_step.activation_bytes <= native_step.activation_bytes + grid_bytes
     assert exact_step.peak_activation_bytes <= native_step.peak_activation_bytes + 2 * grid_bytes
     assert worst_rel_err(step_grads(exact, x, y), step_grads(exact, x, y, exact=True))[0] == 0.0

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 import torchvision
 
 import revify
-import revify.checkpoint
-import revify.reversible
-from revify.plan import Options
-from revify.transform import build
+import revify.runtime.checkpoint
+import revify.runtime.reversible
+from revify.plan.plan import Options
+from revify.pipeline import build
 from conftest import TinyResNet, step_grads, worst_rel_err
 
 
@@ -37,7 +37,7 @@ def test_original_model_is_left_untouched(model_and_rev):
 def test_every_rebuilt_layer_has_hooks_of_its_own(model_and_rev):
     """F's and G's copies of a layer are separate modules: a hook on one fires for it alone."""
     _, rev = model_and_rev
-    block = next(m for m in rev.modules() if isinstance(m, revify.reversible.CouplingBlock))
+    block = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.CouplingBlock))
     fired = []
     block.f.conv1.register_forward_hook(lambda m, *_: fired.append(m))
     block.f.conv1.register_forward_pre_hook(lambda m, *_: fired.append(m))
@@ -49,19 +49,19 @@ def test_every_rebuilt_layer_has_hooks_of_its_own(model_and_rev):
 
 def _count_calls(monkeypatch):
     calls = {"reversible": 0, "checkpoint": 0}
-    apply = revify.reversible._Enter.apply
+    apply = revify.runtime.reversible._Enter.apply
 
     def counting_apply(*a):
         calls["reversible"] += 1
         return apply(*a)
 
-    class CountingFrame(revify.checkpoint._Frame):
+    class CountingFrame(revify.runtime.checkpoint._Frame):
         def __init__(self, *a):
             calls["checkpoint"] += 1
             super().__init__(*a)
 
-    monkeypatch.setattr(revify.reversible._Enter, "apply", counting_apply)
-    monkeypatch.setattr(revify.checkpoint, "_Frame", CountingFrame)
+    monkeypatch.setattr(revify.runtime.reversible._Enter, "apply", counting_apply)
+    monkeypatch.setattr(revify.runtime.checkpoint, "_Frame", CountingFrame)
     return calls
 
 
@@ -148,7 +148,7 @@ def test_replaced_parameters_get_the_gradients(model_and_rev):
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     rev.train()
     step_grads(rev, x, y)                                       # the layout is worked out
-    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
     old = list(stage.parameters())
     for p in old:
         p.grad = None
@@ -181,7 +181,7 @@ def test_optimizer_step_trains(model_and_rev):
 def test_in_place_change_of_a_stage_output_is_caught():
     torch.manual_seed(0)
     rev = build(TinyResNet(depth=2), None, Options(non_invertible="store"), input_size=(3, 16, 16)).train()
-    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
     out = stage(torch.randn(2, 8, 16, 16, requires_grad=True))
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
@@ -191,8 +191,8 @@ def test_in_place_change_of_a_stage_output_is_caught():
 def test_exact_backward_is_plain_autograd_under_its_old_name(monkeypatch):
     """The old name warns once (DeprecationWarning) and does what plain_autograd does."""
     import warnings
-    from revify.modes import plain_autograd_enabled
-    monkeypatch.setattr(revify.modes, "_warned", False)
+    from revify.runtime.modes import plain_autograd_enabled
+    monkeypatch.setattr(revify.runtime.modes, "_warned", False)
     with pytest.warns(DeprecationWarning, match=r"now revify.plain_autograd\(\)"):
         with revify.exact_backward():
             assert plain_autograd_enabled()

@@ -8,10 +8,10 @@ import torchvision
 from torch import nn
 
 import revify
-from revify.blocks import find_blocks
-from revify.plan import Options
-from revify.trace import propagate_shapes, trace
-from revify.transform import build
+from revify.graph.blocks import find_blocks
+from revify.plan.plan import Options
+from revify.graph.trace import propagate_shapes, trace
+from revify.pipeline import build
 from conftest import Block, TinyResNet, step_grads, worst_rel_err
 
 
@@ -50,7 +50,7 @@ def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
     for stage in plan.stages:
         assert abs(stage.params_after - stage.params_before) <= 0.10 * stage.params_before
     assert plan.params_after == sum(p.numel() for p in rev.parameters())
-    stage_modules = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
+    stage_modules = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     assert [sum(p.numel() for p in m.parameters()) for m in stage_modules] == \
         [s.params_after for s in plan.stages]
     assert [len(m.blocks) for m in stage_modules] == [len(s.blocks) for s in plan.stages] == [2, 3, 5, 2]
@@ -70,7 +70,7 @@ def test_width_option_scales_internal_channels():
 
 def test_non_invertible_store_keeps_the_layers_outside_stages_stored(data):
     rev = build(TinyResNet(depth=2), None, Options(non_invertible="store"), input_size=(3, 16, 16))
-    assert not any(isinstance(m, revify.checkpoint.Checkpointed) for m in rev.modules())
+    assert not any(isinstance(m, revify.runtime.checkpoint.Checkpointed) for m in rev.modules())
     assert {s.action for s in rev.revify_plan.segments} == {"reversible", "stored"}
     x, y = data
     assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
@@ -290,7 +290,7 @@ def test_weights_shared_between_blocks_stay_tied(data):
 def test_stage_inverse_rebuilds_the_input_exactly():
     torch.manual_seed(0)
     rev = revify.transform(TinyResNet(depth=6), input_size=(3, 16, 16)).eval()
-    stage = next(m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
     x = torch.randn(4, 8, 16, 16)
     with torch.no_grad():
         coupled = stage.couple(x, record=True)
@@ -314,14 +314,14 @@ def test_a_stream_that_outgrows_its_grid_widens_it_and_stays_exact(data):
         if isinstance(block, Block):
             nn.init.constant_(block.bn2.weight, 100.0)
     rev = revify.transform(model, input_size=(3, 16, 16)).train()
-    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     x, y = data
     # step_grads restores every buffer afterwards: both paths start from the first grid
     got, ref = step_grads(rev, x, y), step_grads(rev, x, y, exact=True)
     assert worst_rel_err(got, ref)[0] == 0.0
     before = {n: b.clone() for n, b in rev.named_buffers()}
     F.cross_entropy(rev(x.requires_grad_()), y).backward()
-    assert all(int(s.headroom.max()) > revify.reversible.HEADROOM_BITS for s in stages)
+    assert all(int(s.headroom.max()) > revify.runtime.reversible.HEADROOM_BITS for s in stages)
     counts = [n for n in before if n.endswith("num_batches_tracked")]
     assert all(int(dict(rev.named_buffers())[n] - before[n]) == 1 for n in counts)
 
@@ -330,20 +330,20 @@ def test_a_grid_outgrown_in_steady_state_costs_no_sync_is_said_and_widened(data)
     """Once a stage's grid has held, a training step reads nothing back to the host: a stream
     that outgrows the grid then is widened on the device for the next step, the next forward
     says that step was not exact and checks on the host again, and from there it is exact."""
-    from revify.counting import _OpCounter
+    from revify.memory.counting import _OpCounter
     torch.manual_seed(0)
     rev = revify.transform(TinyResNet(depth=4), input_size=(3, 16, 16)).train()
-    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     x, y = data
     F.cross_entropy(rev(x), y).backward()  # the first grid holds: steady state from here on
-    assert all(int(s.headroom.max()) == revify.reversible.HEADROOM_BITS for s in stages)
+    assert all(int(s.headroom.max()) == revify.runtime.reversible.HEADROOM_BITS for s in stages)
     with torch.no_grad():  # branch outputs 100 times larger: beyond the grid's 16x
         for norm in (m for s in stages for m in s.modules() if isinstance(m, nn.BatchNorm2d)):
             norm.weight.mul_(100.0)
     with _OpCounter() as ops:
         F.cross_entropy(rev(x), y).backward()
     assert ops.syncs == 0
-    assert all(int(s.headroom.max()) > revify.reversible.HEADROOM_BITS for s in stages)
+    assert all(int(s.headroom.max()) > revify.runtime.reversible.HEADROOM_BITS for s in stages)
     with pytest.warns(RuntimeWarning, match="outgrew its fixed-point grid"):
         got = step_grads(rev, x, y)
     assert worst_rel_err(got, step_grads(rev, x, y, exact=True))[0] == 0.0
@@ -354,7 +354,7 @@ def test_a_grid_outgrown_in_steady_state_costs_no_sync_is_said_and_widened(data)
 def test_per_channel_reductions_in_two_steps_equal_one(shape, dim):
     """The grid's overflow check reduces the batch first, then the rest: the same values as one
     reduction over every dim but the channel's, in every layout."""
-    from revify.reversible import _per_channel
+    from revify.runtime.reversible import _per_channel
     t = torch.randn(shape)
     dims = [d for d in range(t.ndim) if d != dim]
     for reduce in (torch.amax, torch.amin):
@@ -377,9 +377,9 @@ def test_a_stream_beyond_any_grid_warns_and_trains_on(data):
     with pytest.warns(RuntimeWarning, match="beyond what its fixed-point grid holds"):
         F.cross_entropy(rev(x.requires_grad_()), y).backward()
     assert torch.isfinite(x.grad).all()
-    most = 24 - revify.reversible.MIN_BITS
+    most = 24 - revify.runtime.reversible.MIN_BITS
     assert all(int(s.headroom.max()) == most for s in rev.modules()
-               if isinstance(s, revify.reversible.ReversibleStage))
+               if isinstance(s, revify.runtime.reversible.ReversibleStage))
 
 
 class TokenMLP(nn.Module):
@@ -474,7 +474,7 @@ def test_an_eval_pass_with_gradients_leaves_the_grid_as_training_left_it(data):
     with torch.no_grad():  # no gradients: the grid is not checked
         rev.train()(x)
     rev.eval()
-    stages = [m for m in rev.modules() if isinstance(m, revify.reversible.ReversibleStage)]
+    stages = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     before = [s.headroom.clone() for s in stages]
     grads = []
     for context in (contextlib.nullcontext, revify.plain_autograd):

@@ -1,4 +1,4 @@
-"""revify.schedule: units that fit under the step's peak keep their activations.
+"""revify.plan.schedule: units that fit under the step's peak keep their activations.
 
 The pricing is checked against a projection of the very choice it prices, the memory against
 exact accounting of a real step, and the gradients against plain autograd on the same model.
@@ -12,15 +12,15 @@ import torch.nn.functional as F
 import torchvision
 
 import revify
-from revify.checkpoint import Checkpointed
-from revify.keep import Kept
-from revify.memory import measure_step
-from revify.modes import UnitMode, UnitSchedule
-from revify.plan import Options
-from revify.transform import build
-from revify.reversible import ReversibleStage
+from revify.runtime.checkpoint import Checkpointed
+from revify.runtime.keep import Kept
+from revify.memory.measure import measure_step
+from revify.runtime.modes import UnitMode, UnitSchedule
+from revify.plan.plan import Options
+from revify.pipeline import build
+from revify.runtime.reversible import ReversibleStage
 from revify.rewrite import nested, unit_nodes
-from revify.schedule import LEAN, PLAIN, STORED, _Pricing, projector
+from revify.plan.schedule import LEAN, PLAIN, STORED, _Pricing, projector
 
 X = torch.empty(4, 3, 64, 64)
 
@@ -92,7 +92,7 @@ def test_stored_units_keep_the_peak_and_skip_their_recompute(resnet18):
 
 
 def test_plain_reruns_drop_the_nesting_within_the_budget():
-    """ResNet-50's first stage nests its 1x1 convs (revify.lean) for nothing: its rerun fits
+    """ResNet-50's first stage nests its 1x1 convs (revify.plan.lean) for nothing: its rerun fits
     under the peak of the first downsampling block's, so the schedule runs it plainly."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10).train()

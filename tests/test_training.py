@@ -14,9 +14,9 @@ from torch import nn
 
 import revify
 from revify.drift import measure_drift, stage_model
-from revify.memory import measure_step
-from revify.plan import Options
-from revify.transform import build
+from revify.memory.measure import measure_step
+from revify.plan.plan import Options
+from revify.pipeline import build
 
 
 def _revified(depth=2, **settings):

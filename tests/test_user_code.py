@@ -8,10 +8,10 @@ from conftest import step_grads, worst_rel_err
 from torch import nn
 
 import revify
-from revify.blocks import find_blocks
-from revify.plan import Options, make_plan
-from revify.trace import propagate_shapes, trace
-from revify.transform import build
+from revify.graph.blocks import find_blocks
+from revify.plan.plan import Options, make_plan
+from revify.graph.trace import propagate_shapes, trace
+from revify.pipeline import build
 
 
 def _plan(model, size=16):

@@ -32,7 +32,7 @@ class Resizer:
     # It is scaled like a branch's internal widths and handed to build as `inner=`.
     inner: Callable[[nn.Module], tuple[int, int]] | None = None
     # The groups of a grouped layer whose group count build may change (handed as `groups=`,
-    # to keep the group width instead; see revify.channels); 1: none.
+    # to keep the group width instead; see revify.graph.channels); 1: none.
     groups: Callable[[nn.Module], int] = lambda m: 1
 
 
@@ -231,5 +231,3 @@ def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) 
         copied += math.prod(lengths) if t.is_floating_point() else 0
     return copied
 
-
-from . import resize_timm  # noqa: E402,F401  (registers timm layers; it needs register_resizer)

@@ -2,10 +2,10 @@
 
 After the rewrite every non-invertible unit recomputes itself in the backward and every
 reversible stage rebuilds its activations: the least memory, for a second forward of compute
-(and a third of the layers revify.lean nests in the hottest units). The peak of that step is
+(and a third of the layers revify.plan.lean nests in the hottest units). The peak of that step is
 reached in one place (in a ResNet, the backward of the first units, at full resolution);
 everywhere else the step holds less. So each unit runs in one of three modes
-(revify.modes.UnitMode):
+(revify.runtime.modes.UnitMode):
 
 - LEAN: the rerun as the rewrite built it, nested layers recomputed once more;
 - PLAIN: the rerun without the nesting (the nested layers store inside it), where its own
@@ -15,16 +15,16 @@ everywhere else the step holds less. So each unit runs in one of three modes
   late ones: low resolution, and their backward runs first, while the step holds little else.
 
 and a LEAN or PLAIN rerun may also KEEP: the forward keeps the outputs of the unit's dearest
-layers (revify.keep: 3x3 convolutions, wide 1x1 ones) and the rerun skips them. That buys most
+layers (revify.runtime.keep: 3x3 convolutions, wide 1x1 ones) and the rerun skips them. That buys most
 of a unit's recompute FLOPs for a fraction of what storing it costs, so it fits in more units.
 
-The choice is a `Schedule`, made once and never changed: per unit a revify.modes.UnitSchedule
+The choice is a `Schedule`, made once and never changed: per unit a revify.runtime.modes.UnitSchedule
 (its mode and the kept layers that keep). `transform` attaches it to the plan, which is not
 edited for it, and revify.rewrite.apply_schedule sets each unit's to it, once: what the report
 prints (the plan and its schedule) is what runs.
 
 How a choice is priced. One projection of a training step per mode (fake tensors: every op
-dispatched with its real shapes, nothing allocated, every storage counted; revify.projection), every
+dispatched with its real shapes, nothing allocated, every storage counted; revify.memory.projection), every
 unit in that mode, gives the memory over time. The memory during a unit's forward or backward
 depends on that unit's own mode; of the other units only those before it hold anything then
 (what they keep between forward and backward), and that differs between the projections by a
@@ -42,7 +42,7 @@ final projection does not fit.
 
 Activation bytes throughout: everything a step allocates with its parameter gradients
 allocated before it, as from the second micro-batch of gradient accumulation on and under DDP
-(revify.memory.GRAD_REGIMES, "accumulate"): activations and the gradients in flight to `.grad`.
+(revify.memory.measure.GRAD_REGIMES, "accumulate"): activations and the gradients in flight to `.grad`.
 That is what a step adds to parameters, gradients and optimizer state in that regime, and at
 least the activations in the other (gradients created during the step), so a budget holds in
 both.
@@ -54,12 +54,12 @@ from typing import NamedTuple
 import torch
 from torch import fx
 
-from .keep import kept_cost
-from .modes import UnitMode, UnitSchedule
-from .plan import Plan, Schedule
-from .projection import Stretches, fake_inputs, fake_model, project
-from .reversible import ReversibleStage
-from .rewrite import kept, nested, set_mode, unit_nodes
+from revify.runtime.keep import kept_cost
+from revify.runtime.modes import UnitMode, UnitSchedule
+from revify.plan.plan import Plan, Schedule
+from revify.memory.projection import Stretches, fake_inputs, fake_model, project
+from revify.runtime.reversible import ReversibleStage
+from revify.rewrite import kept, nested, set_mode, unit_nodes
 
 
 SLACK = 0.01  # the default budget: the least peak and 1% (see the module docstring)

@@ -49,11 +49,11 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .keep import Tape, recording, replaying
-from .ops import draws_random
-from .modes import (capture_autocast, capture_rng, plain_autograd_enabled, frozen_buffers,
+from revify.runtime.keep import Tape, recording, replaying
+from revify.graph.ops import draws_random
+from revify.runtime.modes import (capture_autocast, capture_rng, plain_autograd_enabled, frozen_buffers,
                     replay_autocast, replay_rng, restore_rng, slots, Seed, grads_of, NOTHING)
-from .modes import UnitMode, UnitSchedule
+from revify.runtime.modes import UnitMode, UnitSchedule
 
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
@@ -227,10 +227,10 @@ class ReversibleStage(nn.Module):
         self.dim = dim
         self.exact = exact
         self.anchor_every = anchor_every
-        # How it runs (revify.schedule, set by revify.rewrite.set_mode): STORED with plain
+        # How it runs (revify.plan.schedule, set by revify.rewrite.set_mode): STORED with plain
         # autograd, keeping the activations (they fit under the step's peak), the same
         # function, grid included: only the backward differs; its `kept` layers' outputs kept
-        # by the forward for the rebuild (revify.keep).
+        # by the forward for the rebuild (revify.runtime.keep).
         self.schedule = UnitSchedule()
         # Headroom bits per stream channel (see the module docstring): the grid is part of the
         # function the stage computes, so it is saved with the weights.
@@ -471,7 +471,7 @@ _branch_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def branch_params(stage: ReversibleStage) -> list[tuple[list, list]]:
-    """Per block, the parameters of F and of G, read through their slots (revify.modes.Slots:
+    """Per block, the parameters of F and of G, read through their slots (revify.runtime.modes.Slots:
     no module walk each step). When they are other objects than last time (moved with
     overwrite, loaded with assign=True, sharded) a module sharded inside the stage is refused."""
     cached = _branch_slots.get(stage)

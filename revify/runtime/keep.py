@@ -5,14 +5,14 @@ the backward. Most of that compute sits in a few layers whose outputs are small 
 cost: a 3x3 convolution does 2 * 9 * C_in FLOPs per value it writes, so keeping its output
 costs 4 bytes per 18 * C_in FLOPs saved, a hundred times better than keeping a whole unit. The
 plan marks such layers (`KEEP_FLOPS_PER_BYTE`); when the schedule lets a unit keep them (the
-`kept` of its revify.modes.UnitSchedule names them), its forward records their outputs on a
+`kept` of its revify.runtime.modes.UnitSchedule names them), its forward records their outputs on a
 `Tape` that the unit's backward holds, and the rerun takes each output from the tape instead
 of computing it: the layer's backward (gradients of its input and weights) runs as plain
 autograd's, from the same saved input and weights, so nothing changes by a bit. The tape
 lives as long as the unit's piece of the autograd graph and is emptied as the rerun consumes
 it.
 
-This is the opposite of revify.lean, which nests the cheapest layers (recomputing them once
+This is the opposite of revify.plan.lean, which nests the cheapest layers (recomputing them once
 more); the two thresholds leave no layer in both.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 KEEP_FLOPS_PER_BYTE = 192  # a layer is kept if its forward costs at least this per output byte
-# (twice revify.lean's FLOPS_PER_BYTE for nesting, so no layer is both)
+# (twice revify.plan.lean's FLOPS_PER_BYTE for nesting, so no layer is both)
 KEPT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # one aten.convolution each: the op skipped
 
 _local = threading.local()
@@ -127,10 +127,10 @@ class Kept(nn.Module):
     `layer_name` (the layer's name in the source model; a reversible block's two branches each
     have a copy) is how the plan and the schedule name it; `keeps` whether it is in its unit's
     schedule's kept set (the schedule may choose some of a unit's kept layers and not others).
-    That is the unit's schedule (revify.modes.UnitSchedule) copied once, by
+    That is the unit's schedule (revify.runtime.modes.UnitSchedule) copied once, by
     revify.rewrite.set_mode: the layer need not find its unit at every call. Until then it
     keeps wherever a tape records (a unit records only if its schedule keeps)."""
-    only_calls_children = True  # draws no random numbers of its own (revify.ops.draws_random)
+    only_calls_children = True  # draws no random numbers of its own (revify.graph.ops.draws_random)
 
     def __init__(self, layer: nn.Module, layer_name: str = ""):
         super().__init__()

@@ -1,6 +1,6 @@
 """Memory analysis: what one training step holds under each strategy, by exact accounting.
 
-A projection (revify.projection) runs one real training step (forward + backward) of the
+A projection (revify.memory.projection) runs one real training step (forward + backward) of the
 original network, of per-block checkpointing and of revify on fake tensors (torch's
 FakeTensorMode: every op is dispatched with its real shapes and dtypes, no data is allocated)
 while a tracker counts every storage the step creates, at the bytes it stands for, and the
@@ -28,13 +28,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx, nn
 
-from .checkpoint import Checkpointed
-from .memory import GRAD_REGIMES, check_grads, measure_step
-from .memory import parse_bytes  # noqa: F401 (revify.analyze.parse_bytes, as before)
-from .projection import FakeModel, fake_model, project
-from .rewrite import unit_calls
-from .trace import trace
-from .transform import build_with
+from revify.runtime.checkpoint import Checkpointed
+from revify.memory.measure import GRAD_REGIMES, check_grads, measure_step
+from revify.memory.measure import parse_bytes  # noqa: F401 (revify.memory.analyze.parse_bytes, as before)
+from revify.memory.projection import FakeModel, fake_model, project
+from revify.rewrite import unit_calls
+from revify.graph.trace import trace
+from revify.pipeline import build_with
 
 STRATEGIES = ("original", "checkpoint", "revify")
 OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adamw": 2}   # state tensors kept per parameter
@@ -154,8 +154,8 @@ class Floor:
     """The floor of revify's design for one step (bytes, the input batch left out): what must
     be held between forward and backward (stage outputs, inputs of checkpointed units), plus
     the working set of the one block whose plain recompute keeps the most and that block's
-    output gradient. Recomputing that block leanly (revify.lean) can go below it. Units that
-    revify.schedule stores count as held: analyze with options={"schedule": "recompute_all"}
+    output gradient. Recomputing that block leanly (revify.plan.lean) can go below it. Units that
+    revify.plan.schedule stores count as held: analyze with options={"schedule": "recompute_all"}
     for the floor of the design itself."""
     boundary_bytes: int
     block: str
@@ -373,7 +373,7 @@ def _label_modules(net: fx.GraphModule, labels: dict,
         watched = [(unit.module, (row, block))] if isinstance(unit, Checkpointed) else [
             (fn, (row, name)) for name, coupling in zip(report_plan.segments[row].blocks, unit.blocks)
             for fn in (coupling.f, coupling.g)]
-        # a layer checkpointed inside a unit (revify.lean) reruns later, in the unit's backward
+        # a layer checkpointed inside a unit (revify.plan.lean) reruns later, in the unit's backward
         watched += [(inner.module, label) for module, label in watched
                     for inner in module.modules() if isinstance(inner, Checkpointed)]
         modules += watched
@@ -500,7 +500,7 @@ def analyze(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
         `peak_at`/`largest_batch` and plots (default: when there is a budget).
     device: the device the step would run on (default: CUDA when available, else CPU).
     options: the revify strategy's settings: revify.transform's width, budget and leaf_modules,
-        or any revify.plan.Options field (as revify.transform.build_with takes them).
+        or any revify.plan.plan.Options field (as revify.pipeline.build_with takes them).
     grads: the gradient regime the budget tables use: "accumulate" (gradients allocated before
         the step, as from the second micro-batch of accumulation on and under DDP) or "fresh"
         (zero_grad(set_to_none=True)); both are projected either way.
@@ -517,7 +517,7 @@ def measure(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
             options: dict | None = None, grads: str = "accumulate") -> Analysis:
     """`analyze`, plus one real training step of each strategy measured next to the projection.
 
-    CPU: exact live-storage accounting (revify.memory.measure_step); CUDA:
+    CPU: exact live-storage accounting (revify.memory.measure.measure_step); CUDA:
     torch.cuda.max_memory_allocated. `model` itself is not trained: a copy is.
     """
     analysis, models = _analyze(model, input_size, batch_size, dtype, optimizer, memory, device,

@@ -1,7 +1,7 @@
 """Step 3 of the pipeline: decide what becomes of every residual block.
 
 The plan is plain data (names, numbers, reasons). The rewrite executes it and the report prints
-it, so what is printed is what was done. revify.schedule's choice goes beside it
+it, so what is printed is what was done. revify.plan.schedule's choice goes beside it
 (`Plan.schedule`, a frozen `Schedule` attached once), never into it: nothing edits a plan's
 blocks, stages or segments after `make_plan`.
 """
@@ -14,11 +14,11 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from .blocks import ResidualBlock, module_path
-from .channels import BranchChannels, Unresizable, analyze_branch, groups_key, inner_key
-from .lean import HOT_FRACTION, LeanPlan, largest_tensor, plan_lean
-from .modes import UnitMode, UnitSchedule
-from .resize import holds_state, rebuild, resizer_for
+from revify.graph.blocks import ResidualBlock, module_path
+from revify.graph.channels import BranchChannels, Unresizable, analyze_branch, groups_key, inner_key
+from revify.plan.lean import HOT_FRACTION, LeanPlan, largest_tensor, plan_lean
+from revify.runtime.modes import UnitMode, UnitSchedule
+from revify.plan.resize import holds_state, rebuild, resizer_for
 
 Action = Literal["reversible", "checkpointed", "stored"]
 MATCH_TOLERANCE = 0.10  # width="match" promises each stage's parameter count within this fraction
@@ -28,7 +28,7 @@ MATCH_TOLERANCE = 0.10  # width="match" promises each stage's parameter count wi
 class Options:
     """Every setting of a plan. `revify.transform` takes the user's (width, budget) and leaves
     the rest at their defaults; the baselines and measurements (`revify bench`, `revify drift`,
-    the tests) set the others through `revify.transform.build`."""
+    the tests) set the others through `revify.pipeline.build`."""
     width: float | Literal["match"] = "match"   # internal width multiplier, or match parameters
     # The layers outside reversible stages (stem, head, blocks that cannot be inverted): their
     # activations recomputed in the backward (activation checkpointing), or stored as usual.
@@ -41,10 +41,10 @@ class Options:
     # With reversible=False: checkpoint the units in this many contiguous groups instead of one
     # by one ("sqrt": sqrt(n) of them), the last stored, as torch's checkpoint_sequential does.
     segments: int | Literal["sqrt"] | None = None
-    # Leaner recompute of checkpointed units (revify.lean): nested cheap layers, in-place adds,
+    # Leaner recompute of checkpointed units (revify.plan.lean): nested cheap layers, in-place adds,
     # masked ReLUs. False: plain per-unit checkpointing (the baseline revify bench measures).
     lean: bool = True
-    # revify.schedule: "budget" lets the units whose activations fit under `budget` keep them
+    # revify.plan.schedule: "budget" lets the units whose activations fit under `budget` keep them
     # (nothing recomputed in their backward) and the units whose rerun fits without the lean
     # nesting run it plainly; "recompute_all" recomputes every unit, nested layers too.
     schedule: Literal["budget", "recompute_all"] = "budget"
@@ -78,7 +78,7 @@ class Options:
 
     @property
     def schedules(self) -> bool:
-        """Whether revify.schedule may store units: only revify's own plan, not the baselines
+        """Whether revify.plan.schedule may store units: only revify's own plan, not the baselines
         (per-block checkpointing, sqrt(n) groups) nor the stored layers of
         non_invertible='store'."""
         return (self.schedule == "budget" and self.reversible and self.segments is None
@@ -104,7 +104,7 @@ class BlockPlan:
     stream: list[str] = field(default_factory=list)        # branch nodes on the coupled stream
     params_before: int = 0
     params_after: int = 0
-    lean: LeanPlan | None = None               # what its branches' recompute drops (revify.lean)
+    lean: LeanPlan | None = None               # what its branches' recompute drops (revify.plan.lean)
 
 
 @dataclass
@@ -134,28 +134,28 @@ class SegmentPlan:
     lean: LeanPlan | None = None               # what a checkpointed unit's recompute drops
     # A unit of its own in the rewritten net (a Checkpointed or ReversibleStage module); False:
     # its nodes run inline, stored (non_invertible="store", the last of sqrt(n) groups). A unit
-    # revify.schedule stores stays a unit, its action as planned: the schedule says how it
+    # revify.plan.schedule stores stays a unit, its action as planned: the schedule says how it
     # runs (Plan.runs_as).
     outlined: bool = True
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """What revify.schedule chose, made once and never changed: how each unit runs (the units
+    """What revify.plan.schedule chose, made once and never changed: how each unit runs (the units
     that keep their activations instead of recomputing them, those that rerun without
-    revify.lean's nesting, those that keep their dearest layers' outputs for the rerun), and
+    revify.plan.lean's nesting, those that keep their dearest layers' outputs for the rerun), and
     what that costs. The plan is not edited for it: the units run, and the report prints,
     the plan as made with this on top. Bytes are projected for a training step at the
     example input."""
     budget: int                                # the peak activation bytes allowed (gradients
-                                               # in flight included: revify.schedule)
+                                               # in flight included: revify.plan.schedule)
     peak_recompute: int                        # the peak with every unit recomputing
     peak: int                                  # the peak with the units as `units` says
     units: dict[str, UnitSchedule] = field(default_factory=dict)  # unit -> how it runs, for
                                                # every outlined unit, in order
     stored: dict[str, int] = field(default_factory=dict)  # STORED unit -> bytes it keeps
     kept: dict[str, int] = field(default_factory=dict)  # unit -> bytes of layer outputs its
-                                               # forward keeps for its rerun (revify.keep)
+                                               # forward keeps for its rerun (revify.runtime.keep)
     flops_saved: int = 0                       # recompute FLOPs a step no longer runs
     skipped: str = ""                          # why no unit could be considered, if so
 
@@ -175,13 +175,13 @@ class Plan:
     params_before: int
     params_after: int = 0
     opaque: dict[str, str] = field(default_factory=dict)  # modules fx could not trace -> why
-    schedule: Schedule | None = None           # revify.schedule's choice (None: not run)
+    schedule: Schedule | None = None           # revify.plan.schedule's choice (None: not run)
     # revify.distill.Distillation: how the stages were fitted to a trained model's (None: they
     # start from slices of its layers)
     distillation: object | None = None
 
     def __str__(self) -> str:
-        from .report import format_plan
+        from revify.plan.report import format_plan
         return format_plan(self)
 
     def block(self, name: str) -> BlockPlan:
@@ -517,11 +517,11 @@ def _grouped(segments: list[SegmentPlan], count: int | str) -> list[SegmentPlan]
 
 def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str, BlockPlan],
                keep: bool):
-    """What each unit's recompute drops (revify.lean): layers are nested in the units whose
+    """What each unit's recompute drops (revify.plan.lean): layers are nested in the units whose
     tensors are the largest of the step, where its peak is reached, and nowhere else, since
     each costs its FLOPs once more (the stem neither: it runs its backward last, with little
-    else alive). With `keep` (revify.schedule will choose) every unit names its dearest layers,
-    whose outputs its forward may keep (revify.keep)."""
+    else alive). With `keep` (revify.plan.schedule will choose) every unit names its dearest layers,
+    whose outputs its forward may keep (revify.runtime.keep)."""
     nodes = {n.name: n for n in gm.graph.nodes}
     largest = {seg.name: largest_tensor([nodes[n] for n in seg.nodes]) for seg in segments}
     hottest = max(largest.values(), default=0)

@@ -1,9 +1,9 @@
 """Projected training steps: one step run on fake tensors, every storage counted, nothing allocated.
 
 torch's FakeTensorMode dispatches every op with its real shapes and dtypes and allocates no
-data; `ProjectionTracker` (a revify.memory.LiveTensorTracker) counts each storage at the bytes
+data; `ProjectionTracker` (a revify.memory.measure.LiveTensorTracker) counts each storage at the bytes
 it stands for, from birth to death, and the FLOPs of every op. `project` is the one engine:
-revify.schedule prices its choices with it, revify.analyze reports strategies with it, and
+revify.plan.schedule prices its choices with it, revify.analyze reports strategies with it, and
 `project_peak` is its plainest use. A batch of 1024 at 224x224 projects in seconds.
 
 Fake tensors rather than the meta device: a reversible stage records the autocast state of its
@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
-from .memory import LiveTensorTracker, prepare_grads
+from revify.memory.measure import LiveTensorTracker, prepare_grads
 
 
 class ProjectionTracker(LiveTensorTracker):
@@ -166,7 +166,7 @@ def project(fake: FakeModel, inputs: tuple, grads: str = "fresh", *, loss: str =
             labels: dict[str, Hashable] | None = None,
             label_modules: list[tuple[nn.Module, Hashable]] = ()) -> Projection:
     """One training step of `fake` on inputs shaped like `inputs`, its parameter gradients in
-    the regime `grads` (revify.memory.GRAD_REGIMES).
+    the regime `grads` (revify.memory.measure.GRAD_REGIMES).
 
     loss: "dense": the backward starts from a dense gradient of every output that needs one
         (what a loss gives, without its own bytes); "cross_entropy": from F.cross_entropy of
@@ -360,6 +360,6 @@ def project_peak(model: nn.Module, example: torch.Tensor, grads: str = "fresh") 
     """The peak bytes of one training step of `model` on an input shaped like `example`,
     projected on fake tensors (nothing is allocated): "fresh" all but parameter gradients,
     "accumulate" all but the gradients that exist before the step (see GRAD_REGIMES). The
-    input is not counted (as in revify.memory.measure_step); the backward starts from a dense
-    output gradient, as revify.schedule's projections do."""
+    input is not counted (as in revify.memory.measure.measure_step); the backward starts from a dense
+    output gradient, as revify.plan.schedule's projections do."""
     return project(fake_model(model), (example,), grads).peak_activations

@@ -18,9 +18,9 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from .hooks import drop_hooks
-from .ops import mode_arguments, mode_module
-from .resize import RESIZERS
+from revify.graph.hooks import drop_hooks
+from revify.graph.ops import mode_arguments, mode_module
+from revify.plan.resize import RESIZERS
 
 
 class TraceError(ValueError):
@@ -86,12 +86,12 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), num_inputs:
     flag it passes (`F.dropout(x, p, training=self.training)`) is traced through instead: the
     call becomes its module form (`nn.Dropout`), which reads the flag when it runs.
     `gm.meta["opaque"]` says which modules and why; `gm.meta["hooked"]` names the
-    modules whose hooks were left out (revify.hooks).
+    modules whose hooks were left out (revify.graph.hooks).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.transform expects a torch.nn.Module, got {type(model).__name__}.")
     model = copy.deepcopy(model)
-    hooked = drop_hooks(model)  # they must not run on proxies and fake tensors (revify.hooks)
+    hooked = drop_hooks(model)  # they must not run on proxies and fake tensors (revify.graph.hooks)
     leaf_modules, opaque = list(leaf_modules), {}
     while True:
         graphs = {mode: _trace_in(model.train(mode), leaf_modules, opaque, num_inputs)

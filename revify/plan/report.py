@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from tabulate import tabulate
 
-from .plan import MATCH_TOLERANCE
+from revify.plan.plan import MATCH_TOLERANCE
 
 
 def _shape(shape) -> str:
@@ -74,7 +74,7 @@ def unmatched_note(plan) -> str:
 
 
 def _scheduled(unit: str, schedule) -> list[str]:
-    """What revify.schedule chose for one unit, as the plan's recompute column says it."""
+    """What revify.plan.schedule chose for one unit, as the plan's recompute column says it."""
     if schedule is None:
         return []
     notes = []
@@ -120,9 +120,9 @@ def carried_weights(rev) -> dict[str, int]:
 
     Layers outside reversible stages are the source's own modules: copied unchanged. Resized
     branch layers start from a slice of the source's (F from the first half of the stream
-    channels, G from the second; `revify.resize.carry_over`), the rest keeps its initialisation.
+    channels, G from the second; `revify.plan.resize.carry_over`), the rest keeps its initialisation.
     """
-    from .reversible import CouplingBlock
+    from revify.runtime.reversible import CouplingBlock
     coupled = [m for m in rev.modules() if isinstance(m, CouplingBlock)]
     in_blocks = {id(t) for b in coupled for t in [*b.parameters(), *b.buffers()]}
     tensors = [t for t in [*rev.parameters(), *rev.buffers()] if t.is_floating_point()]

@@ -18,7 +18,7 @@ value:
   stage, which stores nothing of its input) keeps a one-byte mask for its backward instead.
 
 The plan also names the unit's dearest layers, whose outputs the forward may keep for the rerun
-(revify.keep): the opposite trade, taken where revify.schedule finds the memory for it.
+(revify.runtime.keep): the opposite trade, taken where revify.plan.schedule finds the memory for it.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept, fan_in
-from .modes import discarding_enabled
-from .ops import is_activation, is_add
+from revify.runtime.keep import KEEP_FLOPS_PER_BYTE, KEPT_LAYERS, Kept, fan_in
+from revify.runtime.modes import discarding_enabled
+from revify.graph.ops import is_activation, is_add
 
 FLOPS_PER_BYTE = 96
 HOT_FRACTION = 0.5     # a unit is hot if its largest tensor is over half the step's largest
@@ -52,7 +52,7 @@ class LeanPlan:
     masked: list[str] = field(default_factory=list)        # ReLUs that keep a mask
     early: list[str] = field(default_factory=list)         # nodes run first (a short shortcut)
     kept: list[str] = field(default_factory=list)          # layers whose outputs the forward
-    kept_layers: list[str] = field(default_factory=list)   # may keep (revify.keep); their modules
+    kept_layers: list[str] = field(default_factory=list)   # may keep (revify.runtime.keep); their modules
 
     def __bool__(self) -> bool:
         return bool(self.nested or self.in_place or self.masked or self.early or self.kept)
@@ -240,7 +240,7 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
 
 def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: set[str],
                  added_into: set[str]) -> list[str]:
-    """The layers dear enough to keep the output of (revify.keep), outside the nested ones and
+    """The layers dear enough to keep the output of (revify.runtime.keep), outside the nested ones and
     with an output nothing changes in place: read only by layers and norms of the unit (not by
     an in-place op, nor by an op that may hand it on as it is, like an identity drop path,
     towards a branch output that the stream adds in place)."""

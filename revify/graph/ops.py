@@ -89,7 +89,7 @@ POSITION_FREE_MODULES = ACTIVATION_MODULES + (nn.Identity, nn.Dropout, nn.AlphaD
                                               torchvision.ops.StochasticDepth, DropPath)
 
 
-# What a rerun must replay the RNG state for (revify.reversible, revify.checkpoint): layers that
+# What a rerun must replay the RNG state for (revify.runtime.reversible, revify.runtime.checkpoint): layers that
 # draw random numbers, and layers known to draw none. Any other module with a forward of its
 # own (one revify does not know, a user's) is taken to draw some; so is a function from outside
 # torch, torchvision, timm, revify and Python's own modules.

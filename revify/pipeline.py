@@ -9,15 +9,15 @@ from typing import Iterable, Literal
 import torch
 from torch import nn
 
-from .blocks import find_blocks
-from .hooks import hooks_warning
-from .distill import DEFAULT_STEPS, distill
-from .memory import parse_bytes
-from .plan import Options, Plan, make_plan
-from .report import unmatched_note
-from .rewrite import apply_schedule, rewrite
-from .schedule import schedule
-from .trace import propagate_shapes, trace
+from revify.graph.blocks import find_blocks
+from revify.graph.hooks import hooks_warning
+from revify.distill import DEFAULT_STEPS, distill
+from revify.memory.measure import parse_bytes
+from revify.plan.plan import Options, Plan, make_plan
+from revify.plan.report import unmatched_note
+from revify.rewrite import apply_schedule, rewrite
+from revify.plan.schedule import schedule
+from revify.graph.trace import propagate_shapes, trace
 
 
 class NoResidualBlocks(ValueError):
@@ -67,8 +67,8 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         example input may reach, gradients in flight to already allocated `.grad` included
         (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.
         Under it, units keep their activations instead of recomputing them in the backward, or
-        rerun without revify.lean's nesting, or keep their dearest layers' outputs for the
-        rerun (revify.schedule, revify.keep; the plan says which). Pass example_inputs at your
+        rerun without revify.plan.lean's nesting, or keep their dearest layers' outputs for the
+        rerun (revify.plan.schedule, revify.runtime.keep; the plan says which). Pass example_inputs at your
         batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     calibration: unlabelled inputs of the data a trained `model` learned from (a tensor, or an
@@ -81,11 +81,11 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     distill_steps: training steps of that fit (batches of the calibration data, repeated).
 
     The layers outside reversible stages are checkpointed and the stream is rebuilt exactly
-    (see README). The baselines revify is measured against are other revify.plan.Options,
+    (see README). The baselines revify is measured against are other revify.plan.plan.Options,
     which `build` below takes (`revify bench` and `revify drift` use it).
 
     Hooks registered on `model`'s modules are not carried into the revified model (its layers
-    are rebuilt, and rerun in the backward): a warning names their modules (revify.hooks).
+    are rebuilt, and rerun in the backward): a warning names their modules (revify.graph.hooks).
     """
     options = Options(width=width, budget=None if budget is None else parse_bytes(budget))
     return build(model, example_inputs, options, input_size=input_size, leaf_modules=leaf_modules,
@@ -95,7 +95,7 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
 def build(model: nn.Module, example_inputs=None, options: Options | None = None, *,
           input_size: Iterable[int] = (3, 224, 224), leaf_modules: Iterable[type | str] = (),
           calibration=None, distill_steps: int = DEFAULT_STEPS) -> RevifiedModel:
-    """`transform` with every plan setting (revify.plan.Options): the baselines (reversible=False,
+    """`transform` with every plan setting (revify.plan.plan.Options): the baselines (reversible=False,
     segments, lean=False, non_invertible="store", schedule="recompute_all") and native
     reconstruction with anchors, for the benchmark, the drift measurement and the tests.
     Warnings point at the caller's caller (`transform`'s caller when it calls this)."""

@@ -16,15 +16,15 @@ _local = threading.local()
 
 
 class UnitMode(enum.Enum):
-    """How a unit's backward runs (revify.schedule chooses one per unit)."""
-    LEAN = "lean"       # recompute the unit, its nested layers (revify.lean) once more
+    """How a unit's backward runs (revify.plan.schedule chooses one per unit)."""
+    LEAN = "lean"       # recompute the unit, its nested layers (revify.plan.lean) once more
     PLAIN = "plain"     # recompute the unit, its nested layers storing inside the rerun
     STORED = "stored"   # plain autograd: recompute nothing
 
 
 @dataclass(frozen=True)
 class UnitSchedule:
-    """How one unit runs: its mode, and the kept layers (revify.keep, by layer name) whose
+    """How one unit runs: its mode, and the kept layers (revify.runtime.keep, by layer name) whose
     outputs its forward keeps for the rerun (none: it keeps nothing). A unit reads it at
     every forward; `revify.rewrite.set_mode` sets it, once, from the schedule."""
     mode: UnitMode = UnitMode.LEAN

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from .ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_getitem, is_reduction,
+from revify.graph.ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_getitem, is_reduction,
                   is_reshape, is_shape_read, op_name, permute_dims, shape_read_dims, spatial_dims)
-from .resize import holds_state, resizer_for
+from revify.plan.resize import holds_state, resizer_for
 
 
 def inner_key(node: str) -> str:

@@ -13,9 +13,9 @@ Why not torch.utils.checkpoint itself: it checks every rerun tensor against the 
 supports early stopping and several graph tasks at once, which cost about ten Python calls and
 a `detach` per saved tensor; a unit runs the same ops on the same inputs, so two calls and no op
 do. What is added: the rerun leaves running statistics as the forward updated them
-(`frozen_buffers`), takes kept layers' outputs from the forward's tape (revify.keep), and the
-forward computes nothing only saved (revify.modes.discarding). A checkpoint nested in a unit
-(revify.lean) saves its inputs under the unit's hooks, so the unit's forward keeps them no
+(`frozen_buffers`), takes kept layers' outputs from the forward's tape (revify.runtime.keep), and the
+forward computes nothing only saved (revify.runtime.modes.discarding). A checkpoint nested in a unit
+(revify.plan.lean) saves its inputs under the unit's hooks, so the unit's forward keeps them no
 more than the rest. Under torch.compile torch's checkpoint is used: the compiled backward graph
 holds the rerun.
 """
@@ -26,22 +26,22 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils.checkpoint import checkpoint
 
-from .keep import Tape, recording, replaying
-from .ops import draws_random
-from .modes import (UnitMode, UnitSchedule, capture_autocast, capture_rng, discarding,
+from revify.runtime.keep import Tape, recording, replaying
+from revify.graph.ops import draws_random
+from revify.runtime.modes import (UnitMode, UnitSchedule, capture_autocast, capture_rng, discarding,
                     plain_autograd_enabled, frozen_buffers, replay_autocast, replay_rng)
 
 
 class Checkpointed(nn.Module):
     """Runs `module` storing only its inputs; the backward recomputes it once.
 
-    `owned=False` (a layer checkpointed inside a unit, revify.lean) leaves `module`'s layers
+    `owned=False` (a layer checkpointed inside a unit, revify.plan.lean) leaves `module`'s layers
     registered where the unit has them, so parameter names do not depend on what is nested.
-    `schedule` (revify.schedule's choice, set by revify.rewrite.set_mode) says how it runs:
+    `schedule` (revify.plan.schedule's choice, set by revify.rewrite.set_mode) says how it runs:
     STORED (the unit's activations fit under the step's peak) with plain autograd, nothing
-    recomputed; its `kept` layers' outputs kept by the forward for the rerun (revify.keep).
+    recomputed; its `kept` layers' outputs kept by the forward for the rerun (revify.runtime.keep).
     """
-    only_calls_children = True  # draws no random numbers of its own (revify.ops.draws_random)
+    only_calls_children = True  # draws no random numbers of its own (revify.graph.ops.draws_random)
 
     def __init__(self, module: nn.Module, owned: bool = True):
         super().__init__()

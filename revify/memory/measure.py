@@ -9,7 +9,7 @@ Compiled code allocates its buffers below the dispatcher, out of the mode's sigh
 `measure_step_profiled` reads the CPU allocator's own records instead (the profiler's memory
 events), just as exact, and agrees with the tracker on eager models.
 
-Steps projected on fake tensors, without running anything for real, are revify.projection's.
+Steps projected on fake tensors, without running anything for real, are revify.memory.projection's.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
-from .ops import is_activation, is_add
+from revify.graph.ops import is_activation, is_add
 
 # A branch deeper than this many nodes is not treated as one block (keeps the search linear).
 MAX_BLOCK_NODES = 400

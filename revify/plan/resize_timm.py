@@ -11,8 +11,8 @@ import copy
 
 from torch import nn
 
-from .resize import (copy_unchanged, layer_norm_channels, rebuild, register_resizer,
-                     resize_layer_norm, shallow_copy)
+from revify.plan.resize import (copy_unchanged, layer_norm_channels, rebuild, register_resizer,
+                                resize_layer_norm, shallow_copy)
 
 try:
     import timm.layers as L
