@@ -12,6 +12,45 @@ from torch import nn
 import revify
 
 
+_BUILT: dict = {}
+
+
+def built_once(key, build):
+    """`build()` run once per session per `key`; every call returns a deep copy of what it
+    built, and leaves the global RNG as `build()` left it, so what a test draws next is what it
+    drew when it built its own.
+
+    Transforming a model (its schedule projects every unit on fake tensors) costs seconds even
+    for a small net; tests that start from the same transformed model share one build this way
+    and still get a model of their own to train, hook or change.
+    """
+    if key not in _BUILT:
+        built = build()
+        _BUILT[key] = (copy.deepcopy(built), torch.get_rng_state())
+        return built
+    built, rng = _BUILT[key]
+    torch.set_rng_state(rng)
+    return copy.deepcopy(built)
+
+
+def revified_torchvision(name: str, x: torch.Tensor | tuple = (3, 64, 64), **options):
+    """(model, rev): torchvision `name` with 10 classes, built after torch.manual_seed(0), and
+    its transform at `x` (an example input or an input size) with `options`;
+    built once per session (`built_once`)."""
+    import torchvision
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+
+    def build():
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, num_classes=10)
+        spec = torch.empty(shape) if isinstance(x, torch.Tensor) else {"input_size": shape}
+        rev = (revify.transform(model, spec, **options) if isinstance(x, torch.Tensor)
+               else revify.transform(model, **spec, **options))
+        return model, rev
+    return built_once(("torchvision", name, shape, isinstance(x, torch.Tensor),
+                       tuple(sorted(options.items()))), build)
+
+
 def step_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, exact: bool = False,
                seed: int = 0) -> dict[str, torch.Tensor]:
     """Gradients of every parameter and of the input after one cross-entropy step.

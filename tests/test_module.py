@@ -10,17 +10,16 @@ import torchvision
 import revify
 import revify.checkpoint
 import revify.reversible
-from conftest import TinyResNet, step_grads, worst_rel_err
+from conftest import TinyResNet, revified_torchvision, step_grads, worst_rel_err
 
 
 @pytest.fixture
 def model_and_rev():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    return model, revify.transform(model, input_size=(3, 32, 32))
+    """A ResNet-18 and its transform, each test its own copy (transformed once: conftest)."""
+    return revified_torchvision("resnet18", (3, 32, 32))
 
 
-def test_original_model_is_left_untouched(model_and_rev):
+def test_original_model_is_left_untouched():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).train()
     before = copy.deepcopy(model.state_dict())
