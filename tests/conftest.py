@@ -51,6 +51,21 @@ def revified_torchvision(name: str, x: torch.Tensor | tuple = (3, 64, 64), **opt
                        tuple(sorted(options.items()))), build)
 
 
+def resnet_step(block, layers, **options):
+    """(model, x, y, rev): torchvision's ResNet of `block`s (10 classes, training mode), a batch
+    of 4 at 64x64 and its labels, drawn in that order after torch.manual_seed(0), and the
+    model's transform at that size with `options`; built once per session (`built_once`)."""
+    from torchvision.models.resnet import ResNet
+
+    def build():
+        torch.manual_seed(0)
+        model = ResNet(block, layers, num_classes=10).train()
+        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+        return model, x, y, revify.transform(model, input_size=(3, 64, 64), **options).train()
+    return built_once(("ResNet", block.__name__, tuple(layers), tuple(sorted(options.items()))),
+                      build)
+
+
 def step_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, exact: bool = False,
                seed: int = 0) -> dict[str, torch.Tensor]:
     """Gradients of every parameter and of the input after one cross-entropy step.

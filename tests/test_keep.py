@@ -6,7 +6,6 @@ exact_backward) and by counting the layer's calls and the step's live memory.
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -14,7 +13,7 @@ import revify
 from revify.keep import Kept, Tape, recording, replaying
 from revify.memory import LiveTensorTracker
 from revify.rewrite import unit_nodes
-from conftest import assert_rerun_is_plain
+from conftest import assert_rerun_is_plain, revified_torchvision
 
 X = torch.empty(4, 3, 64, 64)
 
@@ -77,9 +76,10 @@ def test_without_a_tape_a_kept_layer_just_runs():
 
 @pytest.fixture(scope="module")
 def resnet50():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10).train()
-    return model, revify.transform(model, X).train(), revify.transform(model, X, store="none").train()
+    # transformed once per session (conftest; test_schedule.py uses the same two)
+    model, rev = revified_torchvision("resnet50", X)
+    _, every = revified_torchvision("resnet50", X, store="none")
+    return model.train(), rev.train(), every.train()
 
 
 def _step(model, x, y):

@@ -10,7 +10,7 @@ import torchvision
 import revify
 import revify.checkpoint
 import revify.reversible
-from conftest import TinyResNet, revified_torchvision, step_grads, worst_rel_err
+from conftest import revified_torchvision, step_grads, worst_rel_err
 
 
 @pytest.fixture
@@ -175,11 +175,3 @@ def test_optimizer_step_trains(model_and_rev):
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_in_place_change_of_a_stage_output_is_caught():
-    torch.manual_seed(0)
-    rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16), checkpoint="none").train()
-    stage = next(m for m in rev.modules() if isinstance(m, revify.ReversibleStage))
-    out = stage(torch.randn(2, 8, 16, 16, requires_grad=True))
-    out.mul_(2)
-    with pytest.raises(RuntimeError, match="modified in place"):
-        out.sum().backward()
