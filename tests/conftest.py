@@ -10,6 +10,62 @@ import torch.nn.functional as F
 from torch import nn
 
 import revify
+from revify.pipeline import build_with
+
+
+_BUILT: dict = {}
+
+
+def built_once(key, build):
+    """`build()` run once per session per `key`; every call returns a deep copy of what it
+    built, and leaves the global RNG as `build()` left it, so what a test draws next is what it
+    drew when it built its own.
+
+    Transforming a model (its schedule projects every unit on fake tensors) costs seconds even
+    for a small net; tests that start from the same transformed model share one build this way
+    and still get a model of their own to train, hook or change.
+    """
+    if key not in _BUILT:
+        built = build()
+        _BUILT[key] = (copy.deepcopy(built), torch.get_rng_state())
+        return built
+    built, rng = _BUILT[key]
+    torch.set_rng_state(rng)
+    return copy.deepcopy(built)
+
+
+def revified_torchvision(name: str, x: torch.Tensor | tuple = (3, 64, 64), **options):
+    """(model, rev): torchvision `name` with 10 classes, built after torch.manual_seed(0), and
+    its transform at `x` (an example input or an input size) with `options` (revify.plan.plan.Options
+    fields);
+    built once per session (`built_once`)."""
+    import torchvision
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
+
+    def build():
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, num_classes=10)
+        spec = torch.empty(shape) if isinstance(x, torch.Tensor) else {"input_size": shape}
+        rev = (build_with(model, spec, options) if isinstance(x, torch.Tensor)
+               else build_with(model, None, options, **spec))
+        return model, rev
+    return built_once(("torchvision", name, shape, isinstance(x, torch.Tensor),
+                       tuple(sorted(options.items()))), build)
+
+
+def resnet_step(block, layers, **options):
+    """(model, x, y, rev): torchvision's ResNet of `block`s (10 classes, training mode), a batch
+    of 4 at 64x64 and its labels, drawn in that order after torch.manual_seed(0), and the
+    model's transform at that size with `options`; built once per session (`built_once`)."""
+    from torchvision.models.resnet import ResNet
+
+    def build():
+        torch.manual_seed(0)
+        model = ResNet(block, layers, num_classes=10).train()
+        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+        return model, x, y, build_with(model, None, options, input_size=(3, 64, 64)).train()
+    return built_once(("ResNet", block.__name__, tuple(layers), tuple(sorted(options.items()))),
+                      build)
 
 
 def step_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, exact: bool = False,

@@ -12,7 +12,6 @@ from torch.utils.flop_counter import FlopCounterMode
 import revify
 from revify.memory.analyze import STRATEGIES, measure, parse_bytes, plot
 from revify.cli import main
-from revify.runtime.checkpoint import Checkpointed
 from revify.runtime.reversible import ReversibleStage
 from conftest import TinyResNet
 

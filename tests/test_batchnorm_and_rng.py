@@ -96,7 +96,7 @@ def test_only_units_that_draw_random_numbers_capture_the_rng_state(monkeypatch):
     """Capturing the RNG state copies the generator's state for every branch and unit each step:
     those known to draw nothing (convolutions, norms, ReLUs) skip it; a branch with a dropout
     captures it, as does the stage that may rerun its forward (revify.graph.ops.draws_random)."""
-    from revify import checkpoint, modes, reversible
+    from revify.runtime import checkpoint, modes, reversible
     captured = []
 
     def capture(device):

@@ -71,34 +71,43 @@ def distilled(trained):
                             distill_steps=150)
 
 
-def test_trained_model_keeps_its_accuracy_where_slices_lose_it(trained, distilled):
+@pytest.fixture(scope="module")
+def sliced(trained):
+    """The trained model converted without calibration (its stages start from slices), once for
+    the three tests that compare against it (none of them changes its weights), and the trained
+    model's state just before that conversion."""
+    before = copy.deepcopy(trained[0].state_dict())
+    torch.manual_seed(0)
+    return revify.transform(trained[0], input_size=(3, SIZE, SIZE)), before
+
+
+def test_trained_model_keeps_its_accuracy_where_slices_lose_it(trained, distilled, sliced):
     model, test, _ = trained
     original = accuracy(model, test)
     assert original >= 90, "the task did not train: the comparison below would say nothing"
-    sliced = revify.transform(model, input_size=(3, SIZE, SIZE))
-    assert accuracy(sliced, test) < original - 20  # what the fit has to recover
+    assert accuracy(sliced[0], test) < original - 20  # what the fit has to recover
     assert accuracy(distilled, test) >= original - 5
 
 
-def test_distilled_outputs_are_close_to_the_original(trained, distilled):
+def test_distilled_outputs_are_close_to_the_original(trained, distilled, sliced):
     model, (x, _), _ = trained
-    sliced = revify.transform(model, input_size=(3, SIZE, SIZE)).eval()
     with torch.no_grad():
         want = model(x)
         err = lambda rev: ((rev.eval()(x) - want).norm() / want.norm()).item()
-        assert err(distilled) < 0.35 and err(distilled) < err(sliced) / 3
+        assert err(distilled) < 0.35 and err(distilled) < err(sliced[0]) / 3
     report = distilled.revify_plan.distillation
     assert report.steps == 150 and report.samples == 150 * 64
     assert all(report.error_after[s] < report.error_before[s] for s in report.error_before)
     assert "fitted to the trained stages on 9,600 calibration inputs" in str(distilled.revify_plan)
 
 
-def test_only_the_reversible_stages_change_and_the_original_is_untouched(trained, distilled):
+def test_only_the_reversible_stages_change_and_the_original_is_untouched(trained, distilled,
+                                                                        sliced):
     model, _, _ = trained
-    before = copy.deepcopy(model.state_dict())
+    sliced, before = sliced  # the model's state before the conversion the fixture made
     stages = tuple(name + "." for name, m in distilled.named_modules()
                    if isinstance(m, revify.runtime.reversible.ReversibleStage))
-    fitted, sliced = distilled.state_dict(), revify.transform(model, input_size=(3, SIZE, SIZE)).state_dict()
+    fitted, sliced = distilled.state_dict(), sliced.state_dict()
     outside = [k for k in fitted if not k.startswith(stages)]
     inside = [k for k in fitted if k.startswith(stages) and fitted[k].is_floating_point()]
     assert outside and all(torch.equal(fitted[k], sliced[k]) for k in outside)
@@ -173,18 +182,21 @@ def _cli(capsys, *args):
 
 
 def test_convert_with_calibration_fits_the_stages_and_says_so(capsys, tmp_path):
-    import torchvision
+    # The command's calibration path on the suite's small net (as the next test does): what
+    # is checked is the wiring (weights, calibration file, steps, report, saved file), which
+    # does not depend on the model; a ResNet-18 here cost 45 s (analyze included), on one thread.
     torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "w.pt")
+    torch.save(TinyResNet(num_classes=10).state_dict(), tmp_path / "w.pt")
     torch.save((torch.randn(8, 3, 32, 32), torch.zeros(8)), tmp_path / "calibration.pt")
-    code, out, err = _cli(capsys, "convert", "resnet18", "--num-classes", 10, "--weights",
+    code, out, err = _cli(capsys, "convert", "conftest:TinyResNet", "--num-classes", 10, "--weights",
                           tmp_path / "w.pt", "--calibration", tmp_path / "calibration.pt",
                           "--distill-steps", 2, "--input-size", 3, 32, 32, "--batch-size", 2,
                           "--out", tmp_path / "m.pt")
     assert code == 0, err
     assert "weights: fitted to the trained stages on 16 calibration inputs (2 steps" in out
     assert "were fitted to the trained stages" in out and "On 8 calibration inputs" in out
-    assert revify.load(tmp_path / "m.pt").revify_plan.distillation is None  # weights carry it
+    loaded = revify.load(tmp_path / "m.pt", model=TinyResNet(num_classes=10))
+    assert loaded.revify_plan.distillation is None  # the weights carry it
 
 
 @pytest.mark.parametrize("args,code,message", [

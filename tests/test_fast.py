@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import revify
-from revify import fast
+from revify.runtime import fast
 from revify.memory.counting import count_step
 
 

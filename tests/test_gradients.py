@@ -76,31 +76,6 @@ def test_full_jacobian_matches_float64_finite_differences():
     torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=1e-7)
 
 
-def test_second_backward_through_a_stage_is_a_clear_error():
-    rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16)).train()
-    out = rev(torch.randn(2, 3, 16, 16)).sum()
-    out.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match=r"backward ran twice.*revify.plain_autograd\(\)"):
-        out.backward()
-
-
-def test_double_backward_names_plain_autograd_and_works_under_it():
-    """A gradient penalty differentiates the backward itself: the reversible backward cannot
-    be (it rebuilds activations outside autograd), so it says so and names the way; under
-    plain_autograd() the same model gives the penalty's gradients."""
-    torch.manual_seed(0)
-    rev = revify.transform(TinyResNet(depth=2), input_size=(3, 16, 16)).train()
-    x = torch.randn(2, 3, 16, 16, requires_grad=True)
-    with pytest.raises(RuntimeError, match=r"create_graph=True.*revify.plain_autograd\(\)"):
-        torch.autograd.grad(rev(x).sum(), x, create_graph=True)
-    with revify.plain_autograd():
-        grad, = torch.autograd.grad(rev(x).sum(), x, create_graph=True)
-        grad.square().sum().backward()
-    # the penalty reaches the weights of every convolution (biases of the head need not)
-    convs = [m.weight for m in rev.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert convs and all(w.grad is not None and w.grad.abs().sum() > 0 for w in convs)
-
-
 def test_frozen_parameters_and_input_without_grad():
     torch.manual_seed(0)
     rev = revify.transform(TinyResNet(depth=3), input_size=(3, 16, 16)).train()

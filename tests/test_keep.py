@@ -6,7 +6,6 @@ plain_autograd) and by counting the layer's calls and the step's live memory.
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -16,7 +15,7 @@ from revify.memory.measure import LiveTensorTracker
 from revify.plan.plan import Options
 from revify.pipeline import build
 from revify.rewrite import unit_nodes
-from conftest import assert_rerun_is_plain
+from conftest import assert_rerun_is_plain, revified_torchvision
 
 X = torch.empty(4, 3, 64, 64)
 
@@ -79,10 +78,10 @@ def test_without_a_tape_a_kept_layer_just_runs():
 
 @pytest.fixture(scope="module")
 def resnet50():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10).train()
-    return (model, revify.transform(model, X).train(),
-            build(model, X, Options(schedule="recompute_all")).train())
+    # transformed once per session (conftest; test_schedule.py uses the same two)
+    model, rev = revified_torchvision("resnet50", X)
+    _, every = revified_torchvision("resnet50", X, schedule="recompute_all")
+    return model.train(), rev.train(), every.train()
 
 
 def _step(model, x, y):

@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-import revify
 from revify.bench import timm_checkpointing
 from revify.plan.lean import masked_relu
 from revify.memory.measure import measure_step

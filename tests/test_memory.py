@@ -3,17 +3,14 @@ with gradients created during the step and with gradients allocated before it.""
 import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-import revify
+from conftest import resnet_step
 from revify.memory.measure import LiveTensorTracker, measure_step
-from revify.plan.plan import Options
 from revify.pipeline import build
+from revify.plan.plan import Options
 
 
 def _peaks(block, layers, grads="fresh", **settings):
-    torch.manual_seed(0)
-    model = ResNet(block, layers, num_classes=10).train()
-    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    rev = build(model, None, Options(**settings), input_size=(3, 64, 64)).train()
+    model, x, y, rev = resnet_step(block, layers, **settings)  # transformed once: conftest
     return measure_step(model, x, y, grads=grads), measure_step(rev, x, y, grads=grads)
 
 
@@ -73,47 +70,6 @@ def test_revified_step_holds_far_less_than_the_original():
     orig, rev = _peaks(Bottleneck, [3, 4, 6, 3])  # ResNet-50
     assert rev.peak_activation_bytes < 0.40 * orig.peak_activation_bytes
     assert rev.activation_bytes < 0.25 * orig.activation_bytes
-
-
-def test_reversible_stage_keeps_no_saved_tensors():
-    """The stage's autograd node saves nothing through autograd: it rebuilds from its output."""
-    torch.manual_seed(0)
-    rev = revify.transform(ResNet(BasicBlock, [3, 1, 1, 1], num_classes=10), input_size=(3, 32, 32))
-    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
-    seen = []
-    stage.register_forward_hook(lambda mod, inp, out: seen.append(out))
-    packed = []
-
-    def pack(t):
-        packed.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = stage(torch.randn(2, 64, 8, 8, requires_grad=True))
-    assert packed == []  # nothing saved: not even the input or any branch activation
-    out.sum().backward()
-    assert seen
-
-
-def test_exact_reconstruction_costs_no_memory_over_native():
-    """The stream on a float32 grid is rebuilt to the bit with nothing stored beside the stage
-    output (no wider dtype, no remainder): exact holds what native holds after the forward,
-    peaks within a few small per-channel tensors of it, and only native drifts."""
-    from conftest import step_grads, worst_rel_err
-    torch.manual_seed(0)
-    model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=10).train()
-    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    exact = revify.transform(model, input_size=(3, 64, 64)).train()
-    native = build(model, None, Options(reconstruction="native"), input_size=(3, 64, 64)).train()
-    assert "native reconstruction" in str(native.revify_plan)
-    native_step, exact_step = measure_step(native, x, y), measure_step(exact, x, y)
-    grid_bytes = 4 * 4 * sum(s.headroom.numel() for s in exact.modules()
-                             if isinstance(s, revify.runtime.reversible.ReversibleStage))  # steps and limits
-    assert exact_step.activation_bytes <= native_step.activation_bytes + grid_bytes
-    assert exact_step.peak_activation_bytes <= native_step.peak_activation_bytes + 2 * grid_bytes
-    assert worst_rel_err(step_grads(exact, x, y), step_grads(exact, x, y, exact=True))[0] == 0.0
-    err, _ = worst_rel_err(step_grads(native, x, y), step_grads(native, x, y, exact=True))
-    assert 0 < err < 1e-3  # float32 reconstruction drifts, a little, with depth
 
 
 def test_sqrt_segments_checkpoint_groups_of_blocks_like_checkpoint_sequential():

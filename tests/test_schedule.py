@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import torchvision
 
 import revify
+from conftest import revified_torchvision
 from revify.runtime.checkpoint import Checkpointed
 from revify.runtime.keep import Kept
 from revify.memory.measure import measure_step
@@ -52,11 +53,9 @@ def resnet18():
     return torchvision.models.resnet18(num_classes=10).train()
 
 
-@pytest.mark.parametrize("make", [lambda: torchvision.models.resnet18(num_classes=10),
-                                  lambda: torchvision.models.resnet50(num_classes=10)],
-                         ids=["resnet18", "resnet50"])
-def test_the_pricing_of_a_choice_is_its_projected_peak(make):
-    rev = build(make(), X, Options(schedule="recompute_all"))
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_the_pricing_of_a_choice_is_its_projected_peak(name):
+    _, rev = revified_torchvision(name, X, schedule="recompute_all")  # transformed once: conftest
     nodes = [node for _, node in unit_nodes(rev.net, rev.revify_plan)]
     project = projector(rev.net, nodes, (X,))
 
@@ -94,11 +93,10 @@ def test_stored_units_keep_the_peak_and_skip_their_recompute(resnet18):
 def test_plain_reruns_drop_the_nesting_within_the_budget():
     """ResNet-50's first stage nests its 1x1 convs (revify.plan.lean) for nothing: its rerun fits
     under the peak of the first downsampling block's, so the schedule runs it plainly."""
-    torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10).train()
+    _, lean = revified_torchvision("resnet50", X, schedule="recompute_all")  # transformed once: conftest
+    _, rev = revified_torchvision("resnet50", X)
+    lean, rev = lean.train(), rev.train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    lean = build(model, X, Options(schedule="recompute_all")).train()
-    rev = revify.transform(model, X).train()
     schedule = rev.revify_plan.schedule
     assert schedule.plain and schedule.peak_recompute <= schedule.peak <= schedule.budget
     assert _peak(rev, x, y) <= schedule.budget
@@ -120,7 +118,7 @@ def test_plain_reruns_drop_the_nesting_within_the_budget():
 def test_scheduled_gradients_equal_plain_autograd(resnet18):
     torch.manual_seed(1)
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    least = revify.transform(resnet18, X).revify_plan.schedule.peak_recompute
+    least = revified_torchvision("resnet18", X)[1].revify_plan.schedule.peak_recompute
     rev = revify.transform(resnet18, X, budget=least + 2 * 2**20).train()
     assert rev.revify_plan.schedule.stored  # stored and recomputing units side by side
     state = {k: v.clone() for k, v in rev.state_dict().items()}
@@ -134,7 +132,7 @@ def test_scheduled_gradients_equal_plain_autograd(resnet18):
 
 def test_a_larger_budget_stores_more_and_holds(resnet18):
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    least = revify.transform(resnet18, X).revify_plan.schedule
+    least = revified_torchvision("resnet18", X)[1].revify_plan.schedule
     budget = least.peak + 2 * 2**20
     rev = revify.transform(resnet18, X, budget=budget).train()
     assert len(rev.revify_plan.schedule.stored) > len(least.stored)
@@ -154,7 +152,8 @@ def test_impossible_budgets_are_refused(resnet18):
 def test_baselines_store_nothing(resnet18):
     for options in (Options(reversible=False), Options(non_invertible="store"),
                     Options(schedule="recompute_all")):
-        plan = build(resnet18, X, options).revify_plan
+        rev = build(resnet18, X, options)
+        plan = rev.revify_plan
         assert plan.schedule is None and all(s.action != "stored" or not s.outlined
                                              for s in plan.segments)
         assert all(m.schedule == UnitSchedule() for m in rev.modules()
@@ -164,7 +163,7 @@ def test_baselines_store_nothing(resnet18):
 def test_the_pricing_of_single_kept_layers_bounds_their_projected_peak():
     """A unit may keep some of its kept layers: priced as bytes held from its forward to its
     backward on top of its mode, which must never be below what the projection finds."""
-    rev = revify.transform(torchvision.models.resnet50(num_classes=10), X)  # every layer wrapped
+    _, rev = revified_torchvision("resnet50", X)  # every layer wrapped; transformed once: conftest
     nodes = [node for _, node in unit_nodes(rev.net, rev.revify_plan)]
     project = projector(rev.net, nodes, (X,))
     n = len(nodes)
@@ -191,7 +190,7 @@ def test_the_pricing_of_single_kept_layers_bounds_their_projected_peak():
 def test_single_kept_layers_fill_the_budget_and_hold_it():
     """What the units' modes leave of the budget goes to single kept layers; the budget holds
     in the projection of the choice."""
-    rev = revify.transform(torchvision.models.resnet50(num_classes=10), X)
+    _, rev = revified_torchvision("resnet50", X)  # transformed once: conftest
     schedule = rev.revify_plan.schedule
     named = {name: unit.kept for name, unit in schedule.units.items()}
     planned = {s.name: {m.layer_name for m in rev.net.get_submodule(node.target).modules()

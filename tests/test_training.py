@@ -1,5 +1,6 @@
-"""Everyday training with a revified model: mixed precision and drift, anchors, gradient
-accumulation, frozen layers, channels_last, resuming from a checkpoint, torch.compile.
+"""Everyday training with a revified model: mixed precision, the anchor option, gradient
+accumulation, frozen layers, channels_last, resuming from a checkpoint, torch.compile (drift and
+anchors at work: test_reversible.py).
 
 References are independent of the reversible backward: plain autograd on the same model
 (`plain_autograd`), or a second run of the same procedure.
@@ -9,55 +10,23 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyResNet, step_grads, worst_rel_err
-from torch import nn
+from conftest import TinyResNet, built_once, revified_torchvision, step_grads, worst_rel_err
 
 import revify
-from revify.drift import measure_drift, stage_model
 from revify.memory.measure import measure_step
-from revify.plan.plan import Options
-from revify.pipeline import build
+from revify.pipeline import build_with
 
 
 def _revified(depth=2, **settings):
-    torch.manual_seed(0)
-    model = TinyResNet(depth=depth)
-    return model, build(model, None, Options(**settings), input_size=(3, 16, 16))
+    def build():
+        torch.manual_seed(0)
+        model = TinyResNet(depth=depth)
+        return model, build_with(model, None, settings, input_size=(3, 16, 16))
+    # transformed once per (depth, settings); each test gets its own copy (conftest.built_once)
+    return built_once(("TinyResNet", depth, repr(sorted(settings.items()))), build)
 
 
-# ----------------------------------------------------------------------------- precision, drift
-def test_exact_reconstruction_stays_exact_at_54_blocks_under_bf16_autocast():
-    (exact, native), = [measure_drift(depths=(54,), modes=(("exact", None), ("native", None)),
-                                      autocast="bf16", batch=2, size=8, channels=8)]
-    assert exact.reconstruction_error == 0.0 and exact.gradient_error <= 1e-5
-    assert native.reconstruction_error > 1e-4  # what exact buys: native drifts in bf16
-
-
-def test_anchors_bound_native_drift_and_cost_one_activation_each():
-    torch.manual_seed(0)
-    model, x = stage_model(12, channels=8), torch.randn(2, 3, 8, 8)
-    rows = {k: measure_drift(depths=(12,), modes=(("native", k),), autocast="none", batch=2,
-                             size=8, channels=8)[0] for k in (None, 1)}
-    assert rows[1].reconstruction_error < rows[None].reconstruction_error
-    assert rows[1].gradient_error < rows[None].gradient_error / 5  # measured: 23x smaller
-    # memory: after the forward, each anchor holds one copy of the stream (here in float32)
-    held = {}
-    for k in (None, 4):
-        rev = build(model, None, Options(reconstruction="native", anchor_every=k), input_size=(3, 8, 8))
-        held[k] = measure_step(rev.train(), x, torch.tensor([0, 1])).activation_bytes
-    anchors = (12 - 1) // 4
-    assert held[4] - held[None] == anchors * x.shape[0] * 8 * 8 * 8 * 4
-
-
-def test_anchors_in_exact_mode_change_nothing():
-    _, plain = _revified(depth=4)
-    _, anchored = _revified(depth=4, anchor_every=2)
-    anchored.load_state_dict(plain.state_dict())
-    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
-    got, want = step_grads(anchored, x, y), step_grads(plain, x, y)
-    assert all(torch.equal(got[k], want[k]) for k in want)
-
-
+# --------------------------------------------------------------------------- precision, options
 def test_anchor_every_names_stages_and_rejects_nonsense():
     _, rev = _revified(depth=3, anchor_every={"stage1.0..stage1.2": 2})
     assert [s.anchor_every for s in rev.revify_plan.stages] == [2, None]
@@ -187,10 +156,8 @@ def test_torch_compile_matches_eager_breaks_once_per_stage_and_keeps_the_saving(
 def test_an_empty_batch_trains_as_the_original_does():
     """A batch of 0 (the last shard of a small data set, say): an empty output, zero gradients,
     norms' running statistics as the original leaves them; the next batch trains as before."""
-    import torchvision
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).train()
-    rev = revify.transform(copy.deepcopy(model), input_size=(3, 32, 32)).train()
+    model, rev = revified_torchvision("resnet18", (3, 32, 32))  # transformed once: conftest
+    model, rev = model.train(), rev.train()
     empty, none = torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)
     stats = {}
     for name, net in (("original", model), ("revify", rev)):
