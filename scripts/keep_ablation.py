@@ -4,13 +4,14 @@ the original, every configuration in one process with the steps interleaved in s
 
     python scripts/keep_ablation.py [--model resnet50] [--batch-size 16] [--size 112] [--steps 9]
 """
+import dataclasses
 import time
 
 import torch.nn.functional as F
 from interleaved import arguments, medians, model_and_batch
 
 import revify
-from revify.rewrite import unit_nodes
+from revify.rewrite import set_mode, unit_nodes
 
 
 def main() -> None:
@@ -20,7 +21,8 @@ def main() -> None:
     rev = revify.transform(build().train(), x)
     units = {seg.name: rev.net.get_submodule(node.target)
              for seg, node in unit_nodes(rev.net, rev.revify_plan)}
-    keeping = [name for name, unit in units.items() if unit.keep]
+    chosen = {name: unit.schedule for name, unit in units.items()}
+    keeping = [name for name, schedule in chosen.items() if schedule.kept]
 
     def step(net):
         net.zero_grad(set_to_none=True)
@@ -31,7 +33,8 @@ def main() -> None:
     def without(off):
         def run():
             for name in keeping:
-                units[name].keep = name not in off
+                kept = frozenset() if name in off else chosen[name].kept
+                set_mode(units[name], dataclasses.replace(chosen[name], kept=kept))
             return step(rev)
         return run
 

@@ -56,16 +56,14 @@ def test_convert_prints_plan_weights_and_memory_and_writes_a_loadable_file(conve
 def test_convert_transforms_once_and_analyzes_the_model_it_converted(capsys, tmp_path,
                                                                     monkeypatch):
     import importlib
-    transform_module = importlib.import_module("revify.transform")  # revify.transform: the function
-    analyze_module = importlib.import_module("revify.analyze")
-    real, calls = transform_module.transform, []
+    pipeline = importlib.import_module("revify.pipeline")
+    real, calls = pipeline.build, []
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("reversible", True))
-        return real(*args, **kwargs)
-    # convert imports transform when it runs; analyze builds its baseline with its own import
-    monkeypatch.setattr(transform_module, "transform", counted)
-    monkeypatch.setattr(analyze_module, "transform", counted)
+    def counted(model, example_inputs=None, options=None, **kwargs):
+        calls.append(options.reversible)
+        return real(model, example_inputs, options, **kwargs)
+    # transform and build_with (analyze's baseline, bench's rows) both build through it
+    monkeypatch.setattr(pipeline, "build", counted)
     code, out, err = run(capsys, "convert", "resnet18", *SMALL, "--out", tmp_path / "model.pt")
     assert code == 0, err
     assert "projected memory of one training step" in out

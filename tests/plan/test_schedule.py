@@ -205,7 +205,7 @@ def test_single_kept_layers_fill_the_budget_and_hold_it():
 def test_the_units_run_as_the_schedule_says_and_the_plan_is_not_edited(monkeypatch):
     """The schedule goes beside the plan: every unit runs as its entry says (what the report
     prints is what runs), and the plan's own part reads as make_plan made it."""
-    pipeline = sys.modules["revify.transform"]  # the module: `revify.transform` is the function
+    pipeline = sys.modules["revify.pipeline"]
     made, make_plan = {}, pipeline.make_plan
 
     def noting_make_plan(*args):

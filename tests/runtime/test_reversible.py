@@ -105,6 +105,8 @@ def test_a_grid_outgrown_in_steady_state_costs_no_sync_is_said_and_widened(data)
     assert worst_rel_err(got, step_grads(rev, x, y, exact=True))[0] == 0.0
 
 
+@pytest.mark.parametrize("shape, dim", [((3, 5, 4, 6), 1), ((3, 5, 4, 6), 3), ((4, 7, 5), 2),
+                                        ((2, 3, 7, 4), 0), ((6, 9), 1)])
 def test_per_channel_reductions_in_two_steps_equal_one(shape, dim):
     """The grid's overflow check reduces the batch first, then the rest: the same values as one
     reduction over every dim but the channel's, in every layout."""
