@@ -53,6 +53,16 @@ def revified_torchvision(name: str, x: torch.Tensor | tuple = (3, 64, 64), **opt
                        tuple(sorted(options.items()))), build)
 
 
+def revified_tiny(depth=2, **settings):
+    """(model, rev): a TinyResNet of `depth` blocks (seed 0) and its transform at 3x16x16 with
+    `settings` (revify.plan.plan.Options fields); built once per session (`built_once`)."""
+    def build():
+        torch.manual_seed(0)
+        model = TinyResNet(depth=depth)
+        return model, build_with(model, None, settings, input_size=(3, 16, 16))
+    return built_once(("TinyResNet", depth, repr(sorted(settings.items()))), build)
+
+
 def resnet_step(block, layers, **options):
     """(model, x, y, rev): torchvision's ResNet of `block`s (10 classes, training mode), a batch
     of 4 at 64x64 and its labels, drawn in that order after torch.manual_seed(0), and the

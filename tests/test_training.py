@@ -10,37 +10,27 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyResNet, built_once, revified_torchvision, step_grads, worst_rel_err
+from conftest import revified_tiny, revified_torchvision, step_grads, worst_rel_err
 
 import revify
 from revify.memory.measure import measure_step
-from revify.pipeline import build_with
-
-
-def _revified(depth=2, **settings):
-    def build():
-        torch.manual_seed(0)
-        model = TinyResNet(depth=depth)
-        return model, build_with(model, None, settings, input_size=(3, 16, 16))
-    # transformed once per (depth, settings); each test gets its own copy (conftest.built_once)
-    return built_once(("TinyResNet", depth, repr(sorted(settings.items()))), build)
 
 
 # --------------------------------------------------------------------------- precision, options
 def test_anchor_every_names_stages_and_rejects_nonsense():
-    _, rev = _revified(depth=3, anchor_every={"stage1.0..stage1.2": 2})
+    _, rev = revified_tiny(depth=3, anchor_every={"stage1.0..stage1.2": 2})
     assert [s.anchor_every for s in rev.revify_plan.stages] == [2, None]
     with pytest.raises(ValueError, match="names no reversible stage: nope"):
-        _revified(anchor_every={"nope": 2})
+        revified_tiny(anchor_every={"nope": 2})
     with pytest.raises(ValueError, match="positive whole number"):
-        _revified(anchor_every=0)
+        revified_tiny(anchor_every=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_gradients_match_autograd_under_the_same_autocast(dtype):
     """bf16, and fp16 with a GradScaler (CPU autocast runs fp16 too; the GPU run of
     scripts/gpu_checks.py does the same on CUDA)."""
-    _, rev = _revified()
+    _, rev = revified_tiny()
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
 
     def grads(exact):
@@ -60,7 +50,7 @@ def test_autocast_gradients_match_autograd_under_the_same_autocast(dtype):
 
 # ----------------------------------------------------------------------------- everyday training
 def test_gradient_accumulation_sums_micro_batches_like_autograd():
-    _, rev = _revified()
+    _, rev = revified_tiny()
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 3, 1, 2])
 
     def accumulate(exact):
@@ -81,7 +71,7 @@ def test_gradient_accumulation_sums_micro_batches_like_autograd():
 
 
 def test_frozen_layers_get_no_gradient_and_the_rest_match_autograd():
-    _, rev = _revified()
+    _, rev = revified_tiny()
     frozen = [n for n, p in rev.named_parameters() if "stem" in n or ".f." in n]
     assert any(".f." in n for n in frozen)  # half of every coupling, inside reversible stages
     for n, p in rev.named_parameters():
@@ -93,7 +83,7 @@ def test_frozen_layers_get_no_gradient_and_the_rest_match_autograd():
 
 
 def test_channels_last_trains_like_autograd():
-    _, rev = _revified()
+    _, rev = revified_tiny()
     rev = rev.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     y = torch.tensor([0, 3])
@@ -111,7 +101,7 @@ def _train(rev, opt, batches):
 def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
     torch.manual_seed(0)
     batches = [(torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))) for _ in range(4)]
-    model, rev = _revified()
+    model, rev = revified_tiny()
     opt = torch.optim.AdamW(rev.parameters(), lr=1e-2)
     _train(rev, opt, batches[:2])
     torch.save({"model": rev.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
@@ -135,7 +125,7 @@ def _unprefixed(grads: dict) -> dict:
 def test_torch_compile_matches_eager_breaks_once_per_stage_and_keeps_the_saving():
     """aot_eager runs dynamo and AOT autograd (graph capture, the checkpoint HOP, the partition)
     without code generation, which would take minutes on CPU; inductor is checked by hand (README)."""
-    model, rev = _revified(depth=3)
+    model, rev = revified_tiny(depth=3)
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
     eager = step_grads(rev, x, y)
     torch._dynamo.reset()

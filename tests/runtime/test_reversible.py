@@ -10,25 +10,15 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Block, TinyResNet, built_once, step_grads, worst_rel_err
+from conftest import Block, TinyResNet, revified_tiny, step_grads, worst_rel_err
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import revify
 from revify.drift import measure_drift, stage_model
 from revify.memory.measure import measure_step
-from revify.pipeline import build, build_with
+from revify.pipeline import build
 from revify.plan.plan import Options
-
-
-def _revified(depth=2, **settings):
-    """A TinyResNet (seed 0) and its transform at 3x16x16 with `settings` (Options fields),
-    built once per (depth, settings)."""
-    def make():
-        torch.manual_seed(0)
-        model = TinyResNet(depth=depth)
-        return model, build_with(model, None, settings, input_size=(3, 16, 16))
-    return built_once(("TinyResNet", depth, repr(sorted(settings.items()))), make)
 
 
 # -------------------------------------------------------- coupling and inverse
@@ -265,8 +255,8 @@ def test_anchors_bound_native_drift_and_cost_one_activation_each():
 
 
 def test_anchors_in_exact_mode_change_nothing():
-    _, plain = _revified(depth=4)
-    _, anchored = _revified(depth=4, anchor_every=2)
+    _, plain = revified_tiny(depth=4)
+    _, anchored = revified_tiny(depth=4, anchor_every=2)
     anchored.load_state_dict(plain.state_dict())
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
     got, want = step_grads(anchored, x, y), step_grads(plain, x, y)
