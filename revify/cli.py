@@ -237,8 +237,8 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from revify.bench import (AUTOCAST, COMPILE_BUDGETS, DEFAULT_ROWS, format_bench, format_compiles,
-                        format_counts, run_bench, strategies)
+    from revify.bench import (AUTOCAST, COMPILE_BUDGETS, DEFAULT_ROWS, format_bench,
+                              format_compiles, format_counts, run_bench, strategies)
     _positive_ints([args.batch_size, args.steps], "--batch-size and --steps")
     if args.device == "cuda":
         import torch

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from revify.graph.ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_getitem, is_reduction,
-                  is_reshape, is_shape_read, op_name, permute_dims, shape_read_dims, spatial_dims)
+                              is_reshape, is_shape_read, op_name, permute_dims, shape_read_dims,
+                              spatial_dims)
 from revify.plan.resize import holds_state, resizer_for
 
 

@@ -89,10 +89,10 @@ POSITION_FREE_MODULES = ACTIVATION_MODULES + (nn.Identity, nn.Dropout, nn.AlphaD
                                               torchvision.ops.StochasticDepth, DropPath)
 
 
-# What a rerun must replay the RNG state for (revify.runtime.reversible, revify.runtime.checkpoint): layers that
-# draw random numbers, and layers known to draw none. Any other module with a forward of its
-# own (one revify does not know, a user's) is taken to draw some; so is a function from outside
-# torch, torchvision, timm, revify and Python's own modules.
+# What a rerun must replay the RNG state for (revify.runtime.reversible and .checkpoint): layers
+# that draw random numbers, and layers known to draw none. Any other module with a forward of
+# its own (one revify does not know, a user's) is taken to draw some; so is a function from
+# outside torch, torchvision, timm, revify and Python's own modules.
 RANDOM_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
                   nn.FeatureAlphaDropout, nn.RReLU, torchvision.ops.StochasticDepth, DropPath)
 DETERMINISTIC_MODULES = tuple(m for m in ACTIVATION_MODULES if m is not nn.RReLU) + (

@@ -13,9 +13,9 @@ Why not torch.utils.checkpoint itself: it checks every rerun tensor against the 
 supports early stopping and several graph tasks at once, which cost about ten Python calls and
 a `detach` per saved tensor; a unit runs the same ops on the same inputs, so two calls and no op
 do. What is added: the rerun leaves running statistics as the forward updated them
-(`frozen_buffers`), takes kept layers' outputs from the forward's tape (revify.runtime.keep), and the
-forward computes nothing only saved (revify.runtime.modes.discarding). A checkpoint nested in a unit
-(revify.plan.lean) saves its inputs under the unit's hooks, so the unit's forward keeps them no
+(`frozen_buffers`), takes kept layers' outputs from the forward's tape (revify.runtime.keep),
+and the forward computes nothing only saved (revify.runtime.modes.discarding). A checkpoint
+nested in a unit (revify.plan.lean) saves its inputs under the unit's hooks, so the unit's forward keeps them no
 more than the rest. Under torch.compile torch's checkpoint is used: the compiled backward graph
 holds the rerun.
 """
@@ -29,7 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from revify.runtime.keep import Tape, recording, replaying
 from revify.graph.ops import draws_random
 from revify.runtime.modes import (UnitMode, UnitSchedule, capture_autocast, capture_rng, discarding,
-                    plain_autograd_enabled, frozen_buffers, replay_autocast, replay_rng)
+                                  plain_autograd_enabled, frozen_buffers, replay_autocast,
+                                  replay_rng)
 
 
 class Checkpointed(nn.Module):

@@ -27,10 +27,11 @@ Recurrent Neural Networks", NeurIPS 2018.
 The grid holds while no value reaches 2^P * step. Every add records its channels' largest
 magnitude and one reduction per stage compares them with the limits; a channel that outgrew
 its headroom gets 8 more bits and (until the grid has held once: `widen`) the stage runs its
-forward again, drawing the same random masks and leaving BatchNorm statistics as the first run updated
-them. The headroom is kept (a buffer), so a stage pays this once, not every step. A stream that
-grows beyond what the grid can hold with 8 bits of precision left (`ReversibleStage.widen`) makes the
-overflowing adds round as plain floating point would, with a warning. A forward that needs no
+forward again, drawing the same random masks and leaving BatchNorm statistics as the first run
+updated them. The headroom is kept (a buffer), so a stage pays this once, not every step. A
+stream that grows beyond what the grid can hold with 8 bits of precision left
+(`ReversibleStage.widen`) makes the overflowing adds round as plain floating point would, with a
+warning. A forward that needs no
 backward (inference) checks nothing.
 
 Anchors. With `anchor_every=k` the forward also keeps the stream at the input of every k-th
@@ -51,9 +52,9 @@ from torch.autograd.function import once_differentiable
 
 from revify.runtime.keep import Tape, recording, replaying
 from revify.graph.ops import draws_random
-from revify.runtime.modes import (capture_autocast, capture_rng, plain_autograd_enabled, frozen_buffers,
-                    replay_autocast, replay_rng, restore_rng, slots, Seed, grads_of, NOTHING)
-from revify.runtime.modes import UnitMode, UnitSchedule
+from revify.runtime.modes import (NOTHING, Seed, UnitMode, UnitSchedule, capture_autocast,
+                                  capture_rng, frozen_buffers, grads_of, plain_autograd_enabled,
+                                  replay_autocast, replay_rng, restore_rng, slots)
 
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
@@ -471,9 +472,10 @@ _branch_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def branch_params(stage: ReversibleStage) -> list[tuple[list, list]]:
-    """Per block, the parameters of F and of G, read through their slots (revify.runtime.modes.Slots:
-    no module walk each step). When they are other objects than last time (moved with
-    overwrite, loaded with assign=True, sharded) a module sharded inside the stage is refused."""
+    """Per block, the parameters of F and of G, read through their slots
+    (revify.runtime.modes.Slots: no module walk each step). When they are other objects than
+    last time (moved with overwrite, loaded with assign=True, sharded) a module sharded inside
+    the stage is refused."""
     cached = _branch_slots.get(stage)
     if cached is None:
         cached = _branch_slots[stage] = [[slots(b.f), slots(b.g)] for b in stage.blocks], [None]
