@@ -15,7 +15,7 @@ from revify.runtime.checkpoint import Checkpointed
 from revify.runtime.fast import call_directly
 from revify.runtime.keep import Kept
 from revify.plan.lean import LeanPlan, apply_lean
-from revify.runtime.modes import UnitMode, UnitSchedule
+from revify.runtime.modes import UnitMode, UnitSchedule, graphs_in
 from revify.plan.plan import BlockPlan, Plan, SegmentPlan, StagePlan
 from revify.graph.channels import groups_key, inner_key
 from revify.plan.resize import carry_over, rebuild
@@ -269,10 +269,7 @@ def rewrite(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
 def _call_layers_directly(net: fx.GraphModule) -> None:
     """Every graph of `net` (nested checkpoints' too, which are not registered) calls its
     convolutions, BatchNorms and ReLUs through revify.runtime.fast."""
-    graphs = {id(m): m for m in net.modules() if isinstance(m, fx.GraphModule)}
-    graphs |= {id(c.module): c.module for c in net.modules()
-               if isinstance(c, Checkpointed) and isinstance(c.module, fx.GraphModule)}
-    for gm in graphs.values():
+    for gm in graphs_in(net):
         call_directly(gm)
 
 

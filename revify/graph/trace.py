@@ -123,17 +123,67 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), num_inputs:
 
 
 def _trace_in(model: nn.Module, leaf_modules: list, opaque: dict, num_inputs: int) -> fx.Graph:
-    """One trace; a submodule fx fails in becomes an opaque leaf (both lists grow) and we retry."""
+    """One trace; a submodule fx fails in, or one that updates a buffer in place, becomes an
+    opaque leaf (both lists grow) and we retry. (`self.count.add_(1)` runs on the real tensor
+    at the trace and is not recorded: the graph would never update it; recorded updates are
+    refused too, see `_traced_writers`.)"""
     while True:
         tracer = _Tracer(leaf_modules)
+        buffers = {name: (b, b._version, b.clone()) for name, b in model.named_buffers()}
         try:
-            return tracer.trace(model, concrete_args=_defaults(model, num_inputs))
+            graph = tracer.trace(model, concrete_args=_defaults(model, num_inputs))
         except Exception as exc:  # fx raises many kinds; all mean the same thing to the user
             where = tracer.failed_in
             if not where or where in opaque or len(opaque) >= MAX_OPAQUE:
                 raise _trace_error(model, where, exc) from exc
             opaque[where] = _first_line(exc)
             leaf_modules.append(where)
+            continue
+        writers = {**_buffer_writers(buffers), **_traced_writers(graph)}
+        if not writers:
+            return graph
+        for owner, buffer in writers.items():
+            if not owner or owner in opaque or len(opaque) >= MAX_OPAQUE:
+                raise TraceError(f"{type(model).__name__}: '{owner or 'forward'}' updates the "
+                                 f"tensor '{buffer}' in place, which a traced graph cannot "
+                                 f"keep; move that update into a submodule.")
+            opaque[owner] = f"updates its tensor '{buffer}' in place"
+            leaf_modules.append(owner)
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _traced_writers(graph: fx.Graph) -> dict[str, str]:
+    """The modules whose traced code updates a buffer or parameter in place (`self.n += 1`,
+    `self.avg.mul_(m)`), each with the tensor's name. Recorded, such an update would still be
+    lost or repeated: a checkpointed unit must not overwrite its inputs (they are copied first)
+    and its rerun would update the tensor again. As a leaf the module updates it in its own
+    forward, which the rerun's buffer restore covers."""
+    writers = {}
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", node.target)
+        in_place = node.target in _IN_PLACE_OPERATORS or \
+            (isinstance(name, str) and name.endswith("_") and not name.endswith("__"))
+        if node.op in ("call_method", "call_function") and in_place and node.args and \
+                isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = next(reversed(stack.values()))[0] if stack else ""
+            writers.setdefault(owner, node.args[0].target.rpartition(".")[2])
+    return writers
+
+
+def _buffer_writers(buffers: dict) -> dict[str, str]:
+    """The modules whose buffers the trace wrote to, each with one such buffer's name; those
+    buffers put back as they were."""
+    writers = {}
+    for name, (buffer, version, saved) in buffers.items():
+        if buffer._version != version:
+            with torch.no_grad():
+                buffer.copy_(saved)
+            owner, _, attr = name.rpartition(".")
+            writers.setdefault(owner, attr)
+    return writers
 
 
 def _own_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
@@ -275,9 +325,22 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     """Record `node.meta['shape']` for every tensor-valued node.
 
     Runs on fake tensors (nothing allocated). A leaf module whose control flow depends on values
-    cannot run on fake tensors; then the graph runs once for real, without gradients. The module
-    is in eval mode here, so BatchNorm reads its running statistics and writes nothing.
+    cannot run on fake tensors; then the graph runs once for real, without gradients. Either
+    way the buffers are put back afterwards: a layer may update its own (a counter), and fake
+    tensor mode writes to real tensors for real. (Eval mode already keeps BatchNorm from
+    writing any.)
     """
+    buffers = list(gm.buffers())
+    saved = [b.clone() for b in buffers]
+    try:
+        _run_for_shapes(gm, example_inputs)
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def _run_for_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     quiet = logging.getLogger("torch._subclasses.fake_tensor")
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # a shape error is reported below, in one sentence

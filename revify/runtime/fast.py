@@ -17,6 +17,8 @@ import torch
 from torch import fx, nn
 from torch.nn.modules import module as _module
 
+from revify.runtime import modes as _modes
+
 _GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks,
                  _module._global_backward_hooks, _module._global_backward_pre_hooks,
                  _module._global_forward_hooks_always_called)
@@ -46,22 +48,44 @@ def conv2d(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 def batch_norm(m: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     """nn.BatchNorm2d's forward where the momentum is set and the batch has more than one value
-    per channel (else the module's own, for its cumulative average or its error)."""
+    per channel (else the module's own, for its cumulative average or its error). A rerun
+    (revify.runtime.modes.rerunning) leaves the statistics as the forward updated them: the
+    same kernel with momentum 0 writes back what it reads, bit for bit, and no batch is
+    counted, so nothing needs restoring afterwards."""
     if isinstance(x, fx.Proxy):
         return _node(batch_norm, m, x)
+    rerun = getattr(_modes._local, "rerunning", False)
     if type(m) is not nn.BatchNorm2d or m.momentum is None or x.dim() != 4 or _own_call(m):
-        return m(x)
+        return _rerun_own_call(m, x) if rerun else m(x)
     b, p = m._buffers, m._parameters
     training, tracking = m.training, m.track_running_stats
     if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
         return m(x)
-    if training and tracking and b.get("num_batches_tracked") is not None:
+    if training and tracking and not rerun and b.get("num_batches_tracked") is not None:
         b["num_batches_tracked"].add_(1)
     stats = not training or tracking
     mean, var = (b["running_mean"], b["running_var"]) if stats else (None, None)
     return torch.batch_norm(x, p["weight"], p["bias"], mean, var,
                             training or (b["running_mean"] is None and b["running_var"] is None),
-                            m.momentum, m.eps, torch._C._get_cudnn_enabled())
+                            0.0 if rerun else m.momentum, m.eps, torch._C._get_cudnn_enabled())
+
+
+batch_norm.rerun_safe = True  # see revify.runtime.modes.Slots
+
+
+def _rerun_own_call(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A rerun of a BatchNorm through its own call (hooks, a parametrization, a cumulative
+    average): with momentum 0 it writes back the statistics it reads, and the batch it counts
+    is taken back."""
+    momentum, m.momentum = m.momentum, 0.0
+    try:
+        out = m(x)
+    finally:
+        m.momentum = momentum
+    count = m._buffers.get("num_batches_tracked")
+    if m.training and m.track_running_stats and count is not None:
+        count.sub_(1)
+    return out
 
 
 def relu(m: nn.ReLU, x: torch.Tensor) -> torch.Tensor:

@@ -66,22 +66,39 @@ def exact_backward():
     return plain_autograd()
 
 
-class discarding:
-    """A checkpoint's first forward: what autograd saves is dropped (and recomputed later), so
-    a tensor computed only to be saved (a masked ReLU's mask) need not be computed."""
+class _Switch:
+    """A thread-local switch, on inside its `with` block (re-entrant)."""
+    name = ""
 
     def __enter__(self):
-        self.previous = getattr(_local, "discarding", False)
-        _local.discarding = True
+        self.previous = getattr(_local, self.name, False)
+        setattr(_local, self.name, True)
         return self
 
     def __exit__(self, *exc):
-        _local.discarding = self.previous
+        setattr(_local, self.name, self.previous)
         return False
+
+
+class discarding(_Switch):
+    """A checkpoint's first forward: what autograd saves is dropped (and recomputed later), so
+    a tensor computed only to be saved (a masked ReLU's mask) need not be computed."""
+    name = "discarding"
 
 
 def discarding_enabled() -> bool:
     return getattr(_local, "discarding", False)
+
+
+class rerunning(_Switch):
+    """A forward run again (a reversible branch or a checkpointed unit in the backward, a
+    stage's repeated attempt): BatchNorms called through revify.runtime.fast leave their
+    statistics as the first run updated them (see `frozen_buffers`)."""
+    name = "rerunning"
+
+
+def rerunning_enabled() -> bool:
+    return getattr(_local, "rerunning", False)
 
 
 class Slots:
@@ -89,16 +106,22 @@ class Slots:
     found by one walk of the module: reading them through their slots each step sees a
     replaced tensor (a module moved to another device, a state dict loaded with assign=True,
     sharding) and walks nothing. Submodules added after the first use are not seen: the
-    rewritten units are not edited after the rewrite."""
+    rewritten units are not edited after the rewrite. `buffers`: those a rerun must put back
+    (`frozen_buffers`), every buffer but those of layers that leave their own alone on a
+    rerun (a class with `rerun_safe`) or that a rewritten graph calls through a function that
+    does (one marked `rerun_safe`, revify.runtime.fast)."""
 
     def __init__(self, module: nn.Module):
         self.params, self.buffers, seen = [], [], set()
+        safe = _rerun_safe_layers(module)
         for m in module.modules():
             for slots, store in ((self.params, m._parameters), (self.buffers, m._buffers)):
                 for name, t in store.items():
                     if t is None or id(t) not in seen:  # a shared tensor once; None slots kept
                         seen.add(id(t))                 # (a bias may be given later)
-                        slots.append((store, name))
+                        if store is m._parameters or not (m in safe or
+                                                           getattr(m, "rerun_safe", False)):
+                            slots.append((store, name))
         self._aliases, self._pointers = None, None
 
     def parameters(self) -> list[torch.Tensor]:
@@ -119,6 +142,31 @@ class Slots:
         return self._aliases
 
 
+def graphs_in(module: nn.Module) -> list:
+    """Every torch.fx graph module in `module`: its submodules' and those of checkpoints nested
+    in a unit, which are not registered (revify.runtime.checkpoint.Checkpointed, owned=False)."""
+    from torch import fx
+    found = {}
+    for m in module.modules():
+        for gm in (m, m.__dict__.get("module")):
+            if isinstance(gm, fx.GraphModule):
+                found[id(gm)] = gm
+    return list(found.values())
+
+
+def _rerun_safe_layers(module: nn.Module) -> set[nn.Module]:
+    """The layers `module`'s graphs call through a function marked `rerun_safe` (it leaves the
+    layer's buffers as they are when `rerunning`), found in the graphs themselves: a copy or an
+    unpickled model finds them again."""
+    found = set()
+    for gm in graphs_in(module):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and getattr(node.target, "rerun_safe", False) \
+                    and node.args and getattr(node.args[0], "op", None) == "get_attr":
+                found.add(gm.get_submodule(node.args[0].target))
+    return found
+
+
 _slots: "weakref.WeakKeyDictionary[nn.Module, Slots]" = weakref.WeakKeyDictionary()
 
 
@@ -131,23 +179,32 @@ def slots(module: nn.Module) -> Slots:
 
 
 class frozen_buffers:
-    """Recompute without net effect on buffers: running statistics were updated in the forward.
+    """A rerun of `module` without net effect on its buffers: the forward updated running
+    statistics already.
 
-    The recompute runs the very same ops as the forward (so BatchNorm takes the same kernel and
-    rounds alike), then the module's buffers are put back as they were on entering: one foreach
-    copy per dtype, through `.data` aliases (version counters stay, so tensors saved for a
-    backward stay valid). A whole reversible stage's backward is one such block.
+    The rerun runs the very same ops as the forward (so a BatchNorm takes the same kernel and
+    rounds alike) and, with `switch`, runs `rerunning`: BatchNorms called through
+    revify.runtime.fast then run with momentum 0, which writes back the statistics they read,
+    and count no batch. Every other buffer is put back on leaving as it was on entering: one
+    foreach copy per dtype, through `.data` aliases (version counters stay, so tensors saved
+    for a backward stay valid); with none, nothing is copied. A whole reversible stage's
+    backward is one such block (`switch=False`: it switches `rerunning` on around each
+    branch's rerun, not around the rest of the backward).
     """
 
-    def __init__(self, module: nn.Module):
-        self.module = module
+    def __init__(self, module: nn.Module, switch: bool = True):
+        self.module, self.switch = module, rerunning() if switch else None
 
     def __enter__(self):
         self.aliases = slots(self.module).buffer_aliases()
         self.saved = [torch._foreach_mul(group, 1) for group in self.aliases]  # exact copies
+        if self.switch is not None:
+            self.switch.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.switch is not None:
+            self.switch.__exit__(*exc)
         for group, saved in zip(self.aliases, self.saved):
             torch._foreach_copy_(group, saved)
         self.aliases = self.saved = None

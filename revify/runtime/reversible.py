@@ -54,7 +54,7 @@ from revify.runtime.keep import Tape, recording, replaying
 from revify.graph.ops import draws_random
 from revify.runtime.modes import (NOTHING, Seed, UnitMode, UnitSchedule, capture_autocast,
                                   capture_rng, frozen_buffers, grads_of, plain_autograd_enabled,
-                                  replay_autocast, replay_rng, restore_rng, slots)
+                                  replay_autocast, replay_rng, rerunning, restore_rng, slots)
 
 SIGNIFICAND_BITS = {torch.float32: 24, torch.float64: 53}
 HEADROOM_BITS = 4      # at first a channel may grow 16x over its entry magnitude
@@ -219,6 +219,7 @@ class Coupled:
 
 class ReversibleStage(nn.Module):
     """A run of coupling blocks: split once at entry, concatenate once at exit."""
+    rerun_safe = True  # its headroom changes in `widen`, after a forward, never in a rerun
 
     def __init__(self, blocks: list[CouplingBlock], dim: int = 1, exact: bool = True,
                  anchor_every: int | None = None, channels: int | None = None):
@@ -524,7 +525,7 @@ def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebui
     norm, a conv, an add), `rebuild` may use the value as scratch. Either way the backward
     starts from a stand-in (`Seed`), so nothing but fn's own backward keeps the value alive.
     """
-    with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast), \
+    with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast), rerunning(), \
             replaying(tape) if tape is not None else NOTHING:
         inp = _branch_input(stream, dtype).detach().requires_grad_(True)
         out = fn(inp)
@@ -603,7 +604,7 @@ class _Run:
         self.stream = list(halves) if halves is not None else _own_halves(hi, self.stage.dim)
         # The reruns update running statistics once more: the stage's buffers are put back
         # after the chain's last branch (one snapshot a stage, not one a branch).
-        self.frozen = frozen_buffers(self.stage).__enter__()
+        self.frozen = frozen_buffers(self.stage, switch=False).__enter__()
 
     def backprop(self, i: int, k: int, grad_out, params, trainable) -> tuple:
         """Block i's branch k (0: F, 1: G, its parameters `params`) rerun on the stream half it

@@ -244,6 +244,54 @@ def test_mode_dependent_model_forward_is_refused():
         revify.transform(ModeDependentForward(), input_size=(3, 16, 16))
 
 
+class Counter(nn.Module):
+    """Updates a buffer of its own in place: fx would run that once, at the trace, and drop it."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen.add_(x.shape[0])
+        return x
+
+
+class Counted(TinyResNet):
+    def __init__(self):
+        super().__init__()
+        self.counter = Counter()
+
+    def forward(self, x):
+        return super().forward(self.counter(x))
+
+
+def test_a_module_updating_its_buffer_is_kept_opaque_and_still_counts(data):
+    x, y = data
+    model = Counted()
+    rev = revify.transform(model, input_size=(3, 16, 16))
+    assert "updates its tensor 'seen' in place" in rev.revify_plan.opaque["counter"]
+    seen = next(b for n, b in rev.named_buffers() if n.endswith("counter.seen"))
+    assert model.counter.seen.item() == 0 and seen.item() == 0  # tracing counted nothing
+    for _ in range(2):
+        F.cross_entropy(rev(x), y).backward()  # the stem's rerun does not count again
+    assert seen.item() == 2 * len(x)
+
+
+class CountingForward(TinyResNet):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.seen.add_(1)  # in the model's own forward: no module to keep opaque
+        return super().forward(x)
+
+
+def test_a_model_forward_updating_a_buffer_is_refused():
+    with pytest.raises(revify.TraceError, match=r"'forward' updates the tensor 'seen' in place"):
+        revify.transform(CountingForward(), input_size=(3, 16, 16))
+
+
 class UntraceableForward(TinyResNet):
     def forward(self, x):
         if x.sum() > 0:  # in the model's own forward: no module to keep opaque

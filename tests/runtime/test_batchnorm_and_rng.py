@@ -1,4 +1,5 @@
 """BatchNorm statistics are updated once per step; recomputation replays the same randomness."""
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -12,14 +13,70 @@ def _norm_state(model):
     return {n: b.clone() for n, b in model.named_buffers()}
 
 
-def test_batchnorm_statistics_updated_exactly_once_per_step():
+class Counting(nn.Module):
+    """A layer with a buffer of its own that every forward updates: a rerun must put it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return x
+
+
+def _hook_every_batchnorm(rev):
+    for m in rev.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda *_: None)
+
+
+def _cumulative_average(rev):
+    for m in rev.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+
+
+class OwnNorm(nn.BatchNorm2d):
+    """A BatchNorm of another class: called through its own forward, not revify's shortcut."""
+
+
+def _in_every_block(model, layer):
+    for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+        for block in stage:
+            block.bn2 = layer(block.bn2)
+    return model
+
+
+def _own_norms(model):
+    def own(bn):
+        norm = OwnNorm(bn.num_features)
+        norm.load_state_dict(bn.state_dict())
+        return norm
+    return _in_every_block(model, own)
+
+
+def _counting(model):
+    return _in_every_block(model, lambda bn: nn.Sequential(bn, Counting()))
+
+
+@pytest.mark.parametrize("before, after, stages", [
+    (None, None, True),                   # BatchNorms called directly: momentum 0 on the rerun
+    (None, _hook_every_batchnorm, True),  # their own call (hooks registered after the transform)
+    (None, _cumulative_average, True),    # their own call (momentum None)
+    (_own_norms, None, True),             # a layer's own buffers, put back after the rerun
+    (_counting, None, False),             # a layer updating a buffer in its own code: a leaf
+])                                        # (fx would drop the update), in checkpoints
+def test_buffers_updated_exactly_once_per_step(before, after, stages):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
+    model = (before or (lambda m: m))(torchvision.models.resnet18(num_classes=10))
     rev = revify.transform(model, input_size=(3, 32, 32)).train()
+    if after:
+        after(rev)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     before = _norm_state(rev)
 
-    with revify.plain_autograd():  # plain autograd: every BatchNorm runs exactly once
+    with revify.plain_autograd():  # plain autograd: every layer runs exactly once
         F.cross_entropy(rev(x), y).backward()
     once = _norm_state(rev)
     rev.load_state_dict({**rev.state_dict(), **before})
@@ -27,12 +84,12 @@ def test_batchnorm_statistics_updated_exactly_once_per_step():
     F.cross_entropy(rev(x), y).backward()  # reversible stages and checkpoints recompute
     after = _norm_state(rev)
 
-    counters = [n for n in after if n.endswith("num_batches_tracked")]
+    counters = [n for n in after if n.endswith(("num_batches_tracked", "calls"))]
     assert len(counters) > 20
     assert all(after[n].item() == 1 for n in counters)
-    stages = [n for n in after if "blocks" in n]      # BN inside reversible stages
+    in_stages = [n for n in after if "blocks" in n]      # BN inside reversible stages
     checkpointed = [n for n in after if ".module." in n]  # BN inside checkpointed layers
-    assert stages and checkpointed
+    assert checkpointed and bool(in_stages) == stages
     for name in after:
         torch.testing.assert_close(after[name], once[name], rtol=0, atol=0, msg=name)
 
