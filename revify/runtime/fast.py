@@ -28,8 +28,9 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _own_call(m: nn.Module) -> bool:
-    """Whether `m` must go through its own call: hooks, or torch.compile tracing."""
-    return torch.compiler.is_compiling() or any(map(m.__dict__.__getitem__, _HOOKS)) or \
+    """Whether `m` must go through its own call: hooks, or dynamo tracing (is_dynamo_compiling
+    is False when run, True when dynamo traces it; is_compiling would cost a call more)."""
+    return torch.compiler.is_dynamo_compiling() or any(map(m.__dict__.__getitem__, _HOOKS)) or \
         any(_GLOBAL_HOOKS)
 
 

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from revify.runtime.fast import DIRECT as _DIRECT
+
 KEEP_FLOPS_PER_BYTE = 192  # a layer is kept if its forward costs at least this per output byte
 # (twice revify.plan.lean's FLOPS_PER_BYTE for nesting, so no layer is both)
 KEPT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # one aten.convolution each: the op skipped
@@ -86,7 +88,7 @@ def replaying(tape: Tape | None) -> _Using:
 def current() -> tuple[Tape, bool] | None:
     """The thread's tape and whether the unit records on it (its forward) or takes from it
     (its rerun); None outside a keeping unit's forward or rerun, and while compiling."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         return None
     return getattr(_local, "state", None)
 
@@ -141,16 +143,21 @@ class Kept(nn.Module):
         return repr(self.layer)
 
     def forward(self, x):
+        call = _DIRECT.get(type(self.layer), _module_call)  # as the graph would call the layer
         state = current() if _entered[0] and self.keeps else None
         if state is None:
-            return self.layer(x)
+            return call(self.layer, x)
         tape, recording = state
         if recording:
-            out = self.layer(x)
+            out = call(self.layer, x)
             tape.put(self, out)
             return out
         value = tape.take(self)
         if value is None:
-            return self.layer(x)
+            return call(self.layer, x)
         with _Returning(value):
-            return self.layer(x)
+            return call(self.layer, x)
+
+
+def _module_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x)

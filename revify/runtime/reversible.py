@@ -86,14 +86,21 @@ def _data_dependent_ok(t: torch.Tensor) -> bool:
 
 @dataclass
 class Grid:
-    """The fixed-point grid of a stage's two stream halves, per channel along `dim`."""
-    steps: tuple[torch.Tensor, torch.Tensor]     # spacing, shaped to broadcast against a half
-    inverses: tuple[torch.Tensor, torch.Tensor]  # 1 / step: powers of two, so t * (1 / step)
-                                                 # is t / step to the bit, and cheaper on CPU
-    limit: torch.Tensor                          # per stream channel, 2^P * step: every value
-                                                 # stays below it
-    dims: list[int]                              # the dims a per-channel reduction runs over
-    empty: bool = False                          # made for an empty batch: it proves nothing
+    """The fixed-point grid of a stage's two stream halves, per channel along `dim`.
+
+    The forward and the backward carry the stream as one pair tensor, the two halves stacked
+    on a new leading dim (`paired`): its halves are contiguous tensors of their own, and the
+    grid's arithmetic at the stage entry and its check after each block run once on the pair.
+    """
+    step: torch.Tensor      # spacing, shaped to broadcast against the pair
+    inverse: torch.Tensor   # 1 / step: powers of two, so t * (1 / step) is t / step to the bit
+    limit: torch.Tensor     # per stream channel, 2^P * step: every value stays below it
+    dims: list[int]         # the dims a per-channel reduction of a half runs over
+    empty: bool = False     # made for an empty batch: it proves nothing
+
+    def __post_init__(self):
+        # each half's, shaped to broadcast against a half (views, made once a grid)
+        self.steps, self.inverses = self.step.unbind(0), self.inverse.unbind(0)
 
     @classmethod
     def for_input(cls, x: torch.Tensor, dim: int, headroom: torch.Tensor, dtype: torch.dtype):
@@ -106,14 +113,21 @@ class Grid:
             exponent = torch.frexp(size).exponent          # size < 2^exponent
             step = torch.ldexp(torch.ones_like(size), exponent.add_(headroom).sub_(bits))
             inverse, limit = step.reciprocal(), step * 2.0 ** bits
-        shape = [1] * x.ndim
-        shape[dim] = -1
-        return cls(step.view(shape).chunk(2, dim), inverse.view(shape).chunk(2, dim), limit,
-                   dims, x.numel() == 0)
+        shape = [2] + [1] * x.ndim
+        shape[dim + 1] = -1
+        return cls(step.view(shape), inverse.view(shape), limit, dims, x.numel() == 0)
+
+    @property
+    def pair_dims(self) -> list[int]:
+        return [d + 1 for d in self.dims]
 
     def snap(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """`t` rounded onto half `half`'s grid, in the stream dtype (a new tensor)."""
         return torch.mul(t, self.inverses[half]).round_().mul_(self.steps[half])
+
+    def snap_pair(self, pair: torch.Tensor) -> torch.Tensor:
+        """Both halves of a pair rounded onto their grids, in place."""
+        return pair.mul_(self.inverse).round_().mul_(self.step)
 
     def add_snapped(self, stream: torch.Tensor, t: torch.Tensor, half: int, sign: int = 1,
                     scratch: bool = True):
@@ -128,11 +142,11 @@ class Grid:
         return stream.addcmul_(scaled, self.steps[half], value=sign)
 
     def outgrown(self, sizes: list[torch.Tensor]) -> torch.Tensor:
-        """Per stream channel: whether a value reached the grid's limit, from the `magnitude`
-        of each half after each of a stage's adds (`sizes`: the first half's, then the
-        second's, as many of each), combined in one reduction (no sync)."""
-        per_half = torch.stack(sizes).unflatten(0, (2, -1)).amax(1)
-        return per_half.flatten() >= self.limit
+        """Per stream channel: whether a value reached the grid's limit, from the magnitudes
+        of both halves (`magnitude` of the pair) after each of a stage's blocks, combined in
+        one reduction (no sync). A half changes once a block, so a check at each block's end
+        sees every value the stream took."""
+        return torch.stack(sizes).amax(0).flatten() >= self.limit
 
 
 def magnitude(t: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -162,18 +176,18 @@ class _read_later:
 
 
 def _per_channel(t: torch.Tensor, dims: list[int], reduce) -> torch.Tensor:
-    """`reduce` (amax or amin) over `dims`. On CPU the leading dims (the batch) first: that
-    reduction is elementwise across whole samples, vectorised along the contiguous rest, and
-    leaves a tensor a batch smaller for the second; 2-3x faster than reducing over every dim
-    at once when the feature map is small (7x7, 4x4), and as fast on large ones. Elsewhere one
-    reduction (one kernel launch)."""
-    channel = (set(range(t.ndim)) - set(dims)).pop()
+    """`reduce` (amax or amin) over `dims`. On CPU the dims before the last one kept (the
+    batch) first: that reduction is elementwise across whole samples, vectorised along the
+    contiguous rest, and leaves a tensor a batch smaller for the second; 2-3x faster than
+    reducing over every dim at once when the feature map is small (7x7, 4x4), and as fast on
+    large ones. Elsewhere one reduction (one kernel launch)."""
+    kept = [d for d in range(t.ndim) if d not in dims]
     if t.numel() == 0:  # an empty batch: no value to place on the grid, none can outgrow it
-        return t.new_zeros(t.shape[channel])
-    outer = [d for d in dims if d < channel]
+        return t.new_zeros([t.shape[d] for d in kept])
+    outer = [d for d in dims if d < kept[-1]]
     if t.device.type == "cpu" and outer and len(outer) < len(dims):
         t = reduce(t, outer)
-        dims = [d - len(outer) for d in dims if d > channel]
+        dims = [d - len(outer) for d in dims if d > kept[-1]]
     return reduce(t, dims)
 
 
@@ -308,7 +322,7 @@ class ReversibleStage(nn.Module):
         if not sizes:
             return False
         over = grid.outgrown(sizes).to(self.headroom.device)
-        most = SIGNIFICAND_BITS[grid.steps[0].dtype] - MIN_BITS
+        most = SIGNIFICAND_BITS[grid.step.dtype] - MIN_BITS
         if self._holds():
             self._outgrown = _read_later(over.any())
             self._give_room(over.logical_and_(self.headroom < most), most)
@@ -417,7 +431,9 @@ class ReversibleStage(nn.Module):
                     sizes[k].append(magnitude(value(k), grid.dims))
         output = torch.cat(h, dim)
         exit = output.detach() if values[0] is None else stream()
-        return Coupled(output, exit, entry, grid), sizes[0] + sizes[1]
+        # as Grid.outgrown reads them: both halves' magnitudes (here the largest over the stage)
+        most = [torch.stack(sizes[0] + sizes[1]).unflatten(0, (2, -1)).amax(1)] if check else []
+        return Coupled(output, exit, entry, grid), most
 
     def inverse(self, coupled: Coupled, anchors: dict | None = None) -> torch.Tensor:
         """The stage input (as its blocks saw it) rebuilt from `coupled.stream` by running the
@@ -515,6 +531,13 @@ def _own_halves(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
     return [h.clone(memory_format=torch.contiguous_format) for h in t.chunk(2, dim)]
 
 
+def paired(t: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The two halves of `t` (split along `dim`) stacked on a new leading dim, in `dtype`: a
+    fresh tensor the stage updates in place, whose halves `pair[0]`, `pair[1]` are contiguous."""
+    pair = torch.stack(t.chunk(2, dim))
+    return pair if dtype is None else pair.to(dtype)
+
+
 def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebuild, tape=None):
     """Run fn on a stream value once with autograd, hand its value to `rebuild` (which rebuilds
     the other stream half from it) and backpropagate grad_out through it.
@@ -564,7 +587,7 @@ class _Run:
     The forward keeps the stage output (a detached alias, so the backward can drop it as soon
     as the stream is rebuilt; in-place changes to it are still caught, by its version counter)
     and per branch the RNG state and tape its rerun needs. The backward rebuilds the stream in
-    a pair of buffers of its own, updated in place: their halves become each block's input in
+    a pair of tensors of its own, updated in place: their halves become each block's input in
     turn."""
 
     def __init__(self, stage: ReversibleStage, dtype):
@@ -576,18 +599,18 @@ class _Run:
         stage = self.stage
         for grid, context in stage._attempts(x):
             with context:
-                x1, x2, sizes = _forward_once(self, stage, x, grid)
+                pair, sizes = _forward_once(self, stage, x, grid)
             if not stage.widen(grid, sizes):
                 break
-        self.grid, self.halves = grid, (x1, x2)
+        self.grid, self.pair = grid, pair
 
     def output(self) -> torch.Tensor:
-        x1, x2 = self.halves
-        hi = torch.cat([x1, x2], self.stage.dim).to(self.dtype)
+        pair = self.pair
+        hi = torch.cat([pair[0], pair[1]], self.stage.dim).to(self.dtype)
         # On a float32 (or float64) grid the output is the stream itself; beside 16-bit
         # activations the float32 stream is kept too (6 bytes a value, as a float32 stream).
-        self.state = [hi.detach(), None if x1.dtype == self.dtype else self.halves]
-        self.halves, self.version = None, hi._version
+        self.state = [hi.detach(), None if pair.dtype == self.dtype else pair]
+        self.pair, self.version = None, hi._version
         return hi
 
     def start_backward(self) -> None:
@@ -596,12 +619,14 @@ class _Run:
                                "it rebuilds from is released after the first backward. Run the "
                                "forward again, or run the step under revify.plain_autograd() "
                                "(plain autograd) to backpropagate through one graph twice.")
-        hi, halves = self.state
+        hi, pair = self.state
         self.state = None
         if hi._version != self.version:
             raise RuntimeError("revify: the output of a reversible stage was modified in place "
                                "before the backward; the stage rebuilds its activations from it.")
-        self.stream = list(halves) if halves is not None else _own_halves(hi, self.stage.dim)
+        # Halves with version counters of their own (views of one pair share the pair's): the
+        # backward through one branch's rerun saves its input half while the other is rebuilt.
+        self.stream = pair.unbind(0) if pair is not None else _own_halves(hi, self.stage.dim)
         # The reruns update running statistics once more: the stage's buffers are put back
         # after the chain's last branch (one snapshot a stage, not one a branch).
         self.frozen = frozen_buffers(self.stage, switch=False).__enter__()
@@ -620,7 +645,7 @@ class _Run:
         d_inp, d_params = _recompute(branch, stream[1 - k], self.dtype, grad_out, params,
                                      rng, self.autocast, stream[0].device, rebuild, tape)
         if k == 0 and i in self.anchors:  # drop the drift: restart from the anchor
-            for half, anchor in zip(stream, self.anchors.pop(i)):
+            for half, anchor in zip(stream, self.anchors.pop(i).unbind(0)):
                 half.copy_(anchor)
         if (i, k) == self.first:  # the chain's last backward: the stream is the stage input
             self.frozen.__exit__(None, None, None)
@@ -700,20 +725,20 @@ def _accumulate(stream, value, grid, half, sign=1, scratch=True):
 
 
 def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
-    """The stage's blocks without autograd, the stream updated in place; returns its halves
-    and the magnitudes its adds left, for `widen` (empty: nothing to check)."""
+    """The stage's blocks without autograd, the stream updated in place; returns it (a pair,
+    `paired`) and the magnitudes it reached, per block, for `widen` (empty: nothing to
+    check)."""
     dtype, device = x.dtype, x.device
     run.rng, run.anchors, run.tapes = [], {}, []
-    if grid is None:
-        stream = _own_halves(x, stage.dim)
-    else:
-        sdt = stream_dtype(dtype, True)
-        stream = [grid.snap(h.to(sdt), k) for k, h in enumerate(x.chunk(2, stage.dim))]
+    pair = paired(x, stage.dim, stream_dtype(dtype, grid is not None))
+    if grid is not None:
+        grid.snap_pair(pair)
+    stream = pair.unbind(0)
     check = grid is not None and _data_dependent_ok(x)
-    sizes = ([], [])
+    sizes = []
     for i, block in enumerate(stage.blocks):
         if stage.anchored(i):
-            run.anchors[i] = tuple(h.clone() for h in stream)
+            run.anchors[i] = pair.clone()
         rngs, tapes = [], []
         for k, branch in ((0, block.f), (1, block.g)):
             rngs.append(capture_rng(device) if block.training and block.random[k] else None)
@@ -721,8 +746,8 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
             with recording(tapes[-1]) if stage.schedule.kept else NOTHING:
                 f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)
-            if check:
-                sizes[k].append(magnitude(stream[k], grid.dims))
+        if check:
+            sizes.append(magnitude(pair, grid.pair_dims))
         run.rng.append(rngs)
         run.tapes.append(tapes)
-    return stream[0], stream[1], sizes[0] + sizes[1]
+    return pair, sizes

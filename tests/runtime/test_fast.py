@@ -66,9 +66,9 @@ def test_hooks_registered_on_the_revified_model_fire_once_per_call():
 
 def test_a_revified_step_makes_a_few_times_the_original_s_python_calls():
     """On a GPU a step is short and each Python call between kernels shows: a revified ResNet
-    step (forward, rerun, F and G at half width) stays within 5x the original's calls and 3.2x
-    its ops, its ops that can launch a kernel within 3.5x (gradients created in the step) and
-    3.2x (gradients already allocated, as in gradient accumulation and DDP), and it reads
+    step (forward, rerun, F and G at half width) stays within 4.5x the original's calls and 3x
+    its ops, its ops that can launch a kernel within 3.2x (gradients created in the step) and
+    3x (gradients already allocated, as in gradient accumulation and DDP), and it reads
     nothing back to the host (exact counts: no clock). The same revified net under plain
     autograd, nothing recomputed, launches 2.25x the original's: most of the rest is the rerun."""
     torch.manual_seed(0)
@@ -78,12 +78,12 @@ def test_a_revified_step_makes_a_few_times_the_original_s_python_calls():
     for model in (original, rev):
         F.cross_entropy(model(x), y).backward()  # one step first: the grids settle
     base, counts = count_step(original, x, y), count_step(rev, x, y)
-    assert counts.python_calls <= 5 * base.python_calls
-    assert counts.ops <= 3.2 * base.ops
-    assert counts.kernel_ops <= 3.5 * base.kernel_ops
+    assert counts.python_calls <= 4.5 * base.python_calls
+    assert counts.ops <= 3 * base.ops
+    assert counts.kernel_ops <= 3.2 * base.kernel_ops
     assert counts.syncs == 0
     with _OpCounter() as kept_grads, torch.autograd.set_multithreading_enabled(False):
         F.cross_entropy(rev(x), y).backward()  # .grad exists: accumulated into
     with _OpCounter() as kept_base, torch.autograd.set_multithreading_enabled(False):
         F.cross_entropy(original(x), y).backward()
-    assert kept_grads.kernel_ops <= 3.2 * kept_base.kernel_ops
+    assert kept_grads.kernel_ops <= 3 * kept_base.kernel_ops
