@@ -221,6 +221,22 @@ class Compiled(nn.Module):
         return self.net(*args)
 
 
+def machine(device: str = "cpu") -> str:
+    """What a benchmark ran on, for its report: the processor (or GPU) and the versions."""
+    import os
+    import platform
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = platform.processor()
+        if os.path.exists("/proc/cpuinfo"):
+            where = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                          if line.startswith("model name")), where)
+        where += f", {os.cpu_count()} cores"
+    from revify import __version__
+    return f"{where}, torch {torch.__version__}, revify {__version__}"
+
+
 def _first_line(exc: BaseException) -> str:
     """What went wrong, in one line: dynamo wraps the backend's own error ("backend=... raised:")."""
     while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:

@@ -17,6 +17,7 @@ activation memory against the number of residual blocks.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torchvision
 from torch import nn
 
 from revify.memory.analyze import analyze
-from revify.bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_compiles, format_counts,
+from revify.bench import (COMPILE_BUDGETS, DEFAULT_ROWS, format_compiles, format_counts, machine,
                           run_bench, strategies)
 
 IMAGENET = {"resnet18": 8, "resnet50": 16, "resnet101": 33, "resnet152": 50}  # residual blocks
@@ -127,7 +128,8 @@ def _table(rows, fmt="simple"):
 def _write(args, rows, counts):
     command = "python scripts/benchmarks.py " + " ".join(sys.argv[1:])
     Path(args.out).write_text(
-        f"# revify benchmarks\n\n`{command}` ({args.device}, batch {args.batch_size}, "
+        f"# revify benchmarks\n\n`{command}`, run {time.strftime('%Y-%m-%d')} on "
+        f"{machine(args.device)} ({args.device}, batch {args.batch_size}, "
         f"{args.image_size}x{args.image_size} for the ImageNet ResNets, 32x32 for ResNet-164, "
         f"fp32, median of {args.steps} steps; peak act: peak of everything a training step "
         f"allocates except parameter gradients (on CUDA: max_memory_allocated, gradients "

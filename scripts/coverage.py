@@ -21,6 +21,7 @@ import torchvision
 from tabulate import tabulate
 
 import revify
+from revify.bench import machine
 
 TIMM_PATTERNS = ["resnet*", "resnext*", "seresnet*", "seresnext*", "ecaresnet*", "resnetrs*",
                  "wide_resnet*", "skresnet*", "resnetblur*", "gcresnet*"]
@@ -209,15 +210,6 @@ def read_table(path):
     return [dict(zip(cells[0], row)) for row in cells[2:]]
 
 
-def _machine() -> str:
-    import os
-    import platform
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor()) \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, timm {timm.__version__}"
-
-
 def write(rows, path, batch):
     ok = sum(r["ok"] == "yes" for r in rows)
     summary = f"{ok}/{len(rows)} models have >=1 reversible block; " \
@@ -235,7 +227,7 @@ def write(rows, path, batch):
                 f"grad_err: reversible backward vs plain autograd in float32, norm-wise relative "
                 f"error of all parameter gradients together; every model built with "
                 f"unzero_init (scripts/coverage.py), so that its branches compute).\n\n"
-                f"Run {time.strftime('%Y-%m-%d')} with revify {revify.__version__} on {_machine()}."
+                f"Run {time.strftime('%Y-%m-%d')} on {machine()}, timm {timm.__version__}."
                 f"\n\n{summary}\n\n{table}\n")
     with open(LIST_FILE, "w") as f:  # what `revify list` reads
         json.dump([{k: r.get(k) for k in ("model", "lib", "rev", "ok", "note")} for r in rows], f, indent=1)

@@ -6,8 +6,9 @@
    under the same autocast and scaler (unscaled), and bf16 likewise.
 2. Drift against depth (9/18/36/54 blocks) under fp16 and bf16 autocast (`revify drift`).
 3. torch.compile with inductor: gradients against eager, graph breaks, peak memory.
-4. Steady state: no host sync in a training step (counted), and a stream that outgrows its
-   grid in steady state is widened on the device and said at the next forward (CUDA event path).
+4. Steady state: no host sync in a training step (counted), BatchNorm statistics updated once
+   (as plain autograd's), and a stream that outgrows its grid in steady state is widened on the
+   device and said at the next forward (CUDA event path).
 5. `revify bench` figures (max_memory_allocated, step time, counts) for resnet50 and resnet152
    at batch 64, 224x224, in float32 and under bf16 autocast.
 """
@@ -133,6 +134,16 @@ def steady():
     for _ in range(2):
         F.cross_entropy(rev(x), y).backward()
     check("host syncs in a steady-state resnet50 step", count_step(rev, x, y).syncs, 0)
+    # the reruns (momentum 0 on the direct BatchNorm calls) leave the statistics of one update
+    state = {k: v.clone() for k, v in rev.state_dict().items()}
+    with revify.plain_autograd():
+        F.cross_entropy(rev(x), y).backward()
+    plain = {k: v.clone() for k, v in rev.named_buffers()}
+    rev.load_state_dict(state)
+    F.cross_entropy(rev(x), y).backward()
+    check("BatchNorm buffers after a step vs plain autograd's (largest difference)",
+          max((b.double() - plain[k].double()).abs().max().item()
+              for k, b in rev.named_buffers()), 1e-6)
     stages = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     with torch.no_grad():
         for norm in (m for s in stages for m in s.modules() if isinstance(m, torch.nn.BatchNorm2d)):

@@ -70,7 +70,7 @@ def test_a_revified_step_makes_a_few_times_the_original_s_python_calls():
     its ops, its ops that can launch a kernel within 3.2x (gradients created in the step) and
     3x (gradients already allocated, as in gradient accumulation and DDP), and it reads
     nothing back to the host (exact counts: no clock). The same revified net under plain
-    autograd, nothing recomputed, launches 2.25x the original's: most of the rest is the rerun."""
+    autograd, nothing recomputed, launches 2.3x the original's: most of the rest is the rerun."""
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     original = torchvision.models.resnet50(num_classes=10)
