@@ -82,13 +82,17 @@ def test_frozen_layers_get_no_gradient_and_the_rest_match_autograd():
     assert worst_rel_err(got, want)[0] <= 1e-5
 
 
-def test_channels_last_trains_like_autograd():
-    _, rev = revified_tiny()
+@pytest.mark.parametrize("schedule", ["budget", "recompute_all"])
+def test_channels_last_trains_like_autograd(schedule):
+    _, rev = revified_tiny(schedule=schedule)
     rev = rev.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     y = torch.tensor([0, 3])
     err, where = worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))
     assert err <= 1e-5, (err, where)
+    for stage in (m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)):
+        h = torch.randn(2, stage.headroom.numel(), 8, 8).to(memory_format=torch.channels_last)
+        assert stage(h.requires_grad_()).is_contiguous(memory_format=torch.channels_last)  # kept
 
 
 def _train(rev, opt, batches):

@@ -24,8 +24,8 @@ float32 with H = 4, far finer than bfloat16 and about what float32 itself rounds
 values of a channel to. Fixed-point arithmetic for exact reversal: MacKay et al., "Reversible
 Recurrent Neural Networks", NeurIPS 2018.
 
-The grid holds while no value reaches 2^P * step. Every add records its channels' largest
-magnitude and one reduction per stage compares them with the limits; a channel that outgrew
+The grid holds while no value reaches 2^P * step. Every block records its stream channels'
+largest magnitude and one reduction per stage compares them with the limits; a channel that outgrew
 its headroom gets 8 more bits and (until the grid has held once: `widen`) the stage runs its
 forward again, drawing the same random masks and leaving BatchNorm statistics as the first run
 updated them. The headroom is kept (a buffer), so a stage pays this once, not every step. A
@@ -88,9 +88,9 @@ def _data_dependent_ok(t: torch.Tensor) -> bool:
 class Grid:
     """The fixed-point grid of a stage's two stream halves, per channel along `dim`.
 
-    The forward and the backward carry the stream as one pair tensor, the two halves stacked
-    on a new leading dim (`paired`): its halves are contiguous tensors of their own, and the
-    grid's arithmetic at the stage entry and its check after each block run once on the pair.
+    The forward carries the stream as one pair tensor, the two halves stacked on a new
+    leading dim (`paired`): the grid's rounding at the stage entry and its check after each
+    block run once on the pair, not once a half.
     """
     step: torch.Tensor      # spacing, shaped to broadcast against the pair
     inverse: torch.Tensor   # 1 / step: powers of two, so t * (1 / step) is t / step to the bit
@@ -533,7 +533,8 @@ def _own_halves(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
 
 def paired(t: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The two halves of `t` (split along `dim`) stacked on a new leading dim, in `dtype`: a
-    fresh tensor the stage updates in place, whose halves `pair[0]`, `pair[1]` are contiguous."""
+    fresh tensor the stage updates in place, whose halves `pair[0]`, `pair[1]` are dense in
+    `t`'s layout (channels_last stays channels_last, and so does the stage output)."""
     pair = torch.stack(t.chunk(2, dim))
     return pair if dtype is None else pair.to(dtype)
 
