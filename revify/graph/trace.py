@@ -11,6 +11,7 @@ import inspect
 import logging
 import operator
 from collections import Counter
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -129,9 +130,9 @@ def _trace_in(model: nn.Module, leaf_modules: list, opaque: dict, num_inputs: in
     refused too, see `_traced_writers`.)"""
     while True:
         tracer = _Tracer(leaf_modules)
-        buffers = {name: (b, b._version, b.clone()) for name, b in model.named_buffers()}
         try:
-            graph = tracer.trace(model, concrete_args=_defaults(model, num_inputs))
+            with _buffers_put_back(model) as written:
+                graph = tracer.trace(model, concrete_args=_defaults(model, num_inputs))
         except Exception as exc:  # fx raises many kinds; all mean the same thing to the user
             where = tracer.failed_in
             if not where or where in opaque or len(opaque) >= MAX_OPAQUE:
@@ -139,7 +140,7 @@ def _trace_in(model: nn.Module, leaf_modules: list, opaque: dict, num_inputs: in
             opaque[where] = _first_line(exc)
             leaf_modules.append(where)
             continue
-        writers = {**_buffer_writers(buffers), **_traced_writers(graph)}
+        writers = {**written, **_traced_writers(graph)}
         if not writers:
             return graph
         for owner, buffer in writers.items():
@@ -167,32 +168,39 @@ def _traced_writers(graph: fx.Graph) -> dict[str, str]:
             (isinstance(name, str) and name.endswith("_") and not name.endswith("__"))
         if node.op in ("call_method", "call_function") and in_place and node.args and \
                 isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr":
-            stack = node.meta.get("nn_module_stack") or {}
-            owner = next(reversed(stack.values()))[0] if stack else ""
-            writers.setdefault(owner, node.args[0].target.rpartition(".")[2])
+            writers.setdefault(_owner(node), node.args[0].target.rpartition(".")[2])
     return writers
 
 
-def _buffer_writers(buffers: dict) -> dict[str, str]:
-    """The modules whose buffers the trace wrote to, each with one such buffer's name; those
-    buffers put back as they were."""
-    writers = {}
-    for name, (buffer, version, saved) in buffers.items():
-        if buffer._version != version:
-            with torch.no_grad():
-                buffer.copy_(saved)
-            owner, _, attr = name.rpartition(".")
-            writers.setdefault(owner, attr)
-    return writers
+@contextmanager
+def _buffers_put_back(module: nn.Module):
+    """Runs the block, then puts back every buffer of `module` it wrote to (code run on real
+    tensors at a trace; fake tensor mode, which runs in-place ops on real tensors for real).
+    Yields {module name: a buffer it wrote}, filled on leaving."""
+    buffers = {name: (b, b._version, b.clone()) for name, b in module.named_buffers()}
+    written: dict[str, str] = {}
+    try:
+        yield written
+    finally:
+        with torch.no_grad():
+            for name, (buffer, version, saved) in buffers.items():
+                if buffer._version != version:
+                    buffer.copy_(saved)
+                    owner, _, attr = name.rpartition(".")
+                    written.setdefault(owner, attr)
+
+
+def _owner(node: fx.Node) -> str:
+    """The module whose own code traced `node` ("" for the root's forward)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""
 
 
 def _own_nodes(graph: fx.Graph) -> dict[str, list[fx.Node]]:
-    """Each module's own traced nodes, in order ("" for the root's forward)."""
+    """Each module's own traced nodes, in order."""
     found: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        stack = node.meta.get("nn_module_stack") or {}
-        owner = next(reversed(stack.values()))[0] if stack else ""
-        found.setdefault(owner, []).append(node)
+        found.setdefault(_owner(node), []).append(node)
     return found
 
 
@@ -330,14 +338,8 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:
     tensor mode writes to real tensors for real. (Eval mode already keeps BatchNorm from
     writing any.)
     """
-    buffers = list(gm.buffers())
-    saved = [b.clone() for b in buffers]
-    try:
+    with _buffers_put_back(gm):
         _run_for_shapes(gm, example_inputs)
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
 
 
 def _run_for_shapes(gm: fx.GraphModule, example_inputs: tuple) -> None:

@@ -9,7 +9,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.autograd.variable import Variable
 
 _local = threading.local()
@@ -97,10 +97,6 @@ class rerunning(_Switch):
     name = "rerunning"
 
 
-def rerunning_enabled() -> bool:
-    return getattr(_local, "rerunning", False)
-
-
 class Slots:
     """Where a module's parameters and buffers live (the owning module's dict and the name),
     found by one walk of the module: reading them through their slots each step sees a
@@ -115,13 +111,14 @@ class Slots:
         self.params, self.buffers, seen = [], [], set()
         safe = _rerun_safe_layers(module)
         for m in module.modules():
-            for slots, store in ((self.params, m._parameters), (self.buffers, m._buffers)):
+            stores = [(self.params, m._parameters)]
+            if m not in safe:
+                stores.append((self.buffers, m._buffers))
+            for slots, store in stores:
                 for name, t in store.items():
                     if t is None or id(t) not in seen:  # a shared tensor once; None slots kept
                         seen.add(id(t))                 # (a bias may be given later)
-                        if store is m._parameters or not (m in safe or
-                                                           getattr(m, "rerun_safe", False)):
-                            slots.append((store, name))
+                        slots.append((store, name))
         self._aliases, self._pointers = None, None
 
     def parameters(self) -> list[torch.Tensor]:
@@ -142,10 +139,9 @@ class Slots:
         return self._aliases
 
 
-def graphs_in(module: nn.Module) -> list:
+def graphs_in(module: nn.Module) -> list[fx.GraphModule]:
     """Every torch.fx graph module in `module`: its submodules' and those of checkpoints nested
     in a unit, which are not registered (revify.runtime.checkpoint.Checkpointed, owned=False)."""
-    from torch import fx
     found = {}
     for m in module.modules():
         for gm in (m, m.__dict__.get("module")):
@@ -155,10 +151,10 @@ def graphs_in(module: nn.Module) -> list:
 
 
 def _rerun_safe_layers(module: nn.Module) -> set[nn.Module]:
-    """The layers `module`'s graphs call through a function marked `rerun_safe` (it leaves the
-    layer's buffers as they are when `rerunning`), found in the graphs themselves: a copy or an
-    unpickled model finds them again."""
-    found = set()
+    """The layers of `module` whose buffers a rerun leaves as they are: those of a class marked
+    `rerun_safe`, and those its graphs call through a function marked `rerun_safe` (found in
+    the graphs themselves: a copy or an unpickled model finds them again)."""
+    found = {m for m in module.modules() if getattr(type(m), "rerun_safe", False)}
     for gm in graphs_in(module):
         for node in gm.graph.nodes:
             if node.op == "call_function" and getattr(node.target, "rerun_safe", False) \

@@ -101,6 +101,7 @@ class Grid:
     def __post_init__(self):
         # each half's, shaped to broadcast against a half (views, made once a grid)
         self.steps, self.inverses = self.step.unbind(0), self.inverse.unbind(0)
+        self.pair_dims = [d + 1 for d in self.dims]  # those dims in the pair
 
     @classmethod
     def for_input(cls, x: torch.Tensor, dim: int, headroom: torch.Tensor, dtype: torch.dtype):
@@ -116,10 +117,6 @@ class Grid:
         shape = [2] + [1] * x.ndim
         shape[dim + 1] = -1
         return cls(step.view(shape), inverse.view(shape), limit, dims, x.numel() == 0)
-
-    @property
-    def pair_dims(self) -> list[int]:
-        return [d + 1 for d in self.dims]
 
     def snap(self, t: torch.Tensor, half: int) -> torch.Tensor:
         """`t` rounded onto half `half`'s grid, in the stream dtype (a new tensor)."""
@@ -627,9 +624,11 @@ class _Run:
                                "before the backward; the stage rebuilds its activations from it.")
         # Halves with version counters of their own (views of one pair share the pair's): the
         # backward through one branch's rerun saves its input half while the other is rebuilt.
+        # Beside 16-bit activations the forward's float32 pair serves: a branch's input is then
+        # a converted copy.
         self.stream = pair.unbind(0) if pair is not None else _own_halves(hi, self.stage.dim)
-        # The reruns update running statistics once more: the stage's buffers are put back
-        # after the chain's last branch (one snapshot a stage, not one a branch).
+        # Buffers a rerun would change (all but BatchNorm statistics: revify.runtime.modes.Slots)
+        # are put back after the chain's last branch (one snapshot a stage, not one a branch).
         self.frozen = frozen_buffers(self.stage, switch=False).__enter__()
 
     def backprop(self, i: int, k: int, grad_out, params, trainable) -> tuple:

@@ -245,7 +245,9 @@ def test_mode_dependent_model_forward_is_refused():
 
 
 class Counter(nn.Module):
-    """Updates a buffer of its own in place: fx would run that once, at the trace, and drop it."""
+    """Updates a buffer of its own in place, by a traced amount: fx records it, in the stem's
+    checkpoint, which would copy its input first (and rerun it). (A constant amount is not
+    recorded: tests/runtime/test_batchnorm_and_rng.py's Counting.)"""
 
     def __init__(self):
         super().__init__()
