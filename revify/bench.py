@@ -304,13 +304,15 @@ def _compile(models: dict[str, nn.Module], x, y, tick, note) -> dict[str, float]
 
 def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: int = 3,
               device: str = "cpu", progress=None, note=_note,
-              autocast: torch.dtype | None = None) -> list[BenchResult]:
+              autocast: torch.dtype | None = None, channels_last: bool = False) -> list[BenchResult]:
     """progress(done, total, what) is called before each measured piece of work; note(text)
     says why a row was left out (a failed compilation); `autocast` runs every forward under
-    autocast to that dtype."""
+    autocast to that dtype; `channels_last` stores the input and every model in NHWC, as
+    mixed-precision training on a GPU usually runs."""
     torch.manual_seed(0)
-    x = torch.randn(batch_size, *input_size, device=device)
-    models = {k: m.to(device).train() for k, m in models.items()}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=fmt)
+    models = {k: m.to(device, memory_format=fmt).train() for k, m in models.items()}
     if autocast is not None:
         models = {k: Autocast(m, autocast) for k, m in models.items()}
     y = torch.randint(0, _num_classes(next(iter(models.values())), x), (batch_size,), device=device)

@@ -252,10 +252,12 @@ def cmd_bench(args) -> int:
     if source.payload is not None:  # the file's own weights for the revified row
         models["revify"] = source.revified()
     print(f"{source.name}: batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}, "
-          f"{args.device}{', ' + args.autocast + ' autocast' if args.autocast else ''}, "
+          f"{args.device}{', ' + args.autocast + ' autocast' if args.autocast else ''}"
+          f"{', channels_last' if args.channels_last else ''}, "
           f"{args.steps} timed steps per strategy", file=sys.stderr)
     results = run_bench(models, args.batch_size, source.input_size, args.steps, args.device,
-                        progress=_progress, autocast=AUTOCAST.get(args.autocast))
+                        progress=_progress, autocast=AUTOCAST.get(args.autocast),
+                        channels_last=args.channels_last)
     print(format_bench(results))
     print("\npeak act: peak of all tensors a training step allocates except parameter gradients "
           "(exact live-storage accounting; not measurable on CUDA, where the allocator's peak "
@@ -402,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--autocast", choices=["bf16", "fp16"],
                    help="run every forward under autocast to this dtype (mixed precision)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="store the input and the models in channels_last (NHWC), as GPU "
+                        "mixed-precision training usually does")
     p.add_argument("--native", action="store_true",
                    help="also measure reconstruction='native' (stream in the activation dtype)")
     p.add_argument("--compile", action="store_true",

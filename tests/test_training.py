@@ -88,9 +88,17 @@ def test_channels_last_trains_like_autograd(schedule):
     rev = rev.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 16, 16).to(memory_format=torch.channels_last)
     y = torch.tensor([0, 3])
+    stages = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
+    # every conv in a stage (the branches' first ones read the branch input) sees channels_last,
+    # in the forward and in the backward's rerun: no layout conversion per branch call
+    layouts = []
+    for conv in (m for s in stages for m in s.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda m, args: layouts.append(
+            args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
     err, where = worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))
     assert err <= 1e-5, (err, where)
-    for stage in (m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)):
+    assert layouts and all(layouts), layouts
+    for stage in stages:
         h = torch.randn(2, stage.headroom.numel(), 8, 8).to(memory_format=torch.channels_last)
         assert stage(h.requires_grad_()).is_contiguous(memory_format=torch.channels_last)  # kept
 

@@ -280,8 +280,7 @@ class _MaskedReLU(torch.autograd.Function):
         ctx.grad_in_place = grad_in_place
         # In a checkpoint's first forward the mask is dropped as soon as it is saved: an empty
         # stand-in (a checkpoint without determinism checks takes any tensor there).
-        mask = torch.empty_like(out, dtype=torch.uint8) if discarding_enabled() else \
-            (out > 0).view(torch.uint8)
+        mask = torch.empty_like(out, dtype=torch.uint8) if discarding_enabled() else _positive(out)
         ctx.save_for_backward(mask)
         return out
 
@@ -289,6 +288,15 @@ class _MaskedReLU(torch.autograd.Function):
     def backward(ctx, grad):
         on, = ctx.saved_tensors
         return (grad.mul_(on) if ctx.grad_in_place else grad * on), None, None
+
+
+def _positive(out: torch.Tensor) -> torch.Tensor:
+    """Where out > 0, as uint8. Eager reinterprets the bool for free; under torch.compile a
+    conversion, which inductor fuses into the comparison (its CUDA lowering of torch 2.11
+    cannot view a bool as uint8)."""
+    if torch.compiler.is_dynamo_compiling():
+        return (out > 0).to(torch.uint8)
+    return (out > 0).view(torch.uint8)
 
 
 def masked_relu(x, inplace: bool = False, grad_in_place: bool = False):

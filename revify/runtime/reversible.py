@@ -404,12 +404,12 @@ class ReversibleStage(nn.Module):
         # Without a backward to come (inference) nothing needs rebuilding: no overflow check.
         check = grid is not None and (torch.is_grad_enabled() or record) and \
             _data_dependent_ok(x)
-        dtype, dim = x.dtype, self.dim
+        dtype, dim, fmt = x.dtype, self.dim, layout(x)
         sdt = stream_dtype(dtype, grid is not None)
-        halves = x.chunk(2, dim)
+        halves = [h.contiguous(memory_format=fmt) for h in x.chunk(2, dim)]  # as in _forward_once
         if grid is None:
             values = [None, None]
-            h = [h.contiguous() for h in halves]  # as the Function's branches see them
+            h = halves
         else:
             snapped = [_Snap.apply(t.to(sdt), grid, k) for k, t in enumerate(halves)]
             values = [s.detach() for s in snapped] if sdt != dtype else [None, None]
@@ -422,7 +422,7 @@ class ReversibleStage(nn.Module):
             if anchors is not None and self.anchored(i):
                 anchors[i] = stream()
             for k, branch in ((0, block.f), (1, block.g)):
-                f = branch(h[1 - k].contiguous())
+                f = branch(_branch_input(h[1 - k], dtype, fmt))
                 h[k], values[k] = _plain_add(h[k], values[k], f, grid, k)
                 if check:
                     sizes[k].append(magnitude(value(k), grid.dims))
@@ -436,13 +436,13 @@ class ReversibleStage(nn.Module):
         """The stage input (as its blocks saw it) rebuilt from `coupled.stream` by running the
         blocks backwards, restarting from `anchors` (see `couple`) where the backward would."""
         anchors, grid = anchors or {}, coupled.grid
-        dtype = coupled.output.dtype
+        dtype, fmt = coupled.output.dtype, layout(coupled.stream)
         y1, y2 = coupled.stream.chunk(2, self.dim)
         for i in reversed(range(len(self.blocks))):
             block = self.blocks[i]
-            g = block.g(y1.to(dtype).contiguous())
+            g = block.g(_branch_input(y1, dtype, fmt))
             y2 = y2 - (grid.snap(g, 1) if grid is not None else g)
-            f = block.f(y2.to(dtype).contiguous())
+            f = block.f(_branch_input(y2, dtype, fmt))
             y1 = y1 - (grid.snap(f, 0) if grid is not None else f)
             if i in anchors:
                 y1, y2 = anchors[i].to(y1.dtype).chunk(2, self.dim)
@@ -516,16 +516,24 @@ def _refuse_fsdp_inside(stage: ReversibleStage) -> None:
                            f"stage; apply it to the ReversibleStage itself or a module above it.")
 
 
-def _branch_input(half: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A stream half as F or G sees it: in the activation dtype and contiguous in every path
-    (forward, recompute, plain autograd), so kernels such as BatchNorm's take the same path
-    and round alike. The stream's own halves already are: then this is the half itself."""
-    return half.to(dtype).contiguous()
+def layout(x: torch.Tensor) -> torch.memory_format:
+    """The memory format a stage keeps its halves and branch inputs in: channels_last where the
+    stage input is stored so (a GPU's NHWC convolutions and norms then run without layout
+    conversions), else contiguous."""
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
 
 
-def _own_halves(t: torch.Tensor, dim: int) -> list[torch.Tensor]:
-    """The two halves of `t` as fresh contiguous tensors the stage may update in place."""
-    return [h.clone(memory_format=torch.contiguous_format) for h in t.chunk(2, dim)]
+def _branch_input(half: torch.Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> torch.Tensor:
+    """A stream half as F or G sees it: in the activation dtype and dense in the stage's layout
+    in every path (forward, recompute, plain autograd), so kernels such as BatchNorm's take the
+    same path and round alike. The stream's own halves already are: then this is the half."""
+    return half.to(dtype).contiguous(memory_format=fmt)
+
+
+def _own_halves(t: torch.Tensor, dim: int, fmt: torch.memory_format) -> list[torch.Tensor]:
+    """The two halves of `t` as fresh dense tensors (in `fmt`) the stage may update in place."""
+    return [h.clone(memory_format=fmt) for h in t.chunk(2, dim)]
 
 
 def paired(t: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -536,7 +544,8 @@ def paired(t: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch
     return pair if dtype is None else pair.to(dtype)
 
 
-def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebuild, tape=None):
+def _recompute(fn, stream, dtype, fmt, grad_out, params, rng, autocast, device, rebuild,
+               tape=None):
     """Run fn on a stream value once with autograd, hand its value to `rebuild` (which rebuilds
     the other stream half from it) and backpropagate grad_out through it.
 
@@ -548,7 +557,7 @@ def _recompute(fn, stream, dtype, grad_out, params, rng, autocast, device, rebui
     """
     with torch.enable_grad(), replay_rng(rng, device), replay_autocast(autocast), rerunning(), \
             replaying(tape) if tape is not None else NOTHING:
-        inp = _branch_input(stream, dtype).detach().requires_grad_(True)
+        inp = _branch_input(stream, dtype, fmt).detach().requires_grad_(True)
         out = fn(inp)
         seed = Seed.apply(out, grad_out.to(out.dtype))
     scratch = _output_unread(out, stream)
@@ -626,7 +635,8 @@ class _Run:
         # backward through one branch's rerun saves its input half while the other is rebuilt.
         # Beside 16-bit activations the forward's float32 pair serves: a branch's input is then
         # a converted copy.
-        self.stream = pair.unbind(0) if pair is not None else _own_halves(hi, self.stage.dim)
+        self.stream = pair.unbind(0) if pair is not None else \
+            _own_halves(hi, self.stage.dim, self.fmt)
         # Buffers a rerun would change (all but BatchNorm statistics: revify.runtime.modes.Slots)
         # are put back after the chain's last branch (one snapshot a stage, not one a branch).
         self.frozen = frozen_buffers(self.stage, switch=False).__enter__()
@@ -642,8 +652,8 @@ class _Run:
         rebuild = lambda value, scratch: _accumulate(stream[k], value, grid, k, -1, scratch)
         rng, self.rng[i][k] = self.rng[i][k], None
         tape, self.tapes[i][k] = self.tapes[i][k], None
-        d_inp, d_params = _recompute(branch, stream[1 - k], self.dtype, grad_out, params,
-                                     rng, self.autocast, stream[0].device, rebuild, tape)
+        d_inp, d_params = _recompute(branch, stream[1 - k], self.dtype, self.fmt, grad_out,
+                                     params, rng, self.autocast, stream[0].device, rebuild, tape)
         if k == 0 and i in self.anchors:  # drop the drift: restart from the anchor
             for half, anchor in zip(stream, self.anchors.pop(i).unbind(0)):
                 half.copy_(anchor)
@@ -728,8 +738,8 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
     """The stage's blocks without autograd, the stream updated in place; returns it (a pair,
     `paired`) and the magnitudes it reached, per block, for `widen` (empty: nothing to
     check)."""
-    dtype, device = x.dtype, x.device
-    run.rng, run.anchors, run.tapes = [], {}, []
+    dtype, device, fmt = x.dtype, x.device, layout(x)
+    run.rng, run.anchors, run.tapes, run.fmt = [], {}, [], fmt
     pair = paired(x, stage.dim, stream_dtype(dtype, grid is not None))
     if grid is not None:
         grid.snap_pair(pair)
@@ -744,7 +754,7 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
             rngs.append(capture_rng(device) if block.training and block.random[k] else None)
             tapes.append(Tape() if stage.schedule.kept else None)
             with recording(tapes[-1]) if stage.schedule.kept else NOTHING:
-                f = _scratch(branch(_branch_input(stream[1 - k], dtype)), stream[1 - k])
+                f = _scratch(branch(_branch_input(stream[1 - k], dtype, fmt)), stream[1 - k])
             _accumulate(stream[k], f, grid, k)
         if check:
             sizes.append(magnitude(pair, grid.pair_dims))
