@@ -16,6 +16,7 @@ from revify.memory.measure import parse_bytes
 from revify.plan.plan import Options, Plan, make_plan
 from revify.plan.report import unmatched_note
 from revify.rewrite import apply_schedule, rewrite
+from revify.runtime import fast
 from revify.plan.schedule import schedule
 from revify.graph.trace import propagate_shapes, trace
 
@@ -38,7 +39,10 @@ class RevifiedModel(nn.Module):
         self.revify_recipe = recipe
 
     def forward(self, *args, **kwargs):
-        return self.net(*args, **kwargs)
+        if torch.compiler.is_dynamo_compiling():  # compiled: every BatchNorm counts its own
+            return self.net(*args, **kwargs)
+        with fast.batches_counted():
+            return self.net(*args, **kwargs)
 
 
 def _example_inputs(model: nn.Module, example_inputs, input_size) -> tuple:

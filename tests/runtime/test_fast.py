@@ -64,10 +64,29 @@ def test_hooks_registered_on_the_revified_model_fire_once_per_call():
     assert len(calls) == 2
 
 
+def test_batch_counts_of_a_forward_are_added_in_one_op_and_a_layer_called_twice_counts_twice():
+    norms = [nn.BatchNorm2d(4) for _ in range(3)]
+    x = torch.randn(2, 4, 3, 3)
+    with _OpCounter() as ops:
+        with fast.batches_counted():
+            for norm in norms:
+                fast.batch_norm(norm, x)
+            assert all(n.num_batches_tracked == 0 for n in norms)  # at the end, not before
+    assert [int(n.num_batches_tracked) for n in norms] == [1, 1, 1]
+    assert ops.by_op["aten._foreach_add_.Scalar"] == 1 and ops.by_op["aten.add_.Tensor"] == 0
+    with fast.batches_counted():
+        fast.batch_norm(norms[0], x)
+        fast.batch_norm(norms[0], x)
+        fast.batch_norm(norms[1], x)
+    assert [int(n.num_batches_tracked) for n in norms] == [3, 2, 1]
+    fast.batch_norm(norms[2], x)  # outside a forward that collects them: counted at once
+    assert int(norms[2].num_batches_tracked) == 2
+
+
 def test_a_revified_step_makes_a_few_times_the_original_s_python_calls():
     """On a GPU a step is short and each Python call between kernels shows: a revified ResNet
     step (forward, rerun, F and G at half width) stays within 4.5x the original's calls and 3x
-    its ops, its ops that can launch a kernel within 3.2x (gradients created in the step) and
+    its ops, its ops that can launch a kernel within 2.9x (gradients created in the step) and
     3x (gradients already allocated, as in gradient accumulation and DDP), and it reads
     nothing back to the host (exact counts: no clock). The same revified net under plain
     autograd, nothing recomputed, launches 2.3x the original's: most of the rest is the rerun."""
@@ -80,7 +99,7 @@ def test_a_revified_step_makes_a_few_times_the_original_s_python_calls():
     base, counts = count_step(original, x, y), count_step(rev, x, y)
     assert counts.python_calls <= 4.5 * base.python_calls
     assert counts.ops <= 3 * base.ops
-    assert counts.kernel_ops <= 3.2 * base.kernel_ops
+    assert counts.kernel_ops <= 2.9 * base.kernel_ops
     assert counts.syncs == 0
     with _OpCounter() as kept_grads, torch.autograd.set_multithreading_enabled(False):
         F.cross_entropy(rev(x), y).backward()  # .grad exists: accumulated into
