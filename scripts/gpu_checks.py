@@ -247,9 +247,9 @@ def _timed_steps(runs: dict, x, y, steps: int) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _profiled(model, x, y, out, name):
+def _profiled(model, x, y, out, name, trace=False):
     """One profiled step: its GPU busy milliseconds (kernel time summed) and kernels launched;
-    its op tables (and, for revify, a gzipped Chrome trace) to `out`."""
+    its op tables (and with `trace`, a gzipped Chrome trace) to `out`."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     model.zero_grad(set_to_none=True)
@@ -266,7 +266,7 @@ def _profiled(model, x, y, out, name):
         with open(os.path.join(out, "profiles.txt"), "a") as f:
             f.write(f"\n\n##### {name}\n{table}\n\n"
                     + prof.key_averages().table(sort_by="cpu_time_total", row_limit=60))
-        if name.startswith("revify ") and name.split()[1] in ("channels_last", "NCHW"):
+        if trace:
             import gzip
             trace = os.path.join(out, f"trace_{tag}.json")
             prof.export_chrome_trace(trace)
@@ -303,7 +303,8 @@ def profile():
         for name, ms in median.items():
             model, context = runs[name]
             with context():
-                busy, kernels, table = _profiled(model, x, y, out, f"{name} {layout}")
+                busy, kernels, table = _profiled(model, x, y, out, f"{name} {layout}",
+                                                 trace=name == "revify")
             print(f"  {name:28} {ms:7.1f} ms  {ms / median['original']:.3f}x   GPU busy "
                   f"{busy:6.1f} ms, {kernels} kernels", flush=True)
             if name == "revify" and fmt == torch.channels_last:

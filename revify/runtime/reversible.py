@@ -406,11 +406,11 @@ class ReversibleStage(nn.Module):
             _data_dependent_ok(x)
         dtype, dim, fmt = x.dtype, self.dim, layout(x)
         sdt = stream_dtype(dtype, grid is not None)
-        halves = [h.contiguous(memory_format=fmt) for h in x.chunk(2, dim)]  # as in _forward_once
+        halves = x.chunk(2, dim)
         if grid is None:
             values = [None, None]
-            h = halves
-        else:
+            h = [t.contiguous(memory_format=fmt) for t in halves]  # as the branches see them
+        else:  # snapping makes new tensors, dense in the halves' own layout: no copy first
             snapped = [_Snap.apply(t.to(sdt), grid, k) for k, t in enumerate(halves)]
             values = [s.detach() for s in snapped] if sdt != dtype else [None, None]
             h = [s.to(dtype) for s in snapped] if sdt != dtype else snapped
