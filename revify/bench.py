@@ -11,7 +11,6 @@ as well.
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from revify.memory.analyze import checkpoint_baseline
 from revify.graph.blocks import find_blocks, module_path
+from revify.graph.hooks import copy_model
 from revify.memory.counting import StepCounts, count_step
 from revify.memory.measure import measure_step, measure_step_profiled
 from revify.memory.projection import project_peak
@@ -156,7 +156,7 @@ def timm_checkpointing(model: nn.Module, leaf_modules=()) -> nn.Module:
     A timm model does it itself. Any other model gets its blocks wrapped in BlockCheckpointed:
     the blocks revify finds, each where it is one submodule (torchvision's `layer1.0`...).
     """
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     if hasattr(model, "set_grad_checkpointing"):
         try:
             model.set_grad_checkpointing(True)
@@ -215,7 +215,7 @@ class Compiled(nn.Module):
             with torch._functorch.config.patch(activation_memory_budget=budget):
                 return compile_graph(gm, example_inputs)
 
-        self.net = torch.compile(copy.deepcopy(model), backend=with_budget)
+        self.net = torch.compile(copy_model(model), backend=with_budget)
 
     def forward(self, *args):
         return self.net(*args)

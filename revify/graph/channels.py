@@ -15,7 +15,7 @@ from torch import fx
 from revify.graph.ops import (POSITION_FREE_MODULES, is_channel_agnostic, is_getitem, is_reduction,
                               is_reshape, is_shape_read, op_name, permute_dims, shape_read_dims,
                               spatial_dims)
-from revify.plan.resize import holds_state, resizer_for
+from revify.plan.resize import holds_state, reparametrized, resizer_for
 
 
 def inner_key(node: str) -> str:
@@ -312,7 +312,8 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
                                   f"tell whether it treats channels alike{hint}")
             rule = resizer_for(module)
             if rule is None:
-                raise Unresizable(f"no resize rule for {type(module).__name__} ('{node.target}')")
+                raise Unresizable(f"no resize rule for {type(module).__name__} ('{node.target}')"
+                                  f"{reparametrized(module)}")
             if len(inputs) != 1:
                 raise Unresizable(f"module '{node.target}' takes {len(inputs)} branch tensors")
             p = pos[name] = pos[inputs[0].name]

@@ -6,13 +6,21 @@ other shapes, or twice a step; run while tracing, it would see fake tensors, or 
 and hide its block. `transform` therefore carries no hook: it removes them from its working
 copy of the model (the caller's model keeps them) and warns, naming their modules. torch's own
 weight reparametrisations that live in hooks (`weight_norm`, `spectral_norm`) are part of what
-the layer computes, not observers: they stay.
+the layer computes, not observers: they stay. A spectral norm (either form) runs its power
+iteration in the forward only (`rerun_safe_spectral_norms`), so that a rerun computes the
+forward's weight.
 """
 from __future__ import annotations
 
+import copy
+
+import torch
 from torch import nn
+from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+
+from revify.runtime.modes import rerunning_enabled
 
 HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 # Per-hook flags kept beside the hooks, by the same handle id.
@@ -43,7 +51,57 @@ def _drop_own_hooks(module: nn.Module) -> bool:
     return dropped
 
 
+# ----------------------------------------------------------------------------- spectral norm
+class RerunSpectralNorm(SpectralNorm):
+    """spectral_norm's hook without the power iteration in a rerun (a checkpointed unit's, in
+    the backward; revify.runtime.modes.rerunning). The forward's iteration left u and v as its
+    weight used them, so the rerun computes that weight again, bit for bit: a second iteration
+    would change it, and the gradients with it. Outside reruns it is SpectralNorm."""
+
+    def __call__(self, module: nn.Module, inputs) -> None:
+        iterate = module.training and not rerunning_enabled()
+        setattr(module, self.name, self.compute_weight(module, do_power_iteration=iterate))
+
+
+class RerunSpectralNormParametrization(_SpectralNorm):
+    """parametrizations.spectral_norm's module, likewise without its power iteration in a
+    rerun."""
+
+    def _power_method(self, weight_mat: torch.Tensor, n_power_iterations: int) -> None:
+        if not rerunning_enabled():
+            super()._power_method(weight_mat, n_power_iterations)
+
+
+def rerun_safe_spectral_norms(model: nn.Module) -> None:
+    """Give `model`'s spectral norms (both forms) their rerun-safe classes, in place."""
+    for module in model.modules():
+        if type(module) is _SpectralNorm:
+            module.__class__ = RerunSpectralNormParametrization
+        for hook in module._forward_pre_hooks.values():
+            if type(hook) is SpectralNorm:
+                hook.__class__ = RerunSpectralNorm
+
+
 def hooks_warning(names: list[str]) -> str:
     return (f"revify: hooks on {', '.join(names)} are not carried into the revified model (its "
             f"layers are rebuilt, and rerun in the backward); register them on the revified "
             f"model's modules instead.")
+
+
+def recomputed_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights that COMPUTING_HOOKS set before each forward (plain attributes, not
+    parameters). After a forward with gradients they are non-leaf tensors, which deepcopy
+    refuses; a copy may hold anything in their place, since its hook sets them again before
+    the copy's first forward."""
+    return [w for module in model.modules() for hook in module._forward_pre_hooks.values()
+            if isinstance(hook, COMPUTING_HOOKS)
+            and isinstance(w := getattr(module, hook.name, None), torch.Tensor)]
+
+
+def copy_model(model: nn.Module, memo: dict | None = None) -> nn.Module:
+    """copy.deepcopy(model, memo), also for a model with hook-based `weight_norm` or
+    `spectral_norm` after a forward (their weights copied detached: see recomputed_weights)."""
+    memo = {} if memo is None else memo
+    for w in recomputed_weights(model):
+        memo.setdefault(id(w), w.detach().clone())
+    return copy.deepcopy(model, memo)

@@ -6,7 +6,6 @@ fake tensors, so nothing is allocated and no BatchNorm statistic is touched.
 """
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 import operator
@@ -19,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from revify.graph.hooks import drop_hooks
+from revify.graph.hooks import copy_model, drop_hooks, rerun_safe_spectral_norms
 from revify.graph.ops import mode_arguments, mode_module
 from revify.plan.resize import RESIZERS
 
@@ -91,8 +90,9 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), num_inputs:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"revify.transform expects a torch.nn.Module, got {type(model).__name__}.")
-    model = copy.deepcopy(model)
+    model = copy_model(model)
     hooked = drop_hooks(model)  # they must not run on proxies and fake tensors (revify.graph.hooks)
+    rerun_safe_spectral_norms(model)
     leaf_modules, opaque = list(leaf_modules), {}
     while True:
         graphs = {mode: _trace_in(model.train(mode), leaf_modules, opaque, num_inputs)

@@ -21,13 +21,13 @@ the same allocations in the same order at both sizes, which is checked.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import fx, nn
 
+from revify.graph.hooks import copy_model
 from revify.runtime.checkpoint import Checkpointed
 from revify.memory.measure import GRAD_REGIMES, check_grads, measure_step
 from revify.memory.measure import parse_bytes  # noqa: F401 (revify.memory.analyze.parse_bytes, as before)
@@ -522,7 +522,7 @@ def measure(model: nn.Module, input_size=(3, 224, 224), batch_size: int = 64,
     """
     analysis, models = _analyze(model, input_size, batch_size, dtype, optimizer, memory, device,
                                 curves, name, options, grads)
-    models["original"] = copy.deepcopy(models["original"])
+    models["original"] = copy_model(models["original"])
     device = torch.device(analysis.device)
     analysis.measured = {s: _measure(m, analysis.batch_size, analysis.input_size,
                                      DTYPES[analysis.dtype], device) for s, m in models.items()}

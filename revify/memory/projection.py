@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
+from revify.graph.hooks import recomputed_weights
 from revify.memory.measure import LiveTensorTracker, prepare_grads
 
 
@@ -83,6 +84,8 @@ def fake_copy(model: nn.Module, mode, device=None, dtype=None) -> nn.Module:
             memo[id(p)] = nn.Parameter(fake_like(p, device, dtype), p.requires_grad)
         for b in model.buffers():
             memo[id(b)] = fake_like(b, device, dtype)
+        for w in recomputed_weights(model):  # hook-set weights (weight_norm's): nor these
+            memo[id(w)] = fake_like(w, device, dtype)
     return copy.deepcopy(model, memo).train()
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import is_parametrized
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.ops import StochasticDepth
 
@@ -66,15 +67,32 @@ _STATELESS = Resizer(ties=lambda m: True, divisor=lambda m: 1,
 
 
 def resizer_for(module: nn.Module) -> Resizer | None:
-    """The registered resizer (looked up along the class hierarchy), or None if unknown."""
+    """The registered resizer (looked up along the class hierarchy), or None if unknown or if
+    the module holds tensors its rule does not rebuild: a subclass's own (timm's ScaledStdConv2d
+    `gain`), or those a hook-based `spectral_norm`/`weight_norm` put on a plain layer
+    (`weight_orig`, `weight_u`, `weight_g`, ...), from which its hook recomputes `weight` at
+    the old shape. (The `parametrizations` forms make a subclass of their own: no rule either.)"""
     for cls in type(module).__mro__:
         if cls in RESIZERS:
             rule = RESIZERS[cls]
-            if cls is type(module):
+            if cls is type(module) and rule.tensors is None:
                 return rule
-            own = {n.rpartition(".")[2] for n, _ in [*module.named_parameters(), *module.named_buffers()]}
-            return rule if rule.tensors is not None and own <= rule.tensors else None
+            return rule if _own_tensors(module) <= rule.tensors else None
     return None if holds_state(module) else _STATELESS
+
+
+def reparametrized(module: nn.Module) -> str:
+    """What makes a layer of a registered type unresizable, said in a plan's reason: the
+    reparametrization it holds (empty if none)."""
+    if is_parametrized(module):
+        return f" (its {', '.join(module.parametrizations)} parametrized)"
+    extra = sorted(_own_tensors(module) - (RESIZERS.get(type(module), _STATELESS).tensors or set()))
+    return f" (its {', '.join(extra)}: a hook-based weight_norm or spectral_norm)" \
+        if extra and type(module) in RESIZERS else ""
+
+
+def _own_tensors(module: nn.Module) -> set[str]:
+    return {n.rpartition(".")[2] for n, _ in [*module.named_parameters(), *module.named_buffers()]}
 
 
 def rebuild(module: nn.Module, cin: int, cout: int, device=None, inner: int | None = None,

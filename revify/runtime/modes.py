@@ -97,6 +97,10 @@ class rerunning(_Switch):
     name = "rerunning"
 
 
+def rerunning_enabled() -> bool:
+    return getattr(_local, "rerunning", False)
+
+
 class Slots:
     """Where a module's parameters and buffers live (the owning module's dict and the name),
     found by one walk of the module: reading them through their slots each step sees a

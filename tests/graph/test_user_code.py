@@ -97,6 +97,27 @@ def test_a_model_without_hooks_converts_without_the_warning(recwarn):
     assert not [w for w in recwarn if "hooks on" in str(w.message)]
 
 
+@pytest.mark.parametrize("norm", [nn.utils.spectral_norm, nn.utils.parametrizations.spectral_norm,
+                                  nn.utils.weight_norm, nn.utils.parametrizations.weight_norm])
+def test_weight_reparametrizations_stay_checkpointed_and_rerun_the_forwards_weight(norm):
+    """spectral_norm and weight_norm in both forms, applied after a forward with gradients (which
+    leaves the hook forms' weights non-leaf: a plain deepcopy refuses the model). No rule resizes
+    them: their block stays checkpointed, the plan says why, and the checkpoint's rerun computes
+    the forward's weight (a second power iteration would change it, and the gradients)."""
+    torch.manual_seed(0)
+    model = Net(BasicBlock, drop_rate=0.0)
+    model.layer1[0].conv1 = norm(model.layer1[0].conv1)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    rev = build(model, None, Options(schedule="recompute_all"), input_size=(3, 16, 16))
+    first, second = rev.revify_plan.blocks
+    assert first.action == "checkpointed" and "no resize rule" in first.reason
+    assert "layer1.0.conv1" in first.reason and second.action == "reversible"
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))
+    got, ref = step_grads(rev.train(), x, y), step_grads(rev, x, y, exact=True)
+    assert all(torch.equal(got[k], ref[k]) for k in ref), worst_rel_err(got, ref)
+
+
 # ----------------------------------------------------------------------------- dropout
 @pytest.fixture(scope="module")
 def dropout_net():
