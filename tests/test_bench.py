@@ -161,7 +161,8 @@ def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("script, rows", [
-    ("time_breakdown.py", ["original", "revify", "revify, nothing recomputed", "revify, no grid"]),
+    ("time_breakdown.py", ["original", "revify", "revify, nothing recomputed", "revify, no grid",
+                           "forward without autograd", "nothing recomputed + that"]),
     ("keep_ablation.py", ["original", "keeping", "keeping nothing"]),
 ])
 def test_timing_scripts_run_every_configuration(script, rows):

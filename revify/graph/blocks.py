@@ -4,7 +4,8 @@ A residual block is an add `x + branch(x)` where everything on both sides of the
 from one tensor `x` (the block's entry) and feeds nothing but the add. An elementwise activation
 that is the add's only user belongs to the block (post-activation ResNets). A shortcut side that
 does anything to `x` (projection conv, pooling, padding) makes the block a *projection* block:
-found and reported, but not invertible.
+found and reported, but not invertible. Something on one side must be learned (a layer with
+parameters or buffers): `max_pool(x) + avg_pool(x)` is arithmetic, not a block.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from revify.graph.ops import is_activation, is_add
+from revify.plan.resize import holds_state
 
 # A branch deeper than this many nodes is not treated as one block (keeps the search linear).
 MAX_BLOCK_NODES = 400
@@ -66,6 +68,13 @@ def _reads(side: set[fx.Node], entry: fx.Node) -> bool:
     return any(entry in n.all_input_nodes for n in side)
 
 
+def _learned(nodes: set[fx.Node], modules: dict[str, nn.Module]) -> bool:
+    """Whether any of `nodes` reads a parameter or a buffer (a layer, or a weight fetched by
+    get_attr): what a residual function has and an arithmetic of pools does not."""
+    return any(n.op == "get_attr" or (n.op == "call_module" and holds_state(modules[n.target]))
+               for n in nodes)
+
+
 def _is_identity_module(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_module" and isinstance(modules[node.target], nn.Identity)
 
@@ -107,6 +116,8 @@ def _match_block(add: fx.Node, order, modules) -> ResidualBlock | None:
         return None
     if not all(_reads(side, entry) for side in (side_a, side_b) if side):
         return None  # a side that does not start from x (x + pos_embed): not a residual
+    if not _learned(side_a | region, modules):
+        return None  # nothing learned on either side (max_pool(x) + avg_pool(x)): a plain op
     post = next(iter(add.users)) if len(add.users) == 1 else None
     if post is not None and not (is_activation(post, modules) and post.all_input_nodes == [add]):
         post = None

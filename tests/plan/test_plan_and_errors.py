@@ -29,6 +29,22 @@ def test_finds_every_torchvision_block(name, blocks, projections):
     assert all(b.post_op for b in found)  # the ReLU after the add belongs to the block
 
 
+class PoolMix(TinyResNet):
+    """TinyResNet with `max_pool(x) + avg_pool(x)` after the stem: an add of two sides computed
+    from one tensor, with nothing learned on either."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.max_pool2d(x, 3, 1, 1) + F.avg_pool2d(x, 3, 1, 1)
+        x = self.stage2(self.down(self.stage1(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_an_add_of_pools_is_not_a_residual_block():
+    assert [b.name for b in _blocks(PoolMix())] == [
+        "stage1.0", "stage1.1", "stage2.0", "stage2.1"]
+
+
 @pytest.mark.parametrize("style", ["plus", "iadd", "torch.add", "method"])
 @pytest.mark.parametrize("act", ["module", "functional"])
 def test_user_written_blocks_are_found_and_made_reversible(style, act, data):
