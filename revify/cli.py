@@ -224,10 +224,12 @@ def cmd_analyze(args) -> int:
 def cmd_verify(args) -> int:
     import torch
 
-    from revify.verify import format_checks, verify
+    from revify.verify import format_checks, unzero_init, verify
     _positive_ints([args.batch_size], "--batch-size")
     source = _source(args)
     rev = source.revified()
+    if source.payload is None:  # random weights: zero-initialised norms would leave little to check
+        unzero_init(rev)
     print(f"{source.name}: {sum(b.action == 'reversible' for b in rev.revify_plan.blocks)} "
           f"reversible blocks, batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}",
           file=sys.stderr)

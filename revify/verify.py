@@ -41,6 +41,22 @@ class Check:
         return self.value <= self.tolerance  # NaN fails
 
 
+def unzero_init(model: nn.Module) -> nn.Module:
+    """Set every all-zero weight (timm's zero-initialised last norm of each residual branch) to
+    one, in place, and return the model.
+
+    With those weights at zero every branch outputs a constant and no gradient reaches its
+    convolutions, so a gradient check of a freshly built timm model would test next to nothing:
+    the checks of models built with random weights (`revify verify MODEL`, the tests,
+    scripts/coverage.py) run on models whose branches compute.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rpartition(".")[2] == "weight" and p.is_floating_point() and not p.any():
+                p.fill_(1.0)
+    return model
+
+
 def _tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]

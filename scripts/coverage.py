@@ -22,6 +22,7 @@ from tabulate import tabulate
 
 import revify
 from revify.bench import machine
+from revify.verify import unzero_init
 
 TIMM_PATTERNS = ["resnet*", "resnext*", "seresnet*", "seresnext*", "ecaresnet*", "resnetrs*",
                  "wide_resnet*", "skresnet*", "resnetblur*", "gcresnet*"]
@@ -44,22 +45,6 @@ def models(pattern):
     timm_names = sorted({n for p in TIMM_PATTERNS for n in timm.list_models(p)})
     out = [("timm", n) for n in timm_names] + [("torchvision", n) for n in TORCHVISION]
     return [(lib, n) for lib, n in out if any(fnmatch.fnmatch(n, p) for p in pattern.split(","))]
-
-
-def unzero_init(model: torch.nn.Module) -> torch.nn.Module:
-    """Set every all-zero weight (timm's zero-initialised last norm of each residual branch) to
-    one, in place.
-
-    With those weights at zero every branch outputs a constant and no gradient reaches its
-    convolutions, so a gradient check on a freshly built timm model would test next to nothing.
-    Checks (the tests, this script; tests/conftest.py has a copy) run on models whose branches
-    compute.
-    """
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rpartition(".")[2] == "weight" and p.is_floating_point() and not p.any():
-                p.fill_(1.0)
-    return model
 
 
 def create(lib, name):
@@ -226,7 +211,7 @@ def write(rows, path, batch):
                 f"revify against the original; "
                 f"grad_err: reversible backward vs plain autograd in float32, norm-wise relative "
                 f"error of all parameter gradients together; every model built with "
-                f"unzero_init (scripts/coverage.py), so that its branches compute).\n\n"
+                f"revify.verify.unzero_init, so that its branches compute).\n\n"
                 f"Run {time.strftime('%Y-%m-%d')} on {machine()}, timm {timm.__version__}."
                 f"\n\n{summary}\n\n{table}\n")
     with open(LIST_FILE, "w") as f:  # what `revify list` reads

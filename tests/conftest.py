@@ -114,22 +114,6 @@ def assert_rerun_is_plain(layer: nn.Module, x: torch.Tensor, first: torch.Tensor
     assert all(torch.equal(a, b) for a, b in zip(rerun, plain))
 
 
-def unzero_init(model: nn.Module) -> nn.Module:
-    """Set every all-zero weight (timm's zero-initialised last norm of each residual branch) to
-    one, in place.
-
-    With those weights at zero every branch outputs a constant and no gradient reaches its
-    convolutions, so a gradient check on a freshly built timm model would test next to nothing.
-    Checks (the tests, `scripts/coverage.py`, which has a copy) run on models whose branches
-    compute.
-    """
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.rpartition(".")[2] == "weight" and p.is_floating_point() and not p.any():
-                p.fill_(1.0)
-    return model
-
-
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Norm-wise relative error of a against the reference b."""
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
@@ -138,6 +122,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def worst_rel_err(got: dict, ref: dict) -> tuple[float, str]:
     assert got.keys() == ref.keys()
     return max((rel_err(got[k], ref[k]), k) for k in ref)
+
+
+def grads_match_plain_autograd(rev: nn.Module, size: int = 32, seed: int = 0,
+                               tolerance: float = 1e-5) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One step of `rev` (a batch of 2 at 3 x size x size and 5 classes, drawn after
+    torch.manual_seed(1)) through its reversible backward, against the same model under plain
+    autograd: every gradient within `tolerance`. Returns (gradients, x, y)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, size, size), torch.randint(0, 5, (2,))
+    got = step_grads(rev.train(), x, y, seed=seed)
+    err, where = worst_rel_err(got, step_grads(rev, x, y, exact=True, seed=seed))
+    assert err <= tolerance, (err, where)
+    return got, x, y
 
 
 def smoothed(model: torch.nn.Module) -> torch.nn.Module:

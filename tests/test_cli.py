@@ -105,6 +105,22 @@ def test_verify_catches_a_wrong_backward(capsys, monkeypatch):
     assert next(line for line in out.splitlines() if line.startswith("gradients")).endswith("FAIL")
 
 
+def test_verify_of_a_model_built_by_name_checks_branches_that_compute(capsys, monkeypatch):
+    """timm zero-initialises each branch's last norm: with random weights the branches would
+    output constants and their convolutions get no gradient to check. revify verify sets such
+    weights to one first (a file's trained weights are left as they are)."""
+    import timm
+
+    import revify.verify as verify_module
+    zero = lambda model: [n for n, p in model.named_parameters() if n.endswith("weight") and not p.any()]
+    assert zero(timm.create_model("resnet18", pretrained=False))  # what the check is about
+    checked, real = [], verify_module.verify
+    monkeypatch.setattr(verify_module, "verify", lambda rev, x: checked.append(rev) or real(rev, x))
+    code, _, err = run(capsys, "verify", "timm/resnet18", *SMALL)
+    assert code == 0, err
+    assert zero(checked[0]) == []
+
+
 def test_analyze_plan_and_bench_read_a_file(converted, capsys):
     _, folder = converted
     code, out, err = run(capsys, "plan", folder / "model.pt")

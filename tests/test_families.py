@@ -10,11 +10,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import assert_directional_derivatives, smoothed, step_grads, unzero_init, worst_rel_err
+from conftest import (assert_directional_derivatives, grads_match_plain_autograd, smoothed,
+                      step_grads, worst_rel_err)
 from torch import nn
 
 import revify
 from revify.plan.resize import RESIZERS, resizer_for
+from revify.verify import unzero_init
 
 # family -> (model, reversible blocks expected at least)
 FAMILIES = {
@@ -213,11 +215,7 @@ def test_convnext_converts_and_matches_exact_autograd(source):
     assert [b.action for b in plan.blocks] == ["reversible"] * CONVNEXTS[source], str(plan)
     assert abs(plan.params_after / plan.params_before - 1) <= 0.1
     assert plan.params_after == sum(p.numel() for p in rev.parameters())
-    torch.manual_seed(1)
-    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
-    got = step_grads(rev.train(), x, y)
-    err, where = worst_rel_err(got, step_grads(rev, x, y, exact=True))
-    assert err <= 1e-5, (err, where)
+    got, x, y = grads_match_plain_autograd(rev)
     assert worst_rel_err(step_grads(rev, x, y, exact=True, seed=7), got)[0] > 1e-3  # masks drawn
 
 
@@ -332,11 +330,7 @@ def test_vit_couples_attention_with_mlp_on_the_channel_dim():
 def test_vit_with_layer_scale_drop_path_and_dropout_matches_exact_autograd():
     rev = revify.transform(_vit(init_values=0.5, drop_path_rate=0.2, attn_drop_rate=0.1,
                                 proj_drop_rate=0.1), input_size=(3, 32, 32))
-    torch.manual_seed(1)
-    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
-    got = step_grads(rev.train(), x, y)
-    err, where = worst_rel_err(got, step_grads(rev, x, y, exact=True))
-    assert err <= 1e-5, (err, where)
+    got, x, y = grads_match_plain_autograd(rev)
     assert worst_rel_err(step_grads(rev, x, y, exact=True, seed=7), got)[0] > 1e-3  # masks drawn
 
 

@@ -4,7 +4,7 @@ with `F.avg_pool2d(out, out.size(2))` and other shape reads, elementwise activat
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import step_grads, worst_rel_err
+from conftest import grads_match_plain_autograd, step_grads, worst_rel_err
 from torch import nn
 
 import revify
@@ -19,15 +19,6 @@ def _plan(model, size=16):
     gm = trace(model)
     propagate_shapes(gm, (torch.randn(2, 3, size, size),))
     return make_plan(gm, find_blocks(gm), Options())
-
-
-def _grads_match(rev, seed=0):
-    torch.manual_seed(1)
-    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 5, (2,))
-    got = step_grads(rev.train(), x, y, seed=seed)
-    err, where = worst_rel_err(got, step_grads(rev, x, y, exact=True, seed=seed))
-    assert err <= 1e-5, (err, where)
-    return got, x, y
 
 
 class Net(nn.Module):
@@ -86,7 +77,7 @@ def test_hooks_registered_before_transform_are_left_out_with_one_warning():
     assert not rev.revify_plan.opaque
     hooked = [n for n, m in rev.named_modules() if m._forward_hooks or m._forward_pre_hooks]
     assert hooked == []
-    _grads_match(rev)
+    grads_match_plain_autograd(rev, 16)
     assert calls == {"bn1": 0, "layer1.0.conv1": 0, "layer1.1": 0}  # nor in the revified model
     model(torch.randn(2, 3, 16, 16))  # the caller's model keeps its hooks
     assert calls == {"bn1": 1, "layer1.0.conv1": 1, "layer1.1": 1}
@@ -137,7 +128,8 @@ def test_functional_dropout_converts_as_nn_dropout(dropout_net):
 
 def test_functional_dropout_masks_replay_in_the_backward(dropout_net):
     _, rev = dropout_net
-    got, x, y = _grads_match(rev, seed=123)  # the reversible rerun draws the forward's masks
+    # the reversible rerun draws the forward's masks
+    got, x, y = grads_match_plain_autograd(rev, 16, seed=123)
     other = step_grads(rev, x, y, exact=True, seed=7)
     assert worst_rel_err(other, got)[0] > 1e-3  # masks really are drawn in training
     torch.manual_seed(123)
@@ -238,7 +230,7 @@ def test_grouped_convs_keep_their_group_width_and_the_parameter_count():
         assert abs(stage.params_after / stage.params_before - 1) <= 0.1
     assert {width for width, _ in _group_shapes(rev)} == {8}  # the group width, as in RegNet
     assert rev.revify_plan.params_after == sum(p.numel() for p in rev.parameters())
-    _grads_match(rev)
+    grads_match_plain_autograd(rev, 16)
 
 
 def test_grouped_convs_at_one_group_count_keep_it():
@@ -249,7 +241,7 @@ def test_grouped_convs_at_one_group_count_keep_it():
     assert {groups for _, groups in _group_shapes(rev)} == {4}
     for stage in rev.revify_plan.stages:
         assert abs(stage.params_after / stage.params_before - 1) <= 0.1
-    _grads_match(rev)
+    grads_match_plain_autograd(rev, 16)
 
 
 class ThinBlock(nn.Module):
@@ -333,7 +325,7 @@ def test_shape_reads_of_other_dims_and_the_channel_count_convert(block):
     rev = revify.transform(Net(block), input_size=(3, 16, 16))
     plan = rev.revify_plan
     assert [b.action for b in plan.blocks] == ["reversible"] * 2, str(plan)
-    _grads_match(rev)
+    grads_match_plain_autograd(rev, 16)
 
 
 class ShuffleBlock(nn.Module):
