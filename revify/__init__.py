@@ -1,8 +1,9 @@
 """revify: turn residual networks into reversible networks that train in less memory.
 
 The names here are the ones users call; everything else is imported from its module
-(`from revify.runtime.reversible import ReversibleStage`, `from revify.memory.analyze import measure`,
-`from revify.pipeline import build`: `revify.analyze` and `revify.transform` name the functions).
+(`from revify.runtime.reversible import ReversibleStage`,
+`from revify.memory.analyze import measure`, `from revify.pipeline import build`: `revify.analyze`
+and `revify.transform` name the functions).
 """
 __version__ = "0.1.0"  # first: modules imported below read it
 

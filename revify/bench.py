@@ -75,7 +75,8 @@ def _revify_at_timm_peak(model, example, options):
 
 
 def _baseline(**how):
-    """revify's own checkpointing of the unchanged model (revify.memory.analyze.checkpoint_baseline)."""
+    """revify's own checkpointing of the unchanged model
+    (revify.memory.analyze.checkpoint_baseline)."""
     return lambda model, example, options: checkpoint_baseline(
         model, example, options.get("leaf_modules", ()), **how)
 
@@ -99,7 +100,8 @@ ROWS = {
     # the same memory as timm's checkpointing, spent by the schedule on speed
     "revify-at-timm-peak": _revify_at_timm_peak,
     "revify-native": _revify(reconstruction="native"),
-    **{name: (lambda model, example, options, budget=budget: Compiled(model, budget, COMPILE_BACKEND))
+    **{name: (lambda model, example, options, budget=budget:
+              Compiled(model, budget, COMPILE_BACKEND))
        for name, budget in COMPILE_BUDGETS.items()},
 }
 DEFAULT_ROWS = ("original", "checkpoint", "checkpoint-timm", "checkpoint-sqrt", "revify",
@@ -238,7 +240,8 @@ def machine(device: str = "cpu") -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    """What went wrong, in one line: dynamo wraps the backend's own error ("backend=... raised:")."""
+    """What went wrong, in one line: dynamo wraps the backend's own error
+    ("backend=... raised:")."""
     while (inner := getattr(exc, "inner_exception", None) or exc.__cause__) is not None:
         exc = inner
     lines = str(exc).strip().splitlines()
@@ -303,8 +306,8 @@ def _compile(models: dict[str, nn.Module], x, y, tick, note) -> dict[str, float]
 
 
 def run_bench(models: dict[str, nn.Module], batch_size: int, input_size, steps: int = 3,
-              device: str = "cpu", progress=None, note=_note,
-              autocast: torch.dtype | None = None, channels_last: bool = False) -> list[BenchResult]:
+              device: str = "cpu", progress=None, note=_note, autocast: torch.dtype | None = None,
+              channels_last: bool = False) -> list[BenchResult]:
     """progress(done, total, what) is called before each measured piece of work; note(text)
     says why a row was left out (a failed compilation); `autocast` runs every forward under
     autocast to that dtype; `channels_last` stores the input and every model in NHWC, as

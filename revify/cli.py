@@ -52,12 +52,13 @@ def _width(text: str):
 
 def _add_input_size(p, default=None) -> None:
     p.add_argument("--input-size", type=int, nargs=3, default=default, metavar=("C", "H", "W"),
-                   help="input shape without the batch" + ("" if default else
-                                                           " (default: a file's own, else 3 224 224)"))
+                   help="input shape without the batch"
+                   + ("" if default else " (default: a file's own, else 3 224 224)"))
 
 
 def _add_model(p, what="a model name or a revify file") -> None:
-    p.add_argument("model", help=f"{what}: resnet50, timm/resnet50d, package.module:factory, model.pt")
+    p.add_argument("model",
+                   help=f"{what}: resnet50, timm/resnet50d, package.module:factory, model.pt")
     p.add_argument("--source", metavar="package.module:factory",
                    help="for a FILE from user code: the factory that builds its source model")
 
@@ -83,7 +84,8 @@ class _Moved(argparse.Action):
 def _add_transform_options(p) -> None:
     g = p.add_argument_group("transform options (see revify.transform)")
     g.add_argument("--width", type=_width, default=None,
-                   help="'match' (keep each stage's parameters, default) or an internal width factor")
+                   help="'match' (keep each stage's parameters, default) or an internal "
+                        "width factor")
     g.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="a submodule torch.fx should not trace into (repeatable)")
     for flag in MOVED:
@@ -194,7 +196,8 @@ def cmd_analyze(args) -> int:
 
     from tabulate import tabulate_formats
 
-    from revify.memory.analyze import analyze, measure, parse_bytes, parse_dtype, plot, require_matplotlib
+    from revify.memory.analyze import (analyze, measure, parse_bytes, parse_dtype, plot,
+                                       require_matplotlib)
     from revify.files import atomic_path
     _positive_ints([args.batch_size], "--batch-size")
     try:
@@ -217,7 +220,8 @@ def cmd_analyze(args) -> int:
         with atomic_path(args.plot) as tmp:
             plot(result, tmp)
         print(f"revify: wrote {args.plot}", file=sys.stderr)
-    print(json.dumps(result.to_json(), indent=2) if args.json else result.format(args.format, args.blocks))
+    print(json.dumps(result.to_json(), indent=2) if args.json
+          else result.format(args.format, args.blocks))
     return 0
 
 
@@ -231,7 +235,8 @@ def cmd_verify(args) -> int:
     if source.payload is None:  # random weights: zero-initialised norms would leave little to check
         unzero_init(rev)
     print(f"{source.name}: {sum(b.action == 'reversible' for b in rev.revify_plan.blocks)} "
-          f"reversible blocks, batch {args.batch_size}, input {'x'.join(map(str, source.input_size))}",
+          f"reversible blocks, batch {args.batch_size}, "
+          f"input {'x'.join(map(str, source.input_size))}",
           file=sys.stderr)
     checks = verify(rev, torch.empty(args.batch_size, *source.input_size))
     print(format_checks(checks))
@@ -266,9 +271,10 @@ def cmd_bench(args) -> int:
           "includes gradients: '-'); peak: the same with gradients counted from birth "
           "(zero_grad(set_to_none=True); max_memory_allocated on CUDA); accum: the peak of a "
           "step whose gradients exist before it (gradient accumulation, DDP buckets), all but "
-          "those gradients; time: median step; memory by: live tensors (a dispatch mode), allocator "
-          "profile (the CPU allocator's profiled allocations and frees, for compiled code, which "
-          "allocates out of the dispatch mode's sight; kernel workspaces left out as there)")
+          "those gradients; time: median step; memory by: live tensors (a dispatch mode), "
+          "allocator profile (the CPU allocator's profiled allocations and frees, for compiled "
+          "code, which allocates out of the dispatch mode's sight; kernel workspaces left out as "
+          "there)")
     print("\nper training step, exact counts (on a GPU every kernel op is a launch, every Python "
           "call time between launches, every host sync a stall; compiled rows are not counted):")
     print(format_counts(results))
@@ -288,7 +294,8 @@ def cmd_list(args) -> int:
                          f"list --all', or 'revify plan NAME' for any other model)")
     rows = [[r["model"], r["lib"], r.get("rev") or "-"] + ([r["note"] or ""] if args.all else [])
             for r in found]
-    print(tabulate(rows, ["model", "library", "reversible blocks"] + (["why not"] if args.all else []),
+    print(tabulate(rows,
+                   ["model", "library", "reversible blocks"] + (["why not"] if args.all else []),
                    disable_numparse=True))
     print(f"\n{len(found)} models, each converted with random weights by scripts/coverage.py "
           f"(docs/coverage.md); a name both libraries have is tv/NAME or timm/NAME")
@@ -303,7 +310,8 @@ def cmd_drift(args) -> int:
         raise UsageError("--device cuda: no CUDA device is available")
     if args.autocast == "fp16" and args.device == "cpu":
         raise UsageError("--autocast fp16 needs --device cuda (CPU autocast runs bf16)")
-    modes = [("exact", None), ("native", None)] + ([("native", args.anchor_every)] if args.anchor_every else [])
+    modes = [("exact", None), ("native", None)] + (
+        [("native", args.anchor_every)] if args.anchor_every else [])
     rows = measure_drift(_positive_ints(args.depths, "--depths"), modes, args.autocast, args.device,
                          args.batch_size, args.image_size)
     print(format_drift(rows))

@@ -80,7 +80,8 @@ def _autocast(device: str, name: str):
 
 def format_drift(rows: list[DriftRow], fmt: str = "simple") -> str:
     from tabulate import tabulate
-    table = [[r.depth, r.reconstruction + (f", anchor every {r.anchor_every}" if r.anchor_every else ""),
+    table = [[r.depth,
+              r.reconstruction + (f", anchor every {r.anchor_every}" if r.anchor_every else ""),
               r.autocast, f"{r.reconstruction_error:.1e}", f"{r.gradient_error:.1e}"] for r in rows]
     return tabulate(table, ["blocks", "reconstruction", "autocast", "rebuilt input error",
                             "gradient error vs autograd"], tablefmt=fmt, disable_numparse=True)

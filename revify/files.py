@@ -39,7 +39,8 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     check_writable(path)
     # hidden, and ending in the real suffix (matplotlib picks the image format by it)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}",
+                               dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -109,12 +110,13 @@ def read_torch_file(path: str | os.PathLike, what: str = "file") -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):  # a class or function the file wants to import
-            raise RevifyFileError(f"{path} holds pickled Python objects, which revify does not load "
-                                  f"(loading them could run code)") from exc
+            raise RevifyFileError(f"{path} holds pickled Python objects, which revify does not "
+                                  f"load (loading them could run code)") from exc
         raise RevifyFileError(f"{path} is not a PyTorch {what} (it cannot be unpickled)") from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise RevifyFileError(f"{path} is not a readable PyTorch {what} (corrupt or truncated: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+        raise RevifyFileError(
+            f"{path} is not a readable PyTorch {what} (corrupt or truncated: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -131,9 +133,11 @@ def read(path: str | os.PathLike) -> dict:
                               f"{FORMAT_VERSION}: upgrade revify")
     missing = {"source", "transform", "inputs", "state_dict"} - payload.keys()
     if missing:
-        raise RevifyFileError(f"{path} is a damaged revify file (missing {', '.join(sorted(missing))})")
+        raise RevifyFileError(f"{path} is a damaged revify file "
+                              f"(missing {', '.join(sorted(missing))})")
     if not isinstance(payload["transform"], dict):
-        raise RevifyFileError(f"{path} is a damaged revify file (its transform settings are not a dict)")
+        raise RevifyFileError(f"{path} is a damaged revify file (its transform settings are "
+                              f"not a dict)")
     payload["transform"] = _renamed(payload["transform"])
     return payload
 
@@ -239,7 +243,8 @@ def read_calibration(path: str | os.PathLike, input_size) -> torch.Tensor:
         payload = payload[0]
     if not isinstance(payload, torch.Tensor) or not payload.is_floating_point():
         raise RevifyFileError(f"{path} holds no input tensor (a floating-point tensor of shape "
-                              f"N x {' x '.join(map(str, input_size))}, or an (inputs, labels) pair)")
+                              f"N x {' x '.join(map(str, input_size))}, or an (inputs, labels) "
+                              f"pair)")
     if tuple(payload.shape[1:]) != tuple(input_size) or len(payload) == 0:
         raise RevifyFileError(f"{path} holds inputs of shape {tuple(payload.shape)}; the model "
                               f"takes N x {' x '.join(map(str, input_size))} (--input-size), N > 0")

@@ -107,7 +107,8 @@ def rebuild(source: dict) -> nn.Module:
     library = source.get("library")
     if library not in LIBRARIES:
         raise UnknownModel(f"revify cannot rebuild '{source.get('name')}' by name (it comes from "
-                           f"{library or 'user'} code): pass the model, revify.load(path, model=...)")
+                           f"{library or 'user'} code): pass the model, "
+                           f"revify.load(path, model=...)")
     return create_model(f"{library}/{source['name']}", **source.get("kwargs", {}))
 
 
@@ -115,5 +116,6 @@ def list_convertible(pattern: str = "*", everything: bool = False) -> list[dict]
     """The models the coverage run converted (with `everything`, also those it did not), as
     {"model", "lib", "rev" (reversible blocks / all), "ok", "note"}, matching `pattern`."""
     rows = json.loads(COVERAGE_FILE.read_text())
-    return [r for r in rows if fnmatch.fnmatch(r["model"], pattern) and (everything or r["ok"] == "yes")]
+    return [r for r in rows
+            if fnmatch.fnmatch(r["model"], pattern) and (everything or r["ok"] == "yes")]
 

@@ -72,8 +72,8 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
         (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.
         Under it, units keep their activations instead of recomputing them in the backward, or
         rerun without revify.plan.lean's nesting, or keep their dearest layers' outputs for the
-        rerun (revify.plan.schedule, revify.runtime.keep; the plan says which). Pass example_inputs at your
-        batch size for a budget to mean your step.
+        rerun (revify.plan.schedule, revify.runtime.keep; the plan says which). Pass example_inputs
+        at your batch size for a budget to mean your step.
     leaf_modules: module classes or qualified names torch.fx should not trace into.
     calibration: unlabelled inputs of the data a trained `model` learned from (a tensor, or an
         iterable of batches such as a DataLoader of (inputs, labels)): each reversible stage
@@ -99,9 +99,9 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
 def build(model: nn.Module, example_inputs=None, options: Options | None = None, *,
           input_size: Iterable[int] = (3, 224, 224), leaf_modules: Iterable[type | str] = (),
           calibration=None, distill_steps: int = DEFAULT_STEPS) -> RevifiedModel:
-    """`transform` with every plan setting (revify.plan.plan.Options): the baselines (reversible=False,
-    segments, lean=False, non_invertible="store", schedule="recompute_all") and native
-    reconstruction with anchors, for the benchmark, the drift measurement and the tests.
+    """`transform` with every plan setting (revify.plan.plan.Options): the baselines
+    (reversible=False, segments, lean=False, non_invertible="store", schedule="recompute_all") and
+    native reconstruction with anchors, for the benchmark, the drift measurement and the tests.
     Warnings point at the caller's caller (`transform`'s caller when it calls this)."""
     options = Options() if options is None else options
     leaf_modules = list(leaf_modules)
@@ -145,7 +145,8 @@ def _no_blocks_message(model: nn.Module, opaque: dict[str, str]) -> str:
                f"from x): there is nothing to make reversible.")
     if opaque:
         message += (" These modules were kept as opaque layers, so revify cannot see a residual "
-                    "add inside them: " + "; ".join(f"{name}: {why}" for name, why in opaque.items())
+                    "add inside them: "
+                    + "; ".join(f"{name}: {why}" for name, why in opaque.items())
                     + ".")
     return message
 

@@ -165,7 +165,8 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     block_plans = [plan.block(name) for name in stage.blocks]
     half = stage.channels // 2
-    couplings = [CouplingBlock(_lean_branch(gm, plan.block(f), 0), _lean_branch(gm, plan.block(g), half))
+    couplings = [CouplingBlock(_lean_branch(gm, plan.block(f), 0),
+                               _lean_branch(gm, plan.block(g), half))
                  for f, g in stage.couplings]
     module = ReversibleStage(couplings, stage.dim, plan.options.reconstruction == "exact",
                              stage.anchor_every, stage.channels)

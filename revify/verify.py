@@ -60,7 +60,8 @@ def unzero_init(model: nn.Module) -> nn.Module:
 def _tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    values = (out.values() if isinstance(out, dict)
+              else out if isinstance(out, (list, tuple)) else [])
     return [t for v in values for t in _tensors(v)]
 
 
@@ -175,7 +176,8 @@ def _reconstruction_checks(model, x, reconstruction) -> list[Check]:
                             ("bfloat16 autocast", torch.autocast(x.device.type, torch.bfloat16))]:
         with autocast:
             errors = reconstruction_errors(model, x)
-        checks += [Check(f"reconstruction, {label}", name, err, RECONSTRUCTION_TOLERANCE[reconstruction])
+        checks += [Check(f"reconstruction, {label}", name, err,
+                         RECONSTRUCTION_TOLERANCE[reconstruction])
                    for name, err in errors.items()]
     return checks
 
@@ -197,7 +199,8 @@ def verify(model: nn.Module, example_input: torch.Tensor) -> list[Check]:
 
 def format_checks(checks: list[Check], fmt: str = "simple") -> str:
     from tabulate import tabulate
-    rows = [[c.name, c.where, f"{c.value:.2e}", f"{c.tolerance:.0e}", "pass" if c.passed else "FAIL"]
+    rows = [[c.name, c.where, f"{c.value:.2e}", f"{c.tolerance:.0e}",
+             "pass" if c.passed else "FAIL"]
             for c in checks]
     failed = sum(not c.passed for c in checks)
     verdict = f"{len(checks) - failed} of {len(checks)} checks passed"

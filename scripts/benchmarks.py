@@ -39,7 +39,8 @@ class PreActBottleneck(nn.Module):
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, stride, 1, bias=False)
         self.bn3, self.conv3 = nn.BatchNorm2d(c), nn.Conv2d(c, 4 * c, 1, bias=False)
-        self.shortcut = nn.Conv2d(c_in, 4 * c, 1, stride, bias=False) if stride > 1 or c_in != 4 * c else None
+        self.shortcut = (nn.Conv2d(c_in, 4 * c, 1, stride, bias=False)
+                         if stride > 1 or c_in != 4 * c else None)
 
     def forward(self, x):
         out = torch.relu(self.bn1(x))
@@ -138,9 +139,9 @@ def _write(args, rows, counts):
         f"included); memory by: live tensors, or the CPU allocator's profiled allocations "
         f"for compiled rows; ratios to the original in the same run).\n\n{_table(rows, 'github')}\n"
         f"\n## Per training step: aten ops, Python calls, host syncs\n\nExact counts of one step "
-        f"(revify.memory.counting: ops dispatched below autograd, those that are not views or aliases, "
-        f"Python calls by sys.setprofile, ops whose result the host must wait for); ratios to "
-        f"the original. Compiled rows are not counted.\n\n"
+        f"(revify.memory.counting: ops dispatched below autograd, those that are not views or "
+        f"aliases, Python calls by sys.setprofile, ops whose result the host must wait for); "
+        f"ratios to the original. Compiled rows are not counted.\n\n"
         + "\n\n".join(f"### {name}\n\n{table}" for name, table in counts) + "\n")
 
 
@@ -153,8 +154,8 @@ def _plot(curves, args):
         ax.plot(*zip(*points), marker="o", label=name)
     ax.set_xlabel("residual blocks (ResNet-18/50/101/152)")
     ax.set_ylabel("peak activation memory (MiB)")
-    ax.set_title(f"one training step, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
-                 f"{args.device}")
+    ax.set_title(f"one training step, batch {args.batch_size}, "
+                 f"{args.image_size}x{args.image_size}, {args.device}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.plot, dpi=120)

@@ -91,11 +91,13 @@ def norm_err(got, ref):
 
 def mixed_precision():
     torch.manual_seed(0)
-    rev = revify.transform(torchvision.models.resnet50(num_classes=10), input_size=(3, 64, 64)).to(DEVICE)
+    rev = revify.transform(torchvision.models.resnet50(num_classes=10),
+                           input_size=(3, 64, 64)).to(DEVICE)
     x = torch.randn(16, 3, 64, 64, device=DEVICE)
     y = torch.randint(0, 10, (16,), device=DEVICE)
     for dtype, scaler, fmt in [
-            (torch.float16, torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10), torch.contiguous_format),
+            (torch.float16, torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 10),
+             torch.contiguous_format),
             (torch.bfloat16, None, torch.contiguous_format),
             (torch.bfloat16, None, torch.channels_last)]:
         rev, x = rev.to(memory_format=fmt), x.contiguous(memory_format=fmt)
@@ -156,15 +158,18 @@ def compiled():
         comp.zero_grad(set_to_none=True)
         F.cross_entropy(comp(x), y).backward()
         torch.cuda.synchronize()
-        print(f"compiled {name}: max_memory_allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    check("inductor: revified model's gradient error over the original's", errors["revify"] / errors["original"], 10)
+        print(f"compiled {name}: max_memory_allocated "
+              f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    check("inductor: revified model's gradient error over the original's",
+          errors["revify"] / errors["original"], 10)
 
 
 def steady():
     import warnings
     from revify.memory.counting import count_step
     torch.manual_seed(0)
-    rev = revify.transform(torchvision.models.resnet50(num_classes=10), input_size=(3, 64, 64)).to(DEVICE)
+    rev = revify.transform(torchvision.models.resnet50(num_classes=10),
+                           input_size=(3, 64, 64)).to(DEVICE)
     x = torch.randn(16, 3, 64, 64, device=DEVICE)
     y = torch.randint(0, 10, (16,), device=DEVICE)
     for _ in range(2):
@@ -209,7 +214,8 @@ def bench():
             results = run_bench(models, BATCH, (3, SIZE, SIZE), steps=STEPS, device=DEVICE,
                                 autocast=autocast, channels_last=channels_last)
             print(f"\n{name}, batch {BATCH}, {SIZE}x{SIZE}, {autocast or 'float32'}"
-                  f"{', channels_last' if channels_last else ''}, median of {STEPS} interleaved steps")
+                  f"{', channels_last' if channels_last else ''}, median of {STEPS} interleaved "
+                  f"steps")
             print(format_bench(results))
             print(format_counts(results), flush=True)
             times = {r.name: r.step_seconds for r in results}
@@ -234,7 +240,8 @@ def _timed_steps(runs: dict, x, y, steps: int) -> dict:
     for _ in range(steps):
         for name, run in runs.items():
             if DEVICE == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start, end = (torch.cuda.Event(enable_timing=True),
+                              torch.cuda.Event(enable_timing=True))
                 start.record()
                 step(*run)
                 end.record()
@@ -318,8 +325,8 @@ def compiled_speed():
     revify's stages run eagerly between the compiled graphs."""
     import revify.bench
     torch.manual_seed(0)
-    built = revify.bench.strategies(torchvision.models.resnet50(), (3, SIZE, SIZE), batch_size=BATCH,
-                                    rows=("original", "revify"))
+    built = revify.bench.strategies(torchvision.models.resnet50(), (3, SIZE, SIZE),
+                                    batch_size=BATCH, rows=("original", "revify"))
     fmt = torch.channels_last
     x = torch.randn(BATCH, 3, SIZE, SIZE, device=DEVICE).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (BATCH,), device=DEVICE)
@@ -347,7 +354,8 @@ EXACT = {"steady", "mixed_precision", "drift", "compiled"}  # gradient checks: T
 
 
 def main() -> int:
-    print(torch.__version__, torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE, flush=True)
+    print(torch.__version__, torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE,
+          flush=True)
     deadline = time.time() + float(os.environ.get("GPU_CHECKS_SECONDS", 480))
     args = sys.argv[1:]
     if "--out" in args:

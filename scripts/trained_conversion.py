@@ -9,11 +9,13 @@ converted three ways and fine-tuned for one epoch each:
   on unlabelled training images (revify.distill);
 - `scratch`: a revified ResNet-20 of fresh weights, trained for the same one epoch.
 
-It prints test accuracy before and after the epoch (the original too, fine-tuned alike), the time each conversion took, and the peak
-activation memory of one fine-tuning step (revify.memory.measure.measure_step: every tensor allocated
-during the step, counted exactly) against the original's.
+It prints test accuracy before and after the epoch (the original too, fine-tuned alike), the time
+each conversion took, and the peak activation memory of one fine-tuning step
+(revify.memory.measure.measure_step: every tensor allocated during the step, counted exactly)
+against the original's.
 
-    python scripts/trained_conversion.py [--epochs 8] [--train 4000] [--size 16] [--seed 0] [--threads 1]
+    python scripts/trained_conversion.py [--epochs 8] [--train 4000] [--size 16] [--seed 0]
+        [--threads 1]
 
 About 5 minutes on two CPU cores.
 """
@@ -46,7 +48,8 @@ def make_images(n: int, size: int, generator: torch.Generator) -> tuple[torch.Te
 
     def grating(angle, frequency, phase):
         along = xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]
-        return torch.sin(2 * math.pi * frequency[:, None, None] * along / size + phase[:, None, None])
+        return torch.sin(2 * math.pi * frequency[:, None, None] * along / size
+                         + phase[:, None, None])
 
     rand = lambda *shape: torch.rand(*shape, generator=generator)
     angle = labels * math.pi / CLASSES + (rand(n) - 0.5) * 0.15
@@ -54,7 +57,8 @@ def make_images(n: int, size: int, generator: torch.Generator) -> tuple[torch.Te
     signal = grating(angle, frequency, rand(n) * 2 * math.pi) * (0.5 + rand(n))[:, None, None]
     clutter = grating(rand(n) * math.pi, 1.5 + 3 * rand(n), rand(n) * 2 * math.pi) * 0.4
     colour = rand(n, 3, 1, 1) * 2 - 1
-    images = (signal + clutter)[:, None] * colour + torch.randn(n, 3, size, size, generator=generator) * 0.5
+    images = ((signal + clutter)[:, None] * colour
+              + torch.randn(n, 3, size, size, generator=generator) * 0.5)
     return images, labels
 
 
@@ -91,7 +95,8 @@ class ResNet20(nn.Module):
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())
         layers, c_in = [], widths[0]
         for k, c in enumerate(widths):
-            blocks = [BasicBlock(c_in, c, 1 if k == 0 else 2)] + [BasicBlock(c, c) for _ in range(depth - 1)]
+            blocks = ([BasicBlock(c_in, c, 1 if k == 0 else 2)]
+                      + [BasicBlock(c, c) for _ in range(depth - 1)])
             layers.append(nn.Sequential(*blocks))
             c_in = c
         self.layer1, self.layer2, self.layer3 = layers
@@ -107,7 +112,8 @@ def train_epochs(model, data, epochs, lr, seed, batch_size=128):
     """SGD with momentum and a cosine schedule over `epochs`, one step per batch."""
     images, labels = data
     steps = epochs * math.ceil(len(images) / batch_size)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4,
+                                nesterov=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.15)
     generator = torch.Generator().manual_seed(seed)
     model.train()
@@ -155,10 +161,12 @@ def main() -> None:
 
     start = time.perf_counter()
     original = train_epochs(ResNet20(), train, args.epochs, lr=0.1, seed=args.seed)
-    print(f"trained the original for {args.epochs} epochs in {time.perf_counter() - start:.0f} s", flush=True)
+    print(f"trained the original for {args.epochs} epochs in "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
     fine_tune = lambda model: train_epochs(model, train, 1, lr=0.01, seed=args.seed + 1)
     # the original fine-tuned for the same epoch: what the epoch itself does to the accuracy
-    rows = [("original", accuracy(original, test), accuracy(fine_tune(copy.deepcopy(original)), test),
+    rows = [("original", accuracy(original, test),
+             accuracy(fine_tune(copy.deepcopy(original)), test),
              None, peak_activation_mib(copy.deepcopy(original), train))]
     conversions = {
         "slices": lambda: revify.transform(original, input_size=input_size),
@@ -183,12 +191,14 @@ def main() -> None:
 
 
 def print_table(rows, original_mib) -> None:
-    header = ("model", "test acc. at step 0", "after 1 epoch", "conversion s", "peak act. MiB (x orig.)")
+    header = ("model", "test acc. at step 0", "after 1 epoch", "conversion s",
+              "peak act. MiB (x orig.)")
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for name, before, after, seconds, mib in rows:
         cells = [name, f"{before:.1f}%", "" if after is None else f"{after:.1f}%",
-                 "" if seconds is None else f"{seconds:.1f}", f"{mib:.2f} ({mib / original_mib:.2f}x)"]
+                 "" if seconds is None else f"{seconds:.1f}",
+                 f"{mib:.2f} ({mib / original_mib:.2f}x)"]
         print(" | ".join(cells))
 
 

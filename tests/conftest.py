@@ -36,8 +36,8 @@ def built_once(key, build):
 
 def revified_torchvision(name: str, x: torch.Tensor | tuple = (3, 64, 64), **options):
     """(model, rev): torchvision `name` with 10 classes, built after torch.manual_seed(0), and
-    its transform at `x` (an example input or an input size) with `options` (revify.plan.plan.Options
-    fields);
+    its transform at `x` (an example input or an input size) with `options`
+    (revify.plan.plan.Options fields);
     built once per session (`built_once`)."""
     import torchvision
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else tuple(x)
@@ -212,9 +212,11 @@ class TinyResNet(nn.Module):
 
     def __init__(self, depth=2, c=8, num_classes=5, **block_kwargs):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU())
         self.stage1 = nn.Sequential(*[Block(c, **block_kwargs) for _ in range(depth)])
-        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+                                  nn.BatchNorm2d(2 * c), nn.ReLU())
         self.stage2 = nn.Sequential(*[Block(2 * c, **block_kwargs) for _ in range(depth)])
         self.fc = nn.Linear(2 * c, num_classes)
 

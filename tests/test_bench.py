@@ -137,7 +137,8 @@ def test_a_compilation_that_fails_leaves_its_row_out_with_one_line():
     rows = run_bench({"original": model, "compile-budget-0": Compiled(model, 0.0, no_compiler)},
                      2, (3, 32, 32), steps=1, note=notes.append)
     assert [r.name for r in rows] == ["original"]
-    assert notes == ["compile-budget-0 left out: torch.compile failed: RuntimeError: no C++ compiler"]
+    assert notes == ["compile-budget-0 left out: torch.compile failed: RuntimeError: "
+                     "no C++ compiler"]
 
 
 def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
@@ -206,7 +207,8 @@ def test_step_counts_are_exact():
 def test_bench_rows_report_the_counts_and_a_steady_revify_step_reads_nothing_back():
     model, x, y = _resnet18(size=32)
     models = strategies(model, (3, 32, 32), ("original", "revify"), batch_size=2)
-    stages = sum(isinstance(m, revify.runtime.reversible.ReversibleStage) for m in models["revify"].modules())
+    stages = sum(isinstance(m, revify.runtime.reversible.ReversibleStage)
+                 for m in models["revify"].modules())
     original, rev = (row.counts for row in run_bench(models, 2, (3, 32, 32), steps=1))
     assert original.syncs == 0 and original.ops > 0 and original.python_calls > 0
     assert stages > 0 and rev.syncs == 0  # the grids' checks are read a step later

@@ -112,7 +112,8 @@ def test_verify_of_a_model_built_by_name_checks_branches_that_compute(capsys, mo
     import timm
 
     import revify.verify as verify_module
-    zero = lambda model: [n for n, p in model.named_parameters() if n.endswith("weight") and not p.any()]
+    zero = lambda model: [n for n, p in model.named_parameters()
+                          if n.endswith("weight") and not p.any()]
     assert zero(timm.create_model("resnet18", pretrained=False))  # what the check is about
     checked, real = [], verify_module.verify
     monkeypatch.setattr(verify_module, "verify", lambda rev, x: checked.append(rev) or real(rev, x))
@@ -184,7 +185,8 @@ def test_bad_input_in_a_subprocess_is_one_line_without_traceback():
 
 def _bad_files(folder: Path) -> dict[str, Path]:
     torch.save(TinyResNet().state_dict(), folder / "state_dict.pt")
-    torch.save({"format": "revify", "format_version": 2, "revify_version": "9.9"}, folder / "future.pt")
+    torch.save({"format": "revify", "format_version": 2, "revify_version": "9.9"},
+               folder / "future.pt")
     (folder / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
     torch.save(TinyResNet().state_dict(), folder / "tiny_weights.pt")
     (folder / "a_file").write_text("")
@@ -208,13 +210,17 @@ def _bad_files(folder: Path) -> dict[str, Path]:
     (["convert", "resnet18", "--out", "{a_file}/m.pt"], 2, "does not exist"),
     (["convert", "resnet18", "--out", "{folder}"], 2, "is a folder"),
     (["convert", "{state_dict}", "--out", "{out}"], 2, "convert takes a model name"),
-    (["convert", "resnet18", "--out", "{out}", "--input-size", "3", "32"], 2, "expected 3 arguments"),
-    (["convert", "resnet18", "--out", "{out}", "--input-size", "3", "0", "32"], 2, "must be positive"),
+    (["convert", "resnet18", "--out", "{out}", "--input-size", "3", "32"], 2,
+     "expected 3 arguments"),
+    (["convert", "resnet18", "--out", "{out}", "--input-size", "3", "0", "32"], 2,
+     "must be positive"),
     (["convert", "resnet18", "--out", "{out}", "--no-reversible"], 2,
      "--no-reversible is no longer an option of convert: `revify bench` measures"),
     (["convert", "resnet18", "--out", "{out}", "--store", "none"], 2, "revify-recompute row"),
-    (["convert", "resnet18", "--out", "{out}", "--anchor-every", "2"], 2, "revify drift --anchor-every"),
-    (["convert", "resnet18", "--out", "{out}", "--width", "-1"], 2, "neither 'match' nor a positive"),
+    (["convert", "resnet18", "--out", "{out}", "--anchor-every", "2"], 2,
+     "revify drift --anchor-every"),
+    (["convert", "resnet18", "--out", "{out}", "--width", "-1"], 2,
+     "neither 'match' nor a positive"),
     (["convert", "resnet18"], 2, "the following arguments are required: --out"),
     (["plan", "resnet18", "--source", "a.b:c"], 2, "--source names the source of a revify FILE"),
     (["bench", "resnet18", "--steps", "0"], 2, "must be positive"),
@@ -237,7 +243,8 @@ def test_bad_input_gets_one_line_and_an_exit_code(capsys, tmp_path, args, code, 
 
 def test_unwritable_output_folder_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
     monkeypatch.setattr("revify.models.create_model", lambda *a, **k: pytest.fail("did work"))
     code, _, err = run(capsys, "convert", "resnet18", "--out", tmp_path / "m.pt")
     assert code == 2 and "is not writable" in err

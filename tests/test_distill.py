@@ -188,8 +188,9 @@ def test_convert_with_calibration_fits_the_stages_and_says_so(capsys, tmp_path):
     torch.manual_seed(0)
     torch.save(TinyResNet(num_classes=10).state_dict(), tmp_path / "w.pt")
     torch.save((torch.randn(8, 3, 32, 32), torch.zeros(8)), tmp_path / "calibration.pt")
-    code, out, err = _cli(capsys, "convert", "conftest:TinyResNet", "--num-classes", 10, "--weights",
-                          tmp_path / "w.pt", "--calibration", tmp_path / "calibration.pt",
+    code, out, err = _cli(capsys, "convert", "conftest:TinyResNet", "--num-classes", 10,
+                          "--weights", tmp_path / "w.pt",
+                          "--calibration", tmp_path / "calibration.pt",
                           "--distill-steps", 2, "--input-size", 3, 32, 32, "--batch-size", 2,
                           "--out", tmp_path / "m.pt")
     assert code == 0, err
@@ -201,13 +202,15 @@ def test_convert_with_calibration_fits_the_stages_and_says_so(capsys, tmp_path):
 
 @pytest.mark.parametrize("args,code,message", [
     (["--calibration", "{calibration}"], 2, "--calibration fits the converted model to trained"),
-    (["--weights", "{weights}", "--calibration", "{wrong}"], 1, "holds inputs of shape (8, 3, 16, 16)"),
+    (["--weights", "{weights}", "--calibration", "{wrong}"], 1,
+     "holds inputs of shape (8, 3, 16, 16)"),
     (["--weights", "{weights}", "--calibration", "{weights}"], 1, "holds no input tensor"),
     (["--weights", "{weights}", "--calibration", "{calibration}", "--distill-steps", "0"], 2,
      "is not a positive whole number"),
 ])
 def test_bad_calibration_gets_one_line_and_an_exit_code(capsys, tmp_path, args, code, message):
-    paths = {"weights": tmp_path / "w.pt", "calibration": tmp_path / "c.pt", "wrong": tmp_path / "x.pt"}
+    paths = {"weights": tmp_path / "w.pt", "calibration": tmp_path / "c.pt",
+             "wrong": tmp_path / "x.pt"}
     torch.save(TinyResNet().state_dict(), paths["weights"])
     torch.save(torch.randn(8, 3, 32, 32), paths["calibration"])
     torch.save(torch.randn(8, 3, 16, 16), paths["wrong"])

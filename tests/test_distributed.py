@@ -108,11 +108,14 @@ def wrap(case: str, rev: nn.Module) -> nn.Module:
         return DDP(rev, gradient_as_bucket_view=True)
     mesh = init_device_mesh("cpu", (WORLD,))
     for module in list(rev.modules()):
-        if case == "fsdp2_per_stage" and isinstance(module, revify.runtime.reversible.ReversibleStage):
+        if case == "fsdp2_per_stage" and isinstance(
+                module, revify.runtime.reversible.ReversibleStage):
             fully_shard(module, mesh=mesh)
-        if case == "fsdp2_per_coupling_block" and isinstance(module, revify.runtime.reversible.CouplingBlock):
+        if case == "fsdp2_per_coupling_block" and isinstance(
+                module, revify.runtime.reversible.CouplingBlock):
             fully_shard(module, mesh=mesh)
-        if case == "fsdp2_per_branch" and isinstance(module, revify.runtime.reversible.CouplingBlock):
+        if case == "fsdp2_per_branch" and isinstance(
+                module, revify.runtime.reversible.CouplingBlock):
             fully_shard(module.f, mesh=mesh)
             fully_shard(module.g, mesh=mesh)
     return fully_shard(rev, mesh=mesh)

@@ -72,7 +72,8 @@ def _timm_rule_examples():
     from timm.layers import evo_norm, filter_response_norm
     from timm.layers.selective_kernel import SelectiveKernel
     return [L.EcaModule(64), L.CecaModule(64), L.GlobalContext(64, fuse_add=True),
-            L.GlobalContext(64), SelectiveKernel(64, 64), filter_response_norm.FilterResponseNormTlu2d(64),
+            L.GlobalContext(64), SelectiveKernel(64, 64),
+            filter_response_norm.FilterResponseNormTlu2d(64),
             filter_response_norm.FilterResponseNormAct2d(64), evo_norm.EvoNorm2dS0(64),
             evo_norm.EvoNorm2dS1(64), evo_norm.EvoNorm2dB0(64)]
 
@@ -227,7 +228,8 @@ def test_convnext_layer_scale_is_carried_per_half():
         gamma = model.stages[0].blocks[1].gamma
         gamma.copy_(torch.arange(gamma.numel()))
     rev = revify.transform(model, input_size=(3, 32, 32))
-    coupling = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)).blocks[1]
+    coupling = next(m for m in rev.modules()
+                    if isinstance(m, revify.runtime.reversible.ReversibleStage)).blocks[1]
     half = gamma.numel() // 2
     assert torch.equal(coupling.f.gamma, gamma[:half])
     assert torch.equal(coupling.g.gamma, gamma[half:])
@@ -288,7 +290,8 @@ def test_channels_must_be_where_each_layer_works_and_come_back(mistake, reason):
 def test_inverted_residuals_and_regnet_blocks_convert(name, reversible):
     import torchvision
     torch.manual_seed(0)
-    rev = revify.transform(torchvision.models.get_model(name, num_classes=5), input_size=(3, 32, 32))
+    rev = revify.transform(torchvision.models.get_model(name, num_classes=5),
+                           input_size=(3, 32, 32))
     assert sum(b.action == "reversible" for b in rev.revify_plan.blocks) == reversible
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2,))
     err, where = worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))
@@ -306,7 +309,8 @@ def _vit(depth=3, **kwargs):
 
 
 def _stage(rev):
-    return next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
+    return next(m for m in rev.modules()
+                if isinstance(m, revify.runtime.reversible.ReversibleStage))
 
 
 def test_vit_couples_attention_with_mlp_on_the_channel_dim():
@@ -319,7 +323,8 @@ def test_vit_couples_attention_with_mlp_on_the_channel_dim():
     assert stage.couplings == [(f"blocks.{k}", f"blocks.{k}#2") for k in range(3)]
     coupling = _stage(rev).blocks[0]
     attn = coupling.f.attn
-    assert isinstance(attn, Attention) and attn.qkv.in_features == 96 and attn.proj.out_features == 96
+    assert (isinstance(attn, Attention) and attn.qkv.in_features == 96
+            and attn.proj.out_features == 96)
     assert attn.head_dim == 64 and attn.num_heads * 64 == attn.attn_dim  # heads keep their size
     assert not any(isinstance(m, Attention) for m in coupling.g.modules())
     assert abs(plan.params_after / plan.params_before - 1) <= 0.02
@@ -357,8 +362,9 @@ def test_attention_rule_rebuilds_the_same_layer_and_one_with_fewer_heads():
 def test_torchvision_vit_mlp_blocks_convert_and_attention_says_why_not():
     import torchvision
     torch.manual_seed(0)
-    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
-                                                 hidden_dim=64, mlp_dim=128, num_classes=5)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2,
+                                                 num_heads=4, hidden_dim=64, mlp_dim=128,
+                                                 num_classes=5)
     plan = revify.transform(model, input_size=(3, 32, 32)).revify_plan
     assert [b.action for b in plan.blocks] == ["checkpointed", "reversible"] * 2
     assert "no resize rule for MultiheadAttention" in plan.blocks[0].reason

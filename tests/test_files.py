@@ -56,7 +56,8 @@ def test_user_model_needs_the_model_argument(tmp_path, data):
     assert recipe["source"]["name"] == "conftest.TinyResNet"
     assert recipe["transform"]["leaf_modules"] == [  # classes recorded as module names
         f"stage{s}.{b}.drop" for s in (1, 2) for b in (0, 1)]
-    with pytest.raises(revify.models.UnknownModel, match=r"pass the model, revify.load\(path, model=...\)"):
+    with pytest.raises(revify.models.UnknownModel,
+                       match=r"pass the model, revify.load\(path, model=...\)"):
         revify.load(path)
     loaded = revify.load(path, model=TinyResNet())
     got, ref = step_grads(loaded, x, y), step_grads(rev, x, y)
@@ -80,7 +81,8 @@ def test_a_file_with_the_old_setting_names_loads(tmp_path):
         assert torch.equal(a, b), k
     payload["transform"]["frobnicate"] = 1
     torch.save(payload, tmp_path / "future.pt")
-    with pytest.raises(revify.RevifyFileError, match=r"settings this revify does not know \(frobnicate"):
+    with pytest.raises(revify.RevifyFileError,
+                       match=r"settings this revify does not know \(frobnicate"):
         revify.load(tmp_path / "future.pt", model=TinyResNet())
 
 
@@ -171,7 +173,8 @@ def test_weights_carry_over_unchanged_outside_stages_and_as_slices_inside():
     assert torch.equal(rev.net.stem.module.conv1.weight, model.conv1.weight)
     first = next(m for m in rev.modules() if isinstance(m, CouplingBlock))  # layer1.0
     half = model.layer1[0].conv1.in_channels // 2
-    f_conv, g_conv, source = first.f.conv1.weight, first.g.conv1.weight, model.layer1[0].conv1.weight
+    f_conv, g_conv, source = (first.f.conv1.weight, first.g.conv1.weight,
+                              model.layer1[0].conv1.weight)
     assert torch.equal(f_conv, source[: f_conv.shape[0], :half])   # F: first half of the inputs
     assert torch.equal(g_conv, source[: g_conv.shape[0], half:])   # G: the second half
     counts = carried_weights(rev)

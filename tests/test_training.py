@@ -94,7 +94,8 @@ def test_channels_last_trains_like_autograd(schedule):
     layouts = []
     for conv in (m for s in stages for m in s.modules() if isinstance(m, torch.nn.Conv2d)):
         conv.register_forward_pre_hook(lambda m, args: layouts.append(
-            args[0].is_contiguous(memory_format=torch.channels_last) and not args[0].is_contiguous()))
+            args[0].is_contiguous(memory_format=torch.channels_last)
+            and not args[0].is_contiguous()))
     err, where = worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))
     assert err <= 1e-5, (err, where)
     assert layouts and all(layouts), layouts
@@ -136,7 +137,8 @@ def _unprefixed(grads: dict) -> dict:
 
 def test_torch_compile_matches_eager_breaks_once_per_stage_and_keeps_the_saving():
     """aot_eager runs dynamo and AOT autograd (graph capture, the checkpoint HOP, the partition)
-    without code generation, which would take minutes on CPU; inductor is checked by hand (README)."""
+    without code generation, which would take minutes on CPU; inductor is checked by hand
+    (README)."""
     model, rev = revified_tiny(depth=3)
     x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 3])
     eager = step_grads(rev, x, y)
@@ -163,7 +165,8 @@ def test_an_empty_batch_trains_as_the_original_does():
     empty, none = torch.randn(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)
     stats = {}
     for name, net in (("original", model), ("revify", rev)):
-        before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_b" in k}
+        before = {k: v.clone() for k, v in net.state_dict().items()
+                  if "running" in k or "num_b" in k}
         x = empty.clone().requires_grad_(True)
         out = net(x)
         assert out.shape == (0, 10)

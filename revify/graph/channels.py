@@ -50,13 +50,15 @@ class BranchChannels:
     group_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def widths(self, stream_channels: int, scale: float) -> dict[str, int]:
-        """New channel count of every branch node: the stream at `stream_channels`, the rest scaled."""
+        """New channel count of every branch node: the stream at `stream_channels`, the rest
+        scaled."""
         new = {}
         for cls, size in self.sizes.items():
             div = self.divisors.get(cls, 1)
             if cls == self.stream:
                 if stream_channels % div:
-                    raise Unresizable(f"half the channels ({stream_channels}) is not a multiple of {div}")
+                    raise Unresizable(f"half the channels ({stream_channels}) is not a multiple "
+                                      f"of {div}")
                 new[cls] = stream_channels
             else:
                 new[cls] = _rounded(size * scale, div)
@@ -359,7 +361,8 @@ def analyze_branch(gm: fx.GraphModule, entry: str, branch: list[str], output: st
                     continue  # broadcast over channels (e.g. a spatial gate)
                 cls[name] = join(cls[name], cls[inp.name], op_name(node))
         else:
-            raise Unresizable(f"op '{op_name(node)}' ('{name}') is not known to treat channels alike")
+            raise Unresizable(f"op '{op_name(node)}' ('{name}') is not known to treat channels "
+                              f"alike")
     if pos[output] != dim % max(_rank(nodes[output]), 1):
         raise Unresizable(f"the branch returns its channels on dim {pos[output]}, not {dim}")
     stream = join(cls[entry], cls[output], "the residual add")

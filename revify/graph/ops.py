@@ -80,7 +80,8 @@ REDUCE_FUNCTIONS, REDUCE_METHODS = {torch.mean}, {"mean"}  # channels must not b
 
 # Layout ops: they move the channel axis (a permute) or re-shape a per-channel vector.
 PERMUTE_FUNCTIONS, PERMUTE_METHODS = {torch.permute}, {"permute"}
-TRANSPOSE_FUNCTIONS, TRANSPOSE_METHODS = {torch.transpose, torch.swapaxes}, {"transpose", "swapaxes"}
+TRANSPOSE_FUNCTIONS, TRANSPOSE_METHODS = ({torch.transpose, torch.swapaxes},
+                                          {"transpose", "swapaxes"})
 RESHAPE_FUNCTIONS, RESHAPE_METHODS = {torch.reshape}, {"reshape", "view"}
 
 # Stateless modules that treat every element (or sample) alike wherever the channels sit; any
@@ -201,7 +202,8 @@ def mode_module(node: fx.Node) -> tuple[nn.Module, fx.Node] | None:
 
 
 def is_shape_read(node: fx.Node) -> bool:
-    """`x.size()`, `x.size(d)`, `x.shape`, `x.dim()`, `x.ndim`: a read of the shape, not the values."""
+    """`x.size()`, `x.size(d)`, `x.shape`, `x.dim()`, `x.ndim`: a read of the shape, not the
+    values."""
     if node.op == "call_method":
         return node.target in SHAPE_METHODS
     return node.op == "call_function" and node.target is getattr and \

@@ -70,12 +70,14 @@ def _defaults(model: nn.Module, num_inputs: int) -> dict:
     fixed = {}
     for k, p in enumerate(params):
         past = k >= num_inputs or p.kind == p.KEYWORD_ONLY
-        if past and p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+        if past and p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                            p.KEYWORD_ONLY):
             fixed[p.name] = p.default
     return fixed
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), num_inputs: int = 1) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (),
+          num_inputs: int = 1) -> fx.GraphModule:
     """Trace a deep copy of `model` in eval mode; the caller's model is never modified.
 
     A submodule fx cannot trace (data-dependent control flow, say) is retried as an opaque

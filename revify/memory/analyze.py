@@ -30,7 +30,8 @@ from torch import fx, nn
 from revify.graph.hooks import copy_model
 from revify.runtime.checkpoint import Checkpointed
 from revify.memory.measure import GRAD_REGIMES, check_grads, measure_step
-from revify.memory.measure import parse_bytes  # noqa: F401 (revify.memory.analyze.parse_bytes, as before)
+from revify.memory.measure import parse_bytes  # noqa: F401 (revify.memory.analyze.parse_bytes,
+                                               # as before)
 from revify.memory.projection import FakeModel, fake_model, project
 from revify.rewrite import unit_calls
 from revify.graph.trace import trace
@@ -199,7 +200,8 @@ class Analysis:
     def largest_batch(self, grads: str | None = None) -> dict[str, int] | None:
         if self.memory is None or self.curves is None:
             return None
-        return {s: c.largest_batch(self.memory) for s, c in self.curves[grads or self.grads].items()}
+        return {s: c.largest_batch(self.memory)
+                for s, c in self.curves[grads or self.grads].items()}
 
     def bytes_per_param(self) -> int:
         """A parameter's own bytes, its gradient's and its optimizer state's."""
@@ -232,7 +234,8 @@ class Analysis:
         out = {}
         for name, s in self.strategies.items():
             total = s.weight_bytes + s.peak_activation_bytes
-            out[name] = {"weight_bytes": s.weight_bytes, "activation_bytes": s.peak_activation_bytes,
+            out[name] = {"weight_bytes": s.weight_bytes,
+                         "activation_bytes": s.peak_activation_bytes,
                          "weight_share": s.weight_bytes / total, "activation_share":
                          s.peak_activation_bytes / total}
         return out
@@ -353,7 +356,8 @@ def _net_labels(rev: nn.Module, report_plan) -> dict[str, tuple]:
         return {}
     labels = {}
     for node, (seg, row) in zip(units, wrapped):
-        row_blocks = report_plan.segments[row].blocks if report_plan.segments[row].kind == "stage" else []
+        row_blocks = (report_plan.segments[row].blocks
+                      if report_plan.segments[row].kind == "stage" else [])
         block = seg.blocks[0] if len(seg.blocks) == 1 and seg.blocks[0] in row_blocks else None
         labels[node.name] = (row, block)
     return labels
@@ -371,7 +375,8 @@ def _label_modules(net: fx.GraphModule, labels: dict,
         row, block = labels[node.name]
         unit = net.get_submodule(node.target)
         watched = [(unit.module, (row, block))] if isinstance(unit, Checkpointed) else [
-            (fn, (row, name)) for name, coupling in zip(report_plan.segments[row].blocks, unit.blocks)
+            (fn, (row, name))
+            for name, coupling in zip(report_plan.segments[row].blocks, unit.blocks)
             for fn in (coupling.f, coupling.g)]
         # a layer checkpointed inside a unit (revify.plan.lean) reruns later, in the unit's backward
         watched += [(inner.module, label) for module, label in watched
@@ -445,7 +450,8 @@ def _unit_table(report_plan, runs) -> list[Unit]:
         unit = _unit(seg.name, seg.kind, report_plan.runs_as(seg), shapes.get(i, ()), runs,
                      lambda k, i=i: k is not None and k[0] == i)
         if seg.kind == "stage":
-            unit.blocks = [_unit(b, "block", report_plan.block(b).action, report_plan.block(b).shape[1:], runs,
+            unit.blocks = [_unit(b, "block", report_plan.block(b).action,
+                                 report_plan.block(b).shape[1:], runs,
                                  lambda k, i=i, b=b: k == (i, b)) for b in seg.blocks]
         units.append(unit)
     units.append(_unit("input, loss", "other", "stored", (), runs, lambda k: k is None))
@@ -539,7 +545,8 @@ def _measure(model: nn.Module, batch: int, input_size, dtype, device) -> dict[st
     batch_bytes = x.untyped_storage().nbytes() + y.untyped_storage().nbytes()  # projected too
     peak_activation = step.peak_activation_bytes
     return {"activation_bytes": step.activation_bytes + batch_bytes,
-            "peak_activation_bytes": None if peak_activation is None else peak_activation + batch_bytes,
+            "peak_activation_bytes": (None if peak_activation is None
+                                      else peak_activation + batch_bytes),
             "step_peak_bytes": step.peak_bytes + batch_bytes,
             "accumulate_peak_bytes": accumulated.peak_bytes + batch_bytes}
 
@@ -595,7 +602,8 @@ def _budget_parts(a: Analysis, fmt: str) -> list[str]:
     gib, largest = 2**30, a.largest_batch()
     rows = [[s, f"{a.peak(s) / gib:,.2f}", "yes" if a.peak(s) <= a.memory else "no",
              f"{largest[s]:,}" if largest else "-"] for s in a.strategies]
-    parts = [f"budget: {a.memory / gib:,.2f} GiB ({a.memory:,} bytes), gradients {_REGIMES[a.grads]}",
+    parts = [f"budget: {a.memory / gib:,.2f} GiB ({a.memory:,} bytes), "
+             f"gradients {_REGIMES[a.grads]}",
              _table(rows, ["strategy", f"peak GiB at batch {a.batch_size}", "fits",
                            "largest batch"], fmt, text=1)]
     extra = a.extra_blocks()
@@ -624,7 +632,8 @@ def _measured_rows(a: Analysis) -> list[list]:
                            ("step_peak_bytes", "step peak (grads fresh)"),
                            ("accumulate_peak_bytes", "step peak (grads accumulated)")]:
             measured, projected = m.get(key), getattr(p, key)
-            error = "-" if not measured else f"{projected / measured - 1:+.2%}".replace("-0.00%", "+0.00%")
+            error = ("-" if not measured
+                     else f"{projected / measured - 1:+.2%}".replace("-0.00%", "+0.00%"))
             rows.append([s, label, _mib(measured), _mib(projected), error])
     return rows
 
@@ -698,7 +707,8 @@ def plot(a: Analysis, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     largest = a.largest_batch() or {}
-    top = max(2 * a.batch_size, min(int(1.25 * max(largest.values(), default=0)), 100 * a.batch_size))
+    top = max(2 * a.batch_size,
+              min(int(1.25 * max(largest.values(), default=0)), 100 * a.batch_size))
     batches = list(range(1, top + 1, max(1, top // 200)))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in STRATEGIES:

@@ -186,7 +186,8 @@ def _measure_step_cuda(model, inputs, target, loss_fn, grads) -> StepMemory:
     torch.cuda.synchronize()
     kept = [p.grad for p in model.parameters() if p.grad is not None]
     peak = torch.cuda.max_memory_allocated() - base
-    return StepMemory(peak_bytes=peak, peak_activation_bytes=peak if grads == "accumulate" else None,
+    return StepMemory(peak_bytes=peak,
+                      peak_activation_bytes=peak if grads == "accumulate" else None,
                       activation_bytes=held, grad_bytes=_nbytes(kept))
 
 
@@ -234,7 +235,8 @@ def measure_step_profiled(model: torch.nn.Module, inputs: torch.Tensor, target: 
     kept = [p.grad for p in model.parameters() if p.grad is not None]
     ptrs = {g.untyped_storage().data_ptr() for g in kept}
     skip = workspaces | {birth for ptr, (birth, _) in live.items() if ptr in ptrs}
-    return StepMemory(peak_bytes=_peak(events, workspaces), peak_activation_bytes=_peak(events, skip),
+    return StepMemory(peak_bytes=_peak(events, workspaces),
+                      peak_activation_bytes=_peak(events, skip),
                       activation_bytes=held, grad_bytes=_nbytes(kept))
 
 

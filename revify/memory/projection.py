@@ -1,8 +1,8 @@
 """Projected training steps: one step run on fake tensors, every storage counted, nothing allocated.
 
 torch's FakeTensorMode dispatches every op with its real shapes and dtypes and allocates no
-data; `ProjectionTracker` (a revify.memory.measure.LiveTensorTracker) counts each storage at the bytes
-it stands for, from birth to death, and the FLOPs of every op. `project` is the one engine:
+data; `ProjectionTracker` (a revify.memory.measure.LiveTensorTracker) counts each storage at the
+bytes it stands for, from birth to death, and the FLOPs of every op. `project` is the one engine:
 revify.plan.schedule prices its choices with it, revify.analyze reports strategies with it, and
 `project_peak` is its plainest use. A batch of 1024 at 224x224 projects in seconds.
 
@@ -363,6 +363,6 @@ def project_peak(model: nn.Module, example: torch.Tensor, grads: str = "fresh") 
     """The peak bytes of one training step of `model` on an input shaped like `example`,
     projected on fake tensors (nothing is allocated): "fresh" all but parameter gradients,
     "accumulate" all but the gradients that exist before the step (see GRAD_REGIMES). The
-    input is not counted (as in revify.memory.measure.measure_step); the backward starts from a dense
-    output gradient, as revify.plan.schedule's projections do."""
+    input is not counted (as in revify.memory.measure.measure_step); the backward starts from a
+    dense output gradient, as revify.plan.schedule's projections do."""
     return project(fake_model(model), (example,), grads).peak_activations

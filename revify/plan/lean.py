@@ -52,7 +52,8 @@ class LeanPlan:
     masked: list[str] = field(default_factory=list)        # ReLUs that keep a mask
     early: list[str] = field(default_factory=list)         # nodes run first (a short shortcut)
     kept: list[str] = field(default_factory=list)          # layers whose outputs the forward
-    kept_layers: list[str] = field(default_factory=list)   # may keep (revify.runtime.keep); their modules
+    kept_layers: list[str] = field(default_factory=list)   # may keep (revify.runtime.keep); their
+                                                           # modules
 
     def __bool__(self) -> bool:
         return bool(self.nested or self.in_place or self.masked or self.early or self.kept)
@@ -63,7 +64,8 @@ class LeanPlan:
         if self.kept:
             parts.append(f"keeps the output of {', '.join(self.kept_layers)} for the rerun")
         if self.in_place:
-            parts.append(f"{len(self.in_place)} add{'s' if len(self.in_place) > 1 else ''} in place")
+            parts.append(f"{len(self.in_place)} add{'s' if len(self.in_place) > 1 else ''} "
+                         f"in place")
         if self.masked:
             parts.append(f"{len(self.masked)} ReLU{'s' if len(self.masked) > 1 else ''} keep"
                          f"{'s' if len(self.masked) == 1 else ''} a mask")
@@ -128,7 +130,8 @@ def _pre_activation(gm, node: fx.Node, members: set[str], modules: dict) -> fx.N
     if source is None or source.name in members:  # only an activation of the unit's input
         return None
     readers = _readers(act, members)
-    if len(readers) != len(act.users) or not all(isinstance(_module(gm, u), LAYERS) for u in readers):
+    if len(readers) != len(act.users) or not all(isinstance(_module(gm, u), LAYERS)
+                                                 for u in readers):
         return None
     return act
 
@@ -240,8 +243,8 @@ def plan_lean(gm: fx.GraphModule, nodes: list[str], unkept: set[str], hot: bool 
 
 def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: set[str],
                  added_into: set[str]) -> list[str]:
-    """The layers dear enough to keep the output of (revify.runtime.keep), outside the nested ones and
-    with an output nothing changes in place: read only by layers and norms of the unit (not by
+    """The layers dear enough to keep the output of (revify.runtime.keep), outside the nested ones
+    and with an output nothing changes in place: read only by layers and norms of the unit (not by
     an in-place op, nor by an op that may hand it on as it is, like an identity drop path,
     towards a branch output that the stream adds in place)."""
     kept = []
@@ -250,7 +253,8 @@ def _kept_layers(gm: fx.GraphModule, members: set[str], sizes: _Sizes, nested: s
         if node.name not in members or node.name in nested or type(module) not in KEPT_LAYERS:
             continue
         if node.name in added_into or not all(
-                u.name in members and isinstance(_module(gm, u), OUTPUT_UNREAD) for u in node.users):
+                u.name in members and isinstance(_module(gm, u), OUTPUT_UNREAD)
+                for u in node.users):
             continue
         if sizes.flops(module, node) >= KEEP_FLOPS_PER_BYTE * sizes.nbytes(node):
             kept.append(node.name)

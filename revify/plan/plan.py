@@ -104,7 +104,8 @@ class BlockPlan:
     stream: list[str] = field(default_factory=list)        # branch nodes on the coupled stream
     params_before: int = 0
     params_after: int = 0
-    lean: LeanPlan | None = None               # what its branches' recompute drops (revify.plan.lean)
+    lean: LeanPlan | None = None               # what its branches' recompute drops
+                                               # (revify.plan.lean)
 
 
 @dataclass
@@ -249,7 +250,8 @@ def _stream_dim(gm: fx.GraphModule, block: ResidualBlock) -> int:
 
 def _why_not_invertible(gm: fx.GraphModule, block: ResidualBlock, dim: int) -> str | None:
     nodes = {n.name: n for n in gm.graph.nodes}
-    entry_shape, out_shape = nodes[block.entry].meta.get("shape"), nodes[block.add].meta.get("shape")
+    entry_shape, out_shape = (nodes[block.entry].meta.get("shape"),
+                              nodes[block.add].meta.get("shape"))
     if not block.identity_shortcut:
         layers = [nodes[n].target for n in block.shortcut if nodes[n].op == "call_module"]
         what = f"projection shortcut ({', '.join(map(str, layers))})" if layers else \
@@ -353,14 +355,15 @@ def _plan_block(gm, block: ResidualBlock, options: Options, shared: dict[str, st
     plan.params_after = plan.params_before
     plan.reason = _why_not_invertible(gm, block, plan.dim) or ""
     if not plan.reason and block.name in shared:
-        plan.reason = f"shares layer '{shared[block.name]}' with other code: rebuilding it would untie the weights"
+        plan.reason = (f"shares layer '{shared[block.name]}' with other code: rebuilding it would "
+                       f"untie the weights")
     if not options.reversible:
         plan.reason = "per-block checkpointing requested (reversible=False)"
     if plan.reason:
         return plan, None
     try:
-        analysis = analyze_branch(gm, block.entry, list(block.branch), block.branch_output, plan.dim,
-                                  fixed_group_width)
+        analysis = analyze_branch(gm, block.entry, list(block.branch), block.branch_output,
+                                  plan.dim, fixed_group_width)
         analysis.widths(plan.shape[plan.dim] // 2, 1.0)
     except Unresizable as exc:
         plan.reason = f"branch cannot be halved: {exc}"
@@ -546,7 +549,8 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
         if analysis is not None:
             analyses[bp.name] = analysis
     stages = _plan_stages(gm, block_plans, analyses, options)
-    if isinstance(options.anchor_every, dict) and (unknown := set(options.anchor_every) - {s.name for s in stages}):
+    if isinstance(options.anchor_every, dict) and (
+            unknown := set(options.anchor_every) - {s.name for s in stages}):
         raise ValueError(f"anchor_every names no reversible stage: {', '.join(sorted(unknown))} "
                          f"(stages: {', '.join(s.name for s in stages) or 'none'}).")
     for bp in block_plans:
@@ -560,5 +564,5 @@ def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options)
     params_before = sum(p.numel() for p in gm.parameters())
     changed = sum(s.params_after - s.params_before for s in stages)
     return Plan(model=gm.__class__.__name__, options=options, blocks=block_plans, stages=stages,
-                segments=segments, params_before=params_before, params_after=params_before + changed,
-                opaque=dict(gm.meta.get("opaque", {})))
+                segments=segments, params_before=params_before,
+                params_after=params_before + changed, opaque=dict(gm.meta.get("opaque", {})))

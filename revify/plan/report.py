@@ -24,9 +24,9 @@ def format_plan(plan, fmt: str = "simple") -> str:
                "" if b.stage is None else plan.stages[b.stage].name,
                f"{b.params_before:,}", f"{b.params_after:,}", b.reason or _branch(plan, b)]
               for b in plan.blocks]
-    stages = [[s.name, len(s.blocks), len(s.couplings), s.channels, f"{s.channels // 2} + {s.channels // 2}",
-               f"{s.width:g}", f"{s.params_before:,}", f"{s.params_after:,}",
-               _delta(s.params_before, s.params_after)] for s in plan.stages]
+    stages = [[s.name, len(s.blocks), len(s.couplings), s.channels,
+               f"{s.channels // 2} + {s.channels // 2}", f"{s.width:g}", f"{s.params_before:,}",
+               f"{s.params_after:,}", _delta(s.params_before, s.params_after)] for s in plan.stages]
     segments = [[s.name, s.kind, plan.runs_as(s), ", ".join(s.blocks) or "-",
                  "; ".join(_scheduled(s.name, plan.schedule) +
                            ([lean.describe()] if (lean := plan.running(s.lean, s.name)) else []))]
@@ -120,7 +120,8 @@ def carried_weights(rev) -> dict[str, int]:
 
     Layers outside reversible stages are the source's own modules: copied unchanged. Resized
     branch layers start from a slice of the source's (F from the first half of the stream
-    channels, G from the second; `revify.plan.resize.carry_over`), the rest keeps its initialisation.
+    channels, G from the second; `revify.plan.resize.carry_over`), the rest keeps its
+    initialisation.
     """
     from revify.runtime.reversible import CouplingBlock
     coupled = [m for m in rev.modules() if isinstance(m, CouplingBlock)]
@@ -155,8 +156,8 @@ def format_weights(model, rev, input_size, inputs=None) -> str:
              f"{c['sliced_tensors']} tensors of the resized branches start from slices of the "
              f"originals (F from the first half of the channels, G from the second): "
              f"{c['carried_values']:,} of their {c['sliced_values']:,} values "
-             f"({c['carried_values'] / max(c['sliced_values'], 1):.0%}) are copied from the source; "
-             f"the rest keep their fresh initialisation")
+             f"({c['carried_values'] / max(c['sliced_values'], 1):.0%}) are copied from the "
+             f"source; the rest keep their fresh initialisation")
     end = (f"On {len(x)} calibration inputs the converted model's output differs from the "
            f"original's by {diff:.1%} (relative norm)." if fitted else
            f"Additive coupling at half width computes a different function: on a random input "

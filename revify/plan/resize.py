@@ -51,14 +51,15 @@ def register_resizer(*types: type, ties, channels_in, divisor=lambda m: 1, tenso
     def wrap(build):
         for t in types:
             RESIZERS[t] = Resizer(ties=ties, divisor=divisor, build=build, channels_in=channels_in,
-                                  tensors=None if tensors is None else frozenset(tensors), axis=axis,
-                                  inner=inner, groups=groups)
+                                  tensors=None if tensors is None else frozenset(tensors),
+                                  axis=axis, inner=inner, groups=groups)
         return build
     return wrap
 
 
 def holds_state(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters(recurse=True)) or any(True for _ in m.buffers(recurse=True))
+    return (any(True for _ in m.parameters(recurse=True))
+            or any(True for _ in m.buffers(recurse=True)))
 
 
 _STATELESS = Resizer(ties=lambda m: True, divisor=lambda m: 1,
@@ -221,7 +222,8 @@ def _resize_prelu(m, cin, cout, device=None):
 
 
 def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) -> int:
-    """Copy the overlapping slice of `old`'s tensors into `new`; returns how many values were copied.
+    """Copy the overlapping slice of `old`'s tensors into `new`; returns how many values were
+    copied.
 
     Dim 0 of every tensor runs over output channels and dim 1 of a weight over input channels
     (per group), true of every module in the registry. The offsets pick which half of the
@@ -229,7 +231,8 @@ def carry_over(new: nn.Module, old: nn.Module, in_offset: int, out_offset: int) 
     """
     copied = 0
     old_tensors = dict(old.named_parameters(recurse=False)) | dict(old.named_buffers(recurse=False))
-    for name, t in list(new.named_parameters(recurse=False)) + list(new.named_buffers(recurse=False)):
+    for name, t in (list(new.named_parameters(recurse=False))
+                    + list(new.named_buffers(recurse=False))):
         src = old_tensors.get(name)
         if src is None or src.dim() != t.dim() or t.device.type == "meta":
             continue

@@ -36,8 +36,9 @@ if L is not None:
     def _resize_global_context(m, cin, cout, device=None):
         mlp = m.mlp_add or m.mlp_scale
         rd = _scaled(mlp.fc1.out_channels, cin / mlp.fc1.in_channels)
-        return L.GlobalContext(cin, use_attn=m.conv_attn is not None, fuse_add=m.mlp_add is not None,
-                               fuse_scale=m.mlp_scale is not None, rd_channels=rd, device=device)
+        return L.GlobalContext(cin, use_attn=m.conv_attn is not None,
+                               fuse_add=m.mlp_add is not None, fuse_scale=m.mlp_scale is not None,
+                               rd_channels=rd, device=device)
 
     @register_resizer(SelectiveKernel, ties=lambda m: False, channels_in=lambda m: m.in_channels,
                       divisor=lambda m: m.num_paths if m.split_input else 1)
@@ -64,7 +65,8 @@ if L is not None:
         new.reset_parameters()
         return new
 
-    @register_resizer(*[getattr(evo_norm, f"EvoNorm2d{v}") for v in ("S0", "S0a", "S1", "S1a", "S2", "S2a")],
+    @register_resizer(*[getattr(evo_norm, f"EvoNorm2d{v}")
+                        for v in ("S0", "S0a", "S1", "S1a", "S2", "S2a")],
                       ties=lambda m: True, channels_in=_per_channel, divisor=lambda m: m.groups)
     def _resize_evonorm_s(m, cin, cout, device=None):
         return type(m)(cin, groups=m.groups, apply_act=m.apply_act, eps=m.eps, device=device)

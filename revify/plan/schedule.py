@@ -15,21 +15,21 @@ everywhere else the step holds less. So each unit runs in one of three modes
   late ones: low resolution, and their backward runs first, while the step holds little else.
 
 and a LEAN or PLAIN rerun may also KEEP: the forward keeps the outputs of the unit's dearest
-layers (revify.runtime.keep: 3x3 convolutions, wide 1x1 ones) and the rerun skips them. That buys most
-of a unit's recompute FLOPs for a fraction of what storing it costs, so it fits in more units.
+layers (revify.runtime.keep: 3x3 convolutions, wide 1x1 ones) and the rerun skips them. That buys
+most of a unit's recompute FLOPs for a fraction of what storing it costs, so it fits in more units.
 
-The choice is a `Schedule`, made once and never changed: per unit a revify.runtime.modes.UnitSchedule
-(its mode and the kept layers that keep). `transform` attaches it to the plan, which is not
-edited for it, and revify.rewrite.apply_schedule sets each unit's to it, once: what the report
-prints (the plan and its schedule) is what runs.
+The choice is a `Schedule`, made once and never changed: per unit a
+revify.runtime.modes.UnitSchedule (its mode and the kept layers that keep). `transform` attaches it
+to the plan, which is not edited for it, and revify.rewrite.apply_schedule sets each unit's to it,
+once: what the report prints (the plan and its schedule) is what runs.
 
 How a choice is priced. One projection of a training step per mode (fake tensors: every op
-dispatched with its real shapes, nothing allocated, every storage counted; revify.memory.projection), every
-unit in that mode, gives the memory over time. The memory during a unit's forward or backward
-depends on that unit's own mode; of the other units only those before it hold anything then
-(what they keep between forward and backward), and that differs between the projections by a
-known constant. So the peak of any choice is the largest, over units, of the unit's own stretch
-in its mode's projection, shifted by what the units before it keep in their chosen modes
+dispatched with its real shapes, nothing allocated, every storage counted;
+revify.memory.projection), every unit in that mode, gives the memory over time. The memory during a
+unit's forward or backward depends on that unit's own mode; of the other units only those before it
+hold anything then (what they keep between forward and backward), and that differs between the
+projections by a known constant. So the peak of any choice is the largest, over units, of the unit's
+own stretch in its mode's projection, shifted by what the units before it keep in their chosen modes
 instead. Modes are taken greedily by the recompute FLOPs they save per byte they add while the
 priced peak stays within the budget (by default the all-LEAN peak and 1%: a plain rerun may add
 a few kilobytes of per-channel statistics there); the chosen net is projected once more, and
@@ -42,9 +42,9 @@ final projection does not fit.
 
 Activation bytes throughout: everything a step allocates with its parameter gradients
 allocated before it, as from the second micro-batch of gradient accumulation on and under DDP
-(revify.memory.measure.GRAD_REGIMES, "accumulate"): activations and the gradients in flight to `.grad`.
-That is what a step adds to parameters, gradients and optimizer state in that regime, and at
-least the activations in the other (gradients created during the step), so a budget holds in
+(revify.memory.measure.GRAD_REGIMES, "accumulate"): activations and the gradients in flight to
+`.grad`. That is what a step adds to parameters, gradients and optimizer state in that regime, and
+at least the activations in the other (gradients created during the step), so a budget holds in
 both.
 """
 from __future__ import annotations

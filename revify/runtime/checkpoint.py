@@ -15,9 +15,9 @@ a `detach` per saved tensor; a unit runs the same ops on the same inputs, so two
 do. What is added: the rerun leaves running statistics as the forward updated them
 (`frozen_buffers`), takes kept layers' outputs from the forward's tape (revify.runtime.keep),
 and the forward computes nothing only saved (revify.runtime.modes.discarding). A checkpoint
-nested in a unit (revify.plan.lean) saves its inputs under the unit's hooks, so the unit's forward keeps them no
-more than the rest. Under torch.compile torch's checkpoint is used: the compiled backward graph
-holds the rerun.
+nested in a unit (revify.plan.lean) saves its inputs under the unit's hooks, so the unit's forward
+keeps them no more than the rest. Under torch.compile torch's checkpoint is used: the compiled
+backward graph holds the rerun.
 """
 from __future__ import annotations
 

@@ -521,7 +521,8 @@ def layout(x: torch.Tensor) -> torch.memory_format:
     stage input is stored so (a GPU's NHWC convolutions and norms then run without layout
     conversions), else contiguous."""
     channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last and not x.is_contiguous() else torch.contiguous_format
+    return (torch.channels_last if channels_last and not x.is_contiguous()
+            else torch.contiguous_format)
 
 
 def _branch_input(half: torch.Tensor, dtype: torch.dtype, fmt: torch.memory_format) -> torch.Tensor:

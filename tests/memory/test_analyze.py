@@ -58,7 +58,8 @@ def test_peak_extrapolates_exactly_and_the_largest_batch_is_the_largest(tiny, an
     budget, largest = parse_bytes("64MiB"), analysis.largest_batch(grads)
     for strategy, n in largest.items():
         assert n > 8
-        assert analysis.peak_at(strategy, n, grads) <= budget < analysis.peak_at(strategy, n + 1, grads)
+        assert (analysis.peak_at(strategy, n, grads) <= budget
+                < analysis.peak_at(strategy, n + 1, grads))
     # a third, independent projection (the curves come from batches 4 and 8)
     third = revify.analyze(tiny, input_size=SIZE, batch_size=largest["revify"] + 1,
                            optimizer="momentum", curves=False)
@@ -109,7 +110,8 @@ def test_units_account_for_everything_held_after_the_forward(tiny, analysis):
         # A reversible stage keeps its output only; the original keeps every block's activations.
         assert sum(b.activation_bytes["revify"] for b in stage.blocks) == 0
         assert 0 < stage.activation_bytes["revify"] < stage.activation_bytes["original"]
-        assert sum(b.activation_bytes["original"] for b in stage.blocks) == stage.activation_bytes["original"]
+        assert (sum(b.activation_bytes["original"] for b in stage.blocks)
+                == stage.activation_bytes["original"])
         assert stage.shape and stage.became == "reversible"
 
 
@@ -153,7 +155,8 @@ def test_json_and_tables(analysis):
     assert data["budget"]["largest_batch"] == analysis.largest_batch()
     assert data["budget"]["grads"] == "accumulate"
     assert data["budget"]["largest_batch_by_grads"] == {
-        "fresh": analysis.largest_batch("fresh"), "accumulate": analysis.largest_batch("accumulate")}
+        "fresh": analysis.largest_batch("fresh"),
+        "accumulate": analysis.largest_batch("accumulate")}
     assert [e["stage"] for e in data["budget"]["extra_blocks"]] == [s.name for s in analysis.stages]
     text = analysis.format("github", blocks=True)
     assert "| stem" in text and "largest batch" in text and "weights share" in text
@@ -192,7 +195,8 @@ def test_cli_json_prints_json_only(capsys):
     data = json.loads(out)
     assert data["model"] == "resnet18" and data["budget"] is None and data["optimizer"] == "sgd"
     assert data["strategies"]["original"]["optimizer_bytes"] == 0
-    assert data["strategies"]["revify"]["activation_bytes"] < data["strategies"]["original"]["activation_bytes"]
+    assert (data["strategies"]["revify"]["activation_bytes"]
+            < data["strategies"]["original"]["activation_bytes"])
 
 
 def test_cli_tables_with_measured_next_to_projected(capsys, monkeypatch, tiny):

@@ -42,7 +42,8 @@ def test_doubling_blocks_leaves_revified_peak_nearly_unchanged():
     assert rev4.peak_activation_bytes <= 1.10 * rev2.peak_activation_bytes
     # What the stages hold between forward and backward does not grow either; with the default
     # schedule the deeper net stores more units under the same peak (revify.plan.schedule).
-    (_, every2), (_, every4) = (_peaks(BasicBlock, [k] * 4, schedule="recompute_all") for k in (2, 4))
+    (_, every2), (_, every4) = (_peaks(BasicBlock, [k] * 4, schedule="recompute_all")
+                                for k in (2, 4))
     assert every4.activation_bytes <= 1.10 * every2.activation_bytes
 
 
@@ -96,7 +97,8 @@ def test_sqrt_segments_checkpoint_groups_of_blocks_like_checkpoint_sequential():
         m.zero_grad()
         torch.nn.functional.cross_entropy(m(x), y).backward()
     # a checkpointed group holds its layers at net.<group>.module.<path>, a stored one at net.<path>
-    by_path = {n.split(".module.")[-1].removeprefix("net."): p for n, p in grouped.named_parameters()}
+    by_path = {n.split(".module.")[-1].removeprefix("net."): p
+               for n, p in grouped.named_parameters()}
     assert by_path.keys() == dict(model.named_parameters()).keys()
     for n, p in model.named_parameters():
         torch.testing.assert_close(by_path[n].grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)

@@ -16,10 +16,12 @@ from conftest import step_grads, worst_rel_err
 def resnet50_pair():
     torch.manual_seed(0)
     model = torchvision.models.resnet50(num_classes=10)
-    # every unit recomputing (schedule="recompute_all"): the schedule would run some plainly or stored
+    # every unit recomputing (schedule="recompute_all"): the schedule would run some plainly or
+    # stored
     every = Options(schedule="recompute_all")
     lean = build(model, None, every, input_size=(3, 64, 64)).train()
-    plain = build(model, None, Options(lean=False, schedule="recompute_all"), input_size=(3, 64, 64)).train()
+    plain = build(model, None, Options(lean=False, schedule="recompute_all"),
+                  input_size=(3, 64, 64)).train()
     plain.load_state_dict(lean.state_dict())
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     return model, lean, plain, x, y
@@ -72,8 +74,10 @@ def test_a_nested_layer_runs_once_more(resnet50_pair):
         conv3 = next(m for n, m in rev.named_modules() if n.endswith("layer1.0.conv3"))
         conv2 = next(m for n, m in rev.named_modules() if n.endswith("layer1.0.conv2"))
         counts = {"conv3": 0, "conv2": 0}
-        handles = [conv3.register_forward_hook(lambda *_: counts.__setitem__("conv3", counts["conv3"] + 1)),
-                   conv2.register_forward_hook(lambda *_: counts.__setitem__("conv2", counts["conv2"] + 1))]
+        handles = [conv3.register_forward_hook(
+                       lambda *_: counts.__setitem__("conv3", counts["conv3"] + 1)),
+                   conv2.register_forward_hook(
+                       lambda *_: counts.__setitem__("conv2", counts["conv2"] + 1))]
         F.cross_entropy(rev(x), y).backward()
         for h in handles:
             h.remove()

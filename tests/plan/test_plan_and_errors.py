@@ -65,13 +65,16 @@ def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
     for stage in plan.stages:
         assert abs(stage.params_after - stage.params_before) <= 0.10 * stage.params_before
     assert plan.params_after == sum(p.numel() for p in rev.parameters())
-    stage_modules = [m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
+    stage_modules = [m for m in rev.modules()
+                     if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     assert [sum(p.numel() for p in m.parameters()) for m in stage_modules] == \
         [s.params_after for s in plan.stages]
-    assert [len(m.blocks) for m in stage_modules] == [len(s.blocks) for s in plan.stages] == [2, 3, 5, 2]
+    assert ([len(m.blocks) for m in stage_modules] == [len(s.blocks) for s in plan.stages]
+            == [2, 3, 5, 2])
     text = str(plan)
     for expected in ["layer1.0", "projection shortcut", "reversible", "checkpointed", "stem",
-                     "head", "layer3.1..layer3.5", f"{plan.params_before:,}", f"{plan.params_after:,}"]:
+                     "head", "layer3.1..layer3.5", f"{plan.params_before:,}",
+                     f"{plan.params_after:,}"]:
         assert expected in text
 
 
@@ -182,7 +185,8 @@ def test_untraceable_module_is_kept_opaque_and_reported(data):
     x, y = data
     rev = revify.transform(Untraceable(), input_size=(3, 16, 16))
     assert list(rev.revify_plan.opaque) == ["gate"] and len(rev.revify_plan.stages) == 2
-    assert "kept as opaque layers" in str(rev.revify_plan) and "gate: TraceError" in str(rev.revify_plan)
+    assert ("kept as opaque layers" in str(rev.revify_plan)
+            and "gate: TraceError" in str(rev.revify_plan))
     got, ref = step_grads(rev, x, y), step_grads(rev, x, y, exact=True)
     assert worst_rel_err(got, ref)[0] <= 1e-5
 
@@ -207,8 +211,9 @@ def test_untraceable_layer_in_a_branch_keeps_its_block_checkpointed(data):
     actions = {b.name: (b.action, b.reason) for b in rev.revify_plan.blocks}
     assert actions["stage1.0"][0] == "reversible"
     action, reason = actions["stage1.1"]
-    assert action == "checkpointed" and reason.startswith("branch cannot be halved: 'stage1.1.gate' "
-                                                          "is kept opaque (TraceError")
+    assert action == "checkpointed" and reason.startswith("branch cannot be halved: "
+                                                          "'stage1.1.gate' is kept opaque "
+                                                          "(TraceError")
     assert reason.endswith("so revify cannot tell whether it treats channels alike (if it does, "
                            "a drop path say, name it in leaf_modules)")
 
@@ -238,15 +243,18 @@ def test_code_that_differs_in_training_keeps_its_training_behaviour(data):
     model.stage2[0] = NoisyBlock(16)
     rev = revify.transform(model, input_size=(3, 16, 16))
     assert list(rev.revify_plan.opaque) == ["stage2.0.noise"]
-    assert "runs different code in training and in eval mode" in rev.revify_plan.opaque["stage2.0.noise"]
+    assert ("runs different code in training and in eval mode"
+            in rev.revify_plan.opaque["stage2.0.noise"])
     assert rev.revify_plan.block("stage2.0").action == "checkpointed"
-    same = build(model, None, Options(reversible=False), input_size=(3, 16, 16))  # the same function
+    same = build(model, None, Options(reversible=False),
+                 input_size=(3, 16, 16))  # the same function
     with torch.no_grad():
         torch.testing.assert_close(same.eval()(x), model.eval()(x))
         torch.manual_seed(0)
         noisy = same.train()(x)
         torch.manual_seed(0)
-        torch.testing.assert_close(noisy, model.train()(x))  # the noise is drawn, as in the original
+        torch.testing.assert_close(noisy,
+                                   model.train()(x))  # the noise is drawn, as in the original
     assert worst_rel_err(step_grads(rev, x, y), step_grads(rev, x, y, exact=True))[0] <= 1e-5
 
 
@@ -318,7 +326,8 @@ class UntraceableForward(TinyResNet):
 
 
 def test_untraceable_model_forward_names_the_way_out():
-    with pytest.raises(revify.TraceError, match=r"could not trace the forward of UntraceableForward"):
+    with pytest.raises(revify.TraceError,
+                       match=r"could not trace the forward of UntraceableForward"):
         revify.transform(UntraceableForward(), input_size=(3, 16, 16))
 
 

@@ -93,7 +93,8 @@ def test_stored_units_keep_the_peak_and_skip_their_recompute(resnet18):
 def test_plain_reruns_drop_the_nesting_within_the_budget():
     """ResNet-50's first stage nests its 1x1 convs (revify.plan.lean) for nothing: its rerun fits
     under the peak of the first downsampling block's, so the schedule runs it plainly."""
-    _, lean = revified_torchvision("resnet50", X, schedule="recompute_all")  # transformed once: conftest
+    _, lean = revified_torchvision("resnet50", X,
+                                   schedule="recompute_all")  # transformed once: conftest
     _, rev = revified_torchvision("resnet50", X)
     lean, rev = lean.train(), rev.train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))

@@ -1,5 +1,5 @@
-"""revify.runtime.fast: the rewritten graphs call convolutions, BatchNorms and ReLUs without the module
-call machinery, computing what the modules compute, to the bit."""
+"""revify.runtime.fast: the rewritten graphs call convolutions, BatchNorms and ReLUs without the
+module call machinery, computing what the modules compute, to the bit."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ def _same_step(layer: nn.Module, direct, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("make", [
     lambda: nn.BatchNorm2d(6), lambda: nn.BatchNorm2d(6, momentum=0.3, affine=False),
     lambda: nn.BatchNorm2d(6, track_running_stats=False), lambda: nn.BatchNorm2d(6, momentum=None),
-    lambda: nn.Conv2d(6, 4, 3, padding=1), lambda: nn.Conv2d(6, 6, 3, stride=2, groups=3, bias=False),
+    lambda: nn.Conv2d(6, 4, 3, padding=1),
+    lambda: nn.Conv2d(6, 6, 3, stride=2, groups=3, bias=False),
     lambda: nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"), lambda: nn.ReLU()])
 def test_a_direct_call_computes_what_the_module_does(make, training):
     torch.manual_seed(0)
@@ -52,7 +53,8 @@ def test_hooks_registered_on_the_revified_model_fire_once_per_call():
     """A layer with a hook goes through its own call: the hook sees every forward (the rerun's
     too), as on any module."""
     rev = revify.transform(torchvision.models.resnet18(num_classes=10), input_size=(3, 32, 32))
-    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules()
+                 if isinstance(m, revify.runtime.reversible.ReversibleStage))
     norm = next(m for m in stage.blocks[0].f.modules() if isinstance(m, nn.BatchNorm2d))
     calls = []
     handle = norm.register_forward_hook(lambda m, i, o: calls.append(o.shape))

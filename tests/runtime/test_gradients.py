@@ -47,9 +47,11 @@ def test_full_jacobian_matches_float64_finite_differences():
     its state after one backward, so each analytic row here comes from a fresh forward.)
     """
     torch.manual_seed(0)
-    rev = smoothed(revify.transform(TinyResNet(depth=2, c=4), input_size=(3, 6, 6))).double().train()
+    rev = smoothed(revify.transform(TinyResNet(depth=2, c=4),
+                                    input_size=(3, 6, 6))).double().train()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
-    first_stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
+    first_stage = next(m for m in rev.modules()
+                       if isinstance(m, revify.runtime.reversible.ReversibleStage))
     leaves = [x] + list(first_stage.parameters()) + list(rev.net.stem.parameters())
     out_size = rev(x).numel()
     analytic = []
@@ -104,7 +106,8 @@ def test_gradient_accumulation_and_hooks_fire_once_per_parameter():
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
     fired = {}
     for n, p in rev.named_parameters():
-        p.register_post_accumulate_grad_hook(lambda p, n=n: fired.__setitem__(n, fired.get(n, 0) + 1))
+        p.register_post_accumulate_grad_hook(
+            lambda p, n=n: fired.__setitem__(n, fired.get(n, 0) + 1))
     single = step_grads(rev, x, y)
     fired.clear()
     rev.zero_grad(set_to_none=True)

@@ -1,4 +1,5 @@
-"""revify.runtime.keep: a unit's forward keeps its dearest layers' outputs and the rerun reuses them.
+"""revify.runtime.keep: a unit's forward keeps its dearest layers' outputs and the rerun reuses
+them.
 
 Checked against plain autograd (the same layer run normally, the same model under
 plain_autograd) and by counting the layer's calls and the step's live memory.
@@ -116,7 +117,8 @@ def test_keeping_units_skip_their_kept_layers_in_the_rerun(resnet50):
         partial += 0 < len(named) < len({m.layer_name for m in layers})
     assert partial  # some unit keeps only some of its kept layers: the check has teeth
     plan = str(rev.revify_plan)
-    assert f"Keeping their dearest layers' outputs for the rerun: {', '.join(schedule.kept)}" in plan
+    assert (f"Keeping their dearest layers' outputs for the rerun: {', '.join(schedule.kept)}"
+            in plan)
     assert "keeps the output of" in plan
 
 
@@ -132,11 +134,13 @@ def test_keeping_changes_no_gradient_and_leaves_nothing_behind(resnet50):
     grads = [p.grad.clone() for p in rev.parameters()]
     # every tape was emptied or released with the graph: only the gradients are left, and
     # each stage's one-value overflow flag, read at its next forward (revify.runtime.reversible)
-    flags = [m._outgrown.flag for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage)]
+    flags = [m._outgrown.flag for m in rev.modules()
+             if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     assert len(flags) == len(rev.revify_plan.stages) and all(f.numel() == 1 for f in flags)
     assert tracker.current == sum(t.untyped_storage().nbytes()
                                   for t in [p.grad for p in rev.parameters()] + flags)
-    assert tracker.peak_without([p.grad for p in rev.parameters()]) <= rev.revify_plan.schedule.budget
+    assert (tracker.peak_without([p.grad for p in rev.parameters()])
+            <= rev.revify_plan.schedule.budget)
     rev.load_state_dict(state)
     with revify.plain_autograd():
         _step(rev, x, y)
@@ -145,7 +149,8 @@ def test_keeping_changes_no_gradient_and_leaves_nothing_behind(resnet50):
 
 def test_baselines_and_plain_checkpointing_keep_nothing(resnet50):
     model, _, every = resnet50
-    for rev in (every, build(model, X, Options(lean=False)), build(model, X, Options(reversible=False))):
+    for rev in (every, build(model, X, Options(lean=False)),
+                build(model, X, Options(reversible=False))):
         assert not any(isinstance(m, Kept) for m in rev.modules())
         assert "keeps the output of" not in str(rev.revify_plan)
 

@@ -145,7 +145,8 @@ def test_replaced_parameters_get_the_gradients(model_and_rev):
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     rev.train()
     step_grads(rev, x, y)                                       # the layout is worked out
-    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules()
+                 if isinstance(m, revify.runtime.reversible.ReversibleStage))
     old = list(stage.parameters())
     for p in old:
         p.grad = None

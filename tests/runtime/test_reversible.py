@@ -25,7 +25,8 @@ from revify.plan.plan import Options
 def test_stage_inverse_rebuilds_the_input_exactly():
     torch.manual_seed(0)
     rev = revify.transform(TinyResNet(depth=6), input_size=(3, 16, 16)).eval()
-    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules()
+                 if isinstance(m, revify.runtime.reversible.ReversibleStage))
     x = torch.randn(4, 8, 16, 16)
     with torch.no_grad():
         coupled = stage.couple(x, record=True)
@@ -158,7 +159,8 @@ def test_an_eval_pass_with_gradients_leaves_the_grid_as_training_left_it(data):
     assert torch.equal(grads[0], grads[1])
     assert all(torch.equal(s.headroom, b) for s, b in zip(stages, before))
     rev.train()  # training does widen it, for good
-    F.cross_entropy(rev(x.clone().requires_grad_(True)), torch.zeros(len(x), dtype=torch.long)).backward()
+    F.cross_entropy(rev(x.clone().requires_grad_(True)),
+                    torch.zeros(len(x), dtype=torch.long)).backward()
     assert any(not torch.equal(s.headroom, b) for s, b in zip(stages, before))
 
 
@@ -174,8 +176,8 @@ def test_exact_reconstruction_costs_no_memory_over_native():
     native = build(model, None, Options(reconstruction="native"), input_size=(3, 64, 64)).train()
     assert "native reconstruction" in str(native.revify_plan)
     native_step, exact_step = measure_step(native, x, y), measure_step(exact, x, y)
-    grid_bytes = 4 * 4 * sum(s.headroom.numel() for s in exact.modules()
-                             if isinstance(s, revify.runtime.reversible.ReversibleStage))  # steps and limits
+    grid_bytes = 4 * 4 * sum(s.headroom.numel() for s in exact.modules()  # steps and limits
+                             if isinstance(s, revify.runtime.reversible.ReversibleStage))
     assert exact_step.activation_bytes <= native_step.activation_bytes + grid_bytes
     assert exact_step.peak_activation_bytes <= native_step.peak_activation_bytes + 2 * grid_bytes
     assert worst_rel_err(step_grads(exact, x, y), step_grads(exact, x, y, exact=True))[0] == 0.0
@@ -188,7 +190,8 @@ def test_reversible_stage_keeps_no_saved_tensors():
     """The stage's autograd node saves nothing through autograd: it rebuilds from its output."""
     torch.manual_seed(0)
     rev = revify.transform(ResNet(BasicBlock, [3, 1, 1, 1], num_classes=10), input_size=(3, 32, 32))
-    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
+    stage = next(m for m in rev.modules()
+                 if isinstance(m, revify.runtime.reversible.ReversibleStage))
     seen = []
     stage.register_forward_hook(lambda mod, inp, out: seen.append(out))
     packed = []
@@ -231,8 +234,10 @@ def test_double_backward_names_plain_autograd_and_works_under_it():
 
 def test_in_place_change_of_a_stage_output_is_caught():
     torch.manual_seed(0)
-    rev = build(TinyResNet(depth=2), None, Options(non_invertible="store"), input_size=(3, 16, 16)).train()
-    stage = next(m for m in rev.modules() if isinstance(m, revify.runtime.reversible.ReversibleStage))
+    rev = build(TinyResNet(depth=2), None, Options(non_invertible="store"),
+                input_size=(3, 16, 16)).train()
+    stage = next(m for m in rev.modules()
+                 if isinstance(m, revify.runtime.reversible.ReversibleStage))
     out = stage(torch.randn(2, 8, 16, 16, requires_grad=True))
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place"):
@@ -250,7 +255,8 @@ def test_anchors_bound_native_drift_and_cost_one_activation_each():
     # memory: after the forward, each anchor holds one copy of the stream (here in float32)
     held = {}
     for k in (None, 4):
-        rev = build(model, None, Options(reconstruction="native", anchor_every=k), input_size=(3, 8, 8))
+        rev = build(model, None, Options(reconstruction="native", anchor_every=k),
+                    input_size=(3, 8, 8))
         held[k] = measure_step(rev.train(), x, torch.tensor([0, 1])).activation_bytes
     anchors = (12 - 1) // 4
     assert held[4] - held[None] == anchors * x.shape[0] * 8 * 8 * 8 * 4
