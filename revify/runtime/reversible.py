@@ -322,7 +322,7 @@ class ReversibleStage(nn.Module):
         most = SIGNIFICAND_BITS[grid.step.dtype] - MIN_BITS
         if self._holds():
             self._outgrown = _read_later(over.any())
-            self._give_room(over.logical_and_(self.headroom < most), most)
+            self._give_room(over, most)  # channels at `most` stay there (clamped)
             self._mark_held()  # what it widened is checked when the read comes back
             return False
         if not bool(over.any()):
@@ -345,7 +345,7 @@ class ReversibleStage(nn.Module):
         return True
 
     def _give_room(self, room: torch.Tensor, most: int) -> None:
-        """WIDEN_BITS more headroom for the channels in `room` (those below `most`), in place."""
+        """WIDEN_BITS more headroom for the channels in `room`, at most `most`, in place."""
         self.headroom.add_(room, alpha=WIDEN_BITS).clamp_max_(most)
 
     def _holds(self) -> bool:
