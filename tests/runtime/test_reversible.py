@@ -96,22 +96,6 @@ def test_a_grid_outgrown_in_steady_state_costs_no_sync_is_said_and_widened(data)
     assert worst_rel_err(got, step_grads(rev, x, y, exact=True))[0] == 0.0
 
 
-@pytest.mark.parametrize("shape, kept", [((3, 5, 4, 6), [1]), ((3, 5, 4, 6), [3]), ((4, 7, 5), [2]),
-                                         ((2, 3, 7, 4), [0]), ((6, 9), [1]),
-                                         ((2, 3, 5, 4, 6), [0, 2]), ((2, 4, 7, 5), [0, 3])])
-def test_per_channel_reductions_in_two_steps_equal_one(shape, kept):
-    """The grid's overflow check reduces the batch first, then the rest: the same values as one
-    reduction over every dim but the channel's (and the pair's, for a stream pair), in every
-    layout."""
-    from revify.runtime.reversible import _per_channel
-    t = torch.randn(shape)
-    dims = [d for d in range(t.ndim) if d not in kept]
-    for reduce in (torch.amax, torch.amin):
-        assert torch.equal(_per_channel(t, dims, reduce), reduce(t, dims))
-        assert torch.equal(_per_channel(t.transpose(0, -1), dims, reduce),
-                           reduce(t.transpose(0, -1), dims))
-
-
 def test_a_stream_beyond_any_grid_warns_and_trains_on(data):
     """Branch outputs 10^6 times the stage input outgrow even the widest grid that leaves 8 bits
     of precision: those channels stop at that grid, the adds that overflow it round as plain
