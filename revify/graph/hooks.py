@@ -51,7 +51,13 @@ def _drop_own_hooks(module: nn.Module) -> bool:
     return dropped
 
 
-# ----------------------------------------------------------------------------- spectral norm
+def hooks_warning(names: list[str]) -> str:
+    return (f"revify: hooks on {', '.join(names)} are not carried into the revified model (its "
+            f"layers are rebuilt, and rerun in the backward); register them on the revified "
+            f"model's modules instead.")
+
+
+# ----------------------------------------------------------------------------- reparametrizations
 class RerunSpectralNorm(SpectralNorm):
     """spectral_norm's hook without the power iteration in a rerun (a checkpointed unit's, in
     the backward; revify.runtime.modes.rerunning). The forward's iteration left u and v as its
@@ -80,12 +86,6 @@ def rerun_safe_spectral_norms(model: nn.Module) -> None:
         for hook in module._forward_pre_hooks.values():
             if type(hook) is SpectralNorm:
                 hook.__class__ = RerunSpectralNorm
-
-
-def hooks_warning(names: list[str]) -> str:
-    return (f"revify: hooks on {', '.join(names)} are not carried into the revified model (its "
-            f"layers are rebuilt, and rerun in the backward); register them on the revified "
-            f"model's modules instead.")
 
 
 def recomputed_weights(model: nn.Module) -> list[torch.Tensor]:
