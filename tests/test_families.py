@@ -97,6 +97,13 @@ def test_subclass_with_extra_tensors_is_not_resized_by_its_base_rule():
     from timm.layers import ScaledStdConv2d, StdConv2d
     assert resizer_for(StdConv2d(8, 8, 3)) is RESIZERS[nn.Conv2d]  # same tensors as Conv2d
     assert resizer_for(ScaledStdConv2d(8, 8, 3)) is None           # its `gain` has no rule
+    conv = nn.Conv2d(8, 8, 3)
+    conv.register_buffer("scale", torch.ones(8))
+    assert resizer_for(conv) is None  # Conv2d's own class, a tensor its rule does not rebuild
+
+    class Attention(timm.layers.Attention):  # a subclass of a rule that lists no tensors
+        pass
+    assert resizer_for(Attention(16, num_heads=2)) is None
 
 
 def test_features_only_backbone_keeps_every_tap():

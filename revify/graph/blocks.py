@@ -116,7 +116,7 @@ def _match_block(add: fx.Node, order, modules) -> ResidualBlock | None:
         return None
     if not all(_reads(side, entry) for side in (side_a, side_b) if side):
         return None  # a side that does not start from x (x + pos_embed): not a residual
-    if not _learned(side_a | region, modules):
+    if not _learned(region, modules):
         return None  # nothing learned on either side (max_pool(x) + avg_pool(x)): a plain op
     post = next(iter(add.users)) if len(add.users) == 1 else None
     if post is not None and not (is_activation(post, modules) and post.all_input_nodes == [add]):

@@ -78,18 +78,20 @@ def resizer_for(module: nn.Module) -> Resizer | None:
             rule = RESIZERS[cls]
             if cls is type(module) and rule.tensors is None:
                 return rule
-            return rule if _own_tensors(module) <= rule.tensors else None
+            return rule if rule.tensors is not None and _own_tensors(module) <= rule.tensors \
+                else None
     return None if holds_state(module) else _STATELESS
 
 
 def reparametrized(module: nn.Module) -> str:
-    """What makes a layer of a registered type unresizable, said in a plan's reason: the
-    reparametrization it holds (empty if none)."""
+    """What makes a layer of a registered type unresizable, said in a plan's reason: its
+    parametrization, or the tensors its rule does not rebuild (empty if neither)."""
     if is_parametrized(module):
         return f" (its {', '.join(module.parametrizations)} parametrized)"
-    extra = sorted(_own_tensors(module) - (RESIZERS.get(type(module), _STATELESS).tensors or set()))
-    return f" (its {', '.join(extra)}: a hook-based weight_norm or spectral_norm)" \
-        if extra and type(module) in RESIZERS else ""
+    rule = RESIZERS.get(type(module))
+    extra = sorted(_own_tensors(module) - rule.tensors) if rule and rule.tensors else []
+    return f" (its {', '.join(extra)}, as a hook-based weight_norm or spectral_norm adds)" \
+        if extra else ""
 
 
 def _own_tensors(module: nn.Module) -> set[str]:
