@@ -27,7 +27,9 @@ def main():
 
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.model, num_classes=10)
-    rev = revify.transform(model, input_size=(3, args.image_size, args.image_size))
+    # shapes only: the batch and size of the step it plans for (nothing is computed on them)
+    example = torch.empty(args.batch_size, 3, args.image_size, args.image_size)
+    rev = revify.transform(model, example)
     print(rev.revify_plan)
     # Projected memory of one training step per strategy (fake tensors: nothing is allocated),
     # and the largest batch that fits 16 GiB.

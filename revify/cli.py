@@ -86,6 +86,9 @@ def _add_transform_options(p) -> None:
     g.add_argument("--width", type=_width, default=None,
                    help="'match' (keep each stage's parameters, default) or an internal "
                         "width factor")
+    g.add_argument("--couple", choices=("auto", "pairs", "each"), default=None,
+                   help="'pairs': two consecutive blocks make one coupling; 'each': every block "
+                        "is a coupling of its own; 'auto' (default): pairs unless they peak higher")
     g.add_argument("--leaf-module", action="append", default=[], metavar="NAME",
                    help="a submodule torch.fx should not trace into (repeatable)")
     for flag in MOVED:
@@ -94,7 +97,7 @@ def _add_transform_options(p) -> None:
 
 def _transform_options(args) -> dict:
     """The transform options given on the command line."""
-    options = {"width": args.width, "leaf_modules": args.leaf_module or None}
+    options = {"width": args.width, "couple": args.couple, "leaf_modules": args.leaf_module or None}
     return {k: v for k, v in options.items() if v is not None}
 
 

@@ -147,9 +147,14 @@ RENAMED = {"checkpoint": ("non_invertible", {"non_invertible": "recompute", "non
            "store": ("schedule", {"auto": "budget", "none": "recompute_all"})}
 
 
+# Settings older files lack: name -> the value that builds what they were written from.
+ADDED = {"couple": "each"}
+
+
 def _renamed(settings: dict) -> dict:
-    """A recipe's settings under today's Options names (files written before the renames)."""
-    out = dict(settings)
+    """A recipe's settings under today's Options names (files written before the renames and
+    additions)."""
+    out = ADDED | settings
     for old, (new, values) in RENAMED.items():
         if old in out:
             value = out.pop(old)

@@ -1,5 +1,5 @@
-"""`revify.transform`: trace -> find blocks -> plan -> rewrite -> schedule, returning a
-trainable module whose plan says what was done."""
+"""`revify.transform`: trace -> find blocks -> plan (and couple) -> rewrite -> schedule,
+returning a trainable module whose plan says what was done."""
 from __future__ import annotations
 
 import warnings
@@ -13,9 +13,10 @@ from revify.graph.blocks import find_blocks
 from revify.graph.hooks import hooks_warning
 from revify.distill import DEFAULT_STEPS, distill
 from revify.memory.measure import parse_bytes
-from revify.plan.plan import Options, Plan, make_plan
+from revify.plan.couple import couple
+from revify.plan.plan import Options, Plan
 from revify.plan.report import unmatched_note
-from revify.rewrite import apply_schedule, rewrite
+from revify.rewrite import apply_schedule
 from revify.runtime import fast
 from revify.plan.schedule import schedule
 from revify.graph.trace import propagate_shapes, trace
@@ -58,15 +59,21 @@ def _example_inputs(model: nn.Module, example_inputs, input_size) -> tuple:
 
 
 def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int] = (3, 224, 224),
-              width: float | Literal["match"] = "match", budget: int | str | None = None,
-              leaf_modules: Iterable[type | str] = (), calibration=None,
-              distill_steps: int = DEFAULT_STEPS) -> RevifiedModel:
+              width: float | Literal["match"] = "match",
+              couple: Literal["auto", "pairs", "each"] = "auto",
+              budget: int | str | None = None, leaf_modules: Iterable[type | str] = (),
+              calibration=None, distill_steps: int = DEFAULT_STEPS) -> RevifiedModel:
     """Turn the residual stages of `model` into reversible stages; `model` is left untouched.
 
     example_inputs: a tensor (or tuple) shaped like the model's input, used only for its shapes
         (default: a batch of 2 of `input_size`). Nothing is computed on real data.
     width: "match" picks the branches' internal widths so every stage keeps its parameter count
         within 10%; a number scales the original internal widths instead.
+    couple: "pairs" makes two consecutive blocks of a stage one coupling (F the first's branch,
+        G the second's: as many layers as the original); "each" makes every block a coupling of
+        its own (its branch built twice at narrower widths: twice the layers); "auto" takes
+        "pairs" unless it makes the step's activations peak higher (revify.plan.couple; the
+        plan says which and why).
     budget: the peak activation memory (bytes, or a size such as '2GiB') a training step at the
         example input may reach, gradients in flight to already allocated `.grad` included
         (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.
@@ -91,7 +98,8 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     Hooks registered on `model`'s modules are not carried into the revified model (its layers
     are rebuilt, and rerun in the backward): a warning names their modules (revify.graph.hooks).
     """
-    options = Options(width=width, budget=None if budget is None else parse_bytes(budget))
+    options = Options(width=width, couple=couple,
+                      budget=None if budget is None else parse_bytes(budget))
     return build(model, example_inputs, options, input_size=input_size, leaf_modules=leaf_modules,
                  calibration=calibration, distill_steps=distill_steps)
 
@@ -113,13 +121,14 @@ def build(model: nn.Module, example_inputs=None, options: Options | None = None,
     blocks = find_blocks(gm)
     if not blocks:
         raise NoResidualBlocks(_no_blocks_message(model, gm.meta["opaque"]))
-    plan = make_plan(gm, blocks, options)
+    net, plan = couple(gm, blocks, options, example_inputs)  # make_plan, then rewrite
     if plan.unmatched():
         warnings.warn(f"revify: {unmatched_note(plan)}", UserWarning, stacklevel=3)
-    net = rewrite(gm, plan)
     if options.schedules:  # the plan is not edited for it: the schedule goes beside it, once
         plan.schedule = schedule(net, plan, example_inputs)
         apply_schedule(net, plan)
+    # the user's options: couple="auto" is resolved again on load (as width="match" is), and a
+    # revify that resolves it otherwise fails the strict weight load instead of differing
     recipe = _recipe(model, example_inputs, options, leaf_modules)
     rev = RevifiedModel(net, plan, recipe).train(model.training)
     if calibration is not None and plan.stages:

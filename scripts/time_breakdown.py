@@ -1,8 +1,10 @@
 """Where a revified step's extra time goes: the forward and backward of the original, of revify,
 of the same revified model with plain autograd (`plain_autograd`: nothing recomputed, so what is
 left is the architecture's own cost: half-width couplings, the grid), and of revify with
-`reconstruction="native"` (no grid), every configuration in one process with the steps
-interleaved in shuffled order. Ratios are to the original's step.
+`reconstruction="native"` (no grid), and of revify with the couplings `couple="auto"` turned
+down (pairs of blocks, or one coupling per block: twice the branches, narrower), every
+configuration in one process with the steps interleaved in shuffled order. Ratios are to the
+original's step.
 
 The last row is about what revify's step cannot go below at its plan: the step with nothing
 recomputed plus one forward of the revified model without autograd (the recompute's own
@@ -28,6 +30,8 @@ def main() -> None:
     build, x, y = model_and_batch(args)
     rev = revify.transform(build(), x)
     native = revify_build(build(), x, Options(reconstruction="native"))
+    other = "each" if rev.revify_plan.options.couple == "pairs" else "pairs"
+    turned_down = revify.transform(build(), x, couple=other)
 
     def step(net, context=contextlib.nullcontext):
         with context():
@@ -50,6 +54,8 @@ def main() -> None:
         "revify": lambda: step(rev),
         "revify, nothing recomputed": lambda: step(rev, revify.plain_autograd),
         "revify, no grid": lambda: step(native),
+        f"revify, couple='{other}'": lambda: step(turned_down),
+        f"couple='{other}', nothing recomp.": lambda: step(turned_down, revify.plain_autograd),
         "forward without autograd": lambda: forward_only(rev),
     }, args.steps)
     median["nothing recomputed + that"] = [sum(median["revify, nothing recomputed"]),
@@ -57,9 +63,10 @@ def main() -> None:
     base = sum(median["original"])
     print(f"{args.model}, batch {args.batch_size}, {args.size}x{args.size}, "
           f"medians of {args.steps} interleaved steps ({torch.get_num_threads()} threads)")
-    print(f"{'':28} {'forward ms':>10} {'backward ms':>11} {'step':>7}")
+    print(f"{rev.revify_plan.coupling or 'couple=' + repr(rev.revify_plan.options.couple)}")
+    print(f"{'':30} {'forward ms':>10} {'backward ms':>11} {'step':>7}")
     for name, (forward, backward) in median.items():
-        print(f"{name:28} {forward * 1e3:10.1f} {backward * 1e3:11.1f} "
+        print(f"{name:30} {forward * 1e3:10.1f} {backward * 1e3:11.1f} "
               f"{(forward + backward) / base:6.3f}x")
 
 

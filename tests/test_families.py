@@ -229,17 +229,20 @@ def test_convnext_converts_and_matches_exact_autograd(source):
 
 def test_convnext_layer_scale_is_carried_per_half():
     """The layer scale becomes a parameter of each half-width branch, F from the first half of
-    the original's channels and G from the second."""
+    the original's channels and G from the second (one block's two halves with couple="each";
+    with "pairs" block 1 is G of the first coupling)."""
     model = _convnext("timm-linear", ls_init_value=1.0)
     with torch.no_grad():
         gamma = model.stages[0].blocks[1].gamma
         gamma.copy_(torch.arange(gamma.numel()))
-    rev = revify.transform(model, input_size=(3, 32, 32))
-    coupling = next(m for m in rev.modules()
-                    if isinstance(m, revify.runtime.reversible.ReversibleStage)).blocks[1]
     half = gamma.numel() // 2
-    assert torch.equal(coupling.f.gamma, gamma[:half])
-    assert torch.equal(coupling.g.gamma, gamma[half:])
+    for couple, index in [("each", 1), ("pairs", 0)]:
+        rev = revify.transform(model, input_size=(3, 32, 32), couple=couple)
+        coupling = next(m for m in rev.modules()
+                        if isinstance(m, revify.runtime.reversible.ReversibleStage)).blocks[index]
+        if couple == "each":
+            assert torch.equal(coupling.f.gamma, gamma[:half])
+        assert torch.equal(coupling.g.gamma, gamma[half:])
 
 
 # Layer scale 1 (not 1e-6) so the branches count; stochastic depth off: the original models meet

@@ -76,7 +76,8 @@ def test_a_file_with_the_old_setting_names_loads(tmp_path):
     payload["transform"] = settings | {"checkpoint": "none", "store": "none"}
     torch.save(payload, tmp_path / "old.pt")
     loaded = revify.load(tmp_path / "old.pt", model=TinyResNet())
-    assert loaded.revify_plan.options == Options(non_invertible="store", schedule="recompute_all")
+    assert loaded.revify_plan.options == Options(non_invertible="store", schedule="recompute_all",
+                                                 couple=rev.revify_plan.options.couple)
     for (k, a), b in zip(rev.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
     payload["transform"]["frobnicate"] = 1
@@ -169,16 +170,18 @@ def test_weights_are_read_from_the_usual_checkpoint_layouts(tmp_path):
 def test_weights_carry_over_unchanged_outside_stages_and_as_slices_inside():
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=7)
-    rev = revify.transform(model, input_size=(3, 32, 32))
-    assert torch.equal(rev.net.stem.module.conv1.weight, model.conv1.weight)
-    first = next(m for m in rev.modules() if isinstance(m, CouplingBlock))  # layer1.0
     half = model.layer1[0].conv1.in_channels // 2
-    f_conv, g_conv, source = (first.f.conv1.weight, first.g.conv1.weight,
-                              model.layer1[0].conv1.weight)
-    assert torch.equal(f_conv, source[: f_conv.shape[0], :half])   # F: first half of the inputs
-    assert torch.equal(g_conv, source[: g_conv.shape[0], half:])   # G: the second half
-    counts = carried_weights(rev)
-    assert counts["unchanged_values"] + counts["sliced_values"] == sum(
-        t.numel() for t in [*rev.parameters(), *rev.buffers()] if t.is_floating_point())
-    assert 0 < counts["carried_values"] <= counts["sliced_values"]
+    for couple, g_block in [("each", model.layer1[0]), ("pairs", model.layer1[1])]:
+        rev = revify.transform(model, input_size=(3, 32, 32), couple=couple)
+        assert torch.equal(rev.net.stem.module.conv1.weight, model.conv1.weight)
+        first = next(m for m in rev.modules() if isinstance(m, CouplingBlock))  # from layer1.0
+        f_conv, g_conv = first.f.conv1.weight, first.g.conv1.weight
+        f_source, g_source = model.layer1[0].conv1.weight, g_block.conv1.weight
+        rows = min(f_conv.shape[0], f_source.shape[0])  # "pairs" widens the branch: new rows
+        assert torch.equal(f_conv[:rows], f_source[:rows, :half])  # F: first half of inputs
+        assert torch.equal(g_conv[:rows], g_source[:rows, half:])  # G: the second half
+        counts = carried_weights(rev)
+        assert counts["unchanged_values"] + counts["sliced_values"] == sum(
+            t.numel() for t in [*rev.parameters(), *rev.buffers()] if t.is_floating_point())
+        assert 0 < counts["carried_values"] <= counts["sliced_values"]
 

@@ -30,6 +30,12 @@ class Options:
     the rest at their defaults; the baselines and measurements (`revify bench`, `revify drift`,
     the tests) set the others through `revify.pipeline.build`."""
     width: float | Literal["match"] = "match"   # internal width multiplier, or match parameters
+    # How a stage's blocks make couplings. "pairs": two consecutive blocks make one, F the
+    # first's branch and G the second's: a stage runs as many branches (layers, kernel
+    # launches) as the original. "each": every block is F and G of its own coupling, its branch
+    # built twice at narrower widths. "auto": pairs unless they cost activation memory
+    # (revify.plan.couple); make_plan takes "pairs" or "each".
+    couple: Literal["auto", "pairs", "each"] = "auto"
     # The layers outside reversible stages (stem, head, blocks that cannot be inverted): their
     # activations recomputed in the backward (activation checkpointing), or stored as usual.
     non_invertible: Literal["recompute", "store"] = "recompute"
@@ -53,7 +59,8 @@ class Options:
     budget: int | None = None
 
     def __post_init__(self):
-        for name, allowed in (("non_invertible", ("recompute", "store")),
+        for name, allowed in (("couple", ("auto", "pairs", "each")),
+                              ("non_invertible", ("recompute", "store")),
                               ("reconstruction", ("exact", "native")),
                               ("schedule", ("budget", "recompute_all"))):
             if getattr(self, name) not in allowed:
@@ -177,6 +184,7 @@ class Plan:
     params_after: int = 0
     opaque: dict[str, str] = field(default_factory=dict)  # modules fx could not trace -> why
     schedule: Schedule | None = None           # revify.plan.schedule's choice (None: not run)
+    coupling: str = ""                         # why couple="auto" chose this (revify.plan.couple)
     # revify.distill.Distillation: how the stages were fitted to a trained model's (None: they
     # start from slices of its layers)
     distillation: object | None = None
@@ -387,13 +395,16 @@ def _chain(gm, candidates: list[BlockPlan]) -> list[list[BlockPlan]]:
     return runs
 
 
-def _couplings(run: list[BlockPlan]) -> list[tuple[BlockPlan, BlockPlan]]:
+def _couplings(run: list[BlockPlan], couple: str) -> list[tuple[BlockPlan, BlockPlan]]:
     """(F, G) per coupling. Two residual blocks of one module (a transformer block's attention
-    and MLP) make one coupling, F = the first and G = the second, as in Reversible ViT; any
-    other block is both F and G of its own, as in RevNet."""
+    and MLP) make one coupling, F = the first and G = the second, as in Reversible ViT; with
+    couple="pairs" so do any two consecutive blocks (a RevNet's F and G are two residual
+    functions, so a stage keeps the original's depth in them), and an odd last block is F and G
+    of its own, as every block is with couple="each"."""
     pairs, k = [], 0
     while k < len(run):
-        if k + 1 < len(run) and module_path(run[k].name) == module_path(run[k + 1].name):
+        if k + 1 < len(run) and (couple == "pairs"
+                                 or module_path(run[k].name) == module_path(run[k + 1].name)):
             pairs.append((run[k], run[k + 1]))
             k += 2
         else:
@@ -411,14 +422,16 @@ def _solve_width(gm, run: list[BlockPlan], analyses, options: Options) -> float:
 
     def params_at(scale: float) -> int:
         return sum(_resized_params(gm, bp, analyses[bp.name].widths(half, scale), cache)
-                   for pair in _couplings(run) for bp in pair)
+                   for pair in _couplings(run, options.couple) for bp in pair)
 
     target = sum(bp.params_before for bp in run)
     lo, hi = math.log(1 / 16), math.log(16)
     for _ in range(24):  # parameters grow with the width: bisect on a log scale
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if params_at(math.exp(mid)) < target else (lo, mid)
-    candidates = [round(math.exp(lo), 4), round(math.exp(hi), 4)]
+    # rounded outwards: both ends of the bisection sit at one jump of the rounded widths, and
+    # rounding both to the nearest would put them on the same side of it
+    candidates = [math.floor(math.exp(lo) * 1e4) / 1e4, math.ceil(math.exp(hi) * 1e4) / 1e4]
     return min(candidates, key=lambda s: abs(params_at(s) - target))
 
 
@@ -429,7 +442,7 @@ def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -
         width = _solve_width(gm, run, analyses, options)
         dim = run[0].dim
         half = run[0].shape[dim] // 2
-        couplings = _couplings(run)
+        couplings = _couplings(run, options.couple)
         copies = {bp.name: sum(pair.count(bp) for pair in couplings) for bp in run}
         index = len(stages)
         for k, bp in enumerate(run):
@@ -540,6 +553,9 @@ def _plan_lean(gm: fx.GraphModule, segments: list[SegmentPlan], blocks: dict[str
 
 
 def make_plan(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options) -> Plan:
+    if options.couple == "auto":
+        raise ValueError("make_plan takes couple='pairs' or 'each' (revify.plan.couple resolves "
+                         "'auto')")
     block_plans, analyses = [], {}
     shared = _shared_layers(gm, blocks)
     fixed_group_width = fixes_group_width(gm)

@@ -45,6 +45,8 @@ def format_plan(plan, fmt: str = "simple") -> str:
         f"parameters: {plan.params_before:,} -> {plan.params_after:,} "
         f"({_delta(plan.params_before, plan.params_after)})",
     ]
+    if plan.coupling:
+        parts.insert(-1, plan.coupling + ".")
     if plan.schedule:
         parts.insert(-1, format_schedule(plan.schedule))
     if plan.unmatched():

@@ -18,7 +18,7 @@ def _plan(model, size=16):
     """The plan alone (no rewrite, no schedule): enough to say what converts, and cheap."""
     gm = trace(model)
     propagate_shapes(gm, (torch.randn(2, 3, size, size),))
-    return make_plan(gm, find_blocks(gm), Options())
+    return make_plan(gm, find_blocks(gm), Options(couple="pairs"))
 
 
 class Net(nn.Module):

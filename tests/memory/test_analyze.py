@@ -48,7 +48,8 @@ def test_projection_matches_a_real_training_step(name):
     # Gradients allocated before the step (what revify's schedule prices): revify adds one
     # branch's gradients in flight at a time, and stays under checkpointing even at this small
     # batch, where one layer's gradient can outweigh the activations (the schedule then stores
-    # units under that peak: wide_resnet50_2's activations alone peak above checkpointing's).
+    # units under that peak: wide_resnet50_2's activations alone peak above checkpointing's;
+    # couple="auto" keeps one coupling per block here, whose branches hold half as much).
     accumulated = {s: result.measured[s]["accumulate_peak_bytes"] for s in STRATEGIES}
     assert accumulated["revify"] <= accumulated["checkpoint"] < accumulated["original"]
 

@@ -60,7 +60,7 @@ def test_user_written_blocks_are_found_and_made_reversible(style, act, data):
 
 
 def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
-    _, rev = revified_torchvision("resnet50", torch.empty(4, 3, 64, 64))  # built once: conftest
+    _, rev = revified_torchvision("resnet50", torch.empty(4, 3, 64, 64), couple="pairs")
     plan = rev.revify_plan
     for stage in plan.stages:
         assert abs(stage.params_after - stage.params_before) <= 0.10 * stage.params_before
@@ -69,10 +69,14 @@ def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
                      if isinstance(m, revify.runtime.reversible.ReversibleStage)]
     assert [sum(p.numel() for p in m.parameters()) for m in stage_modules] == \
         [s.params_after for s in plan.stages]
-    assert ([len(m.blocks) for m in stage_modules] == [len(s.blocks) for s in plan.stages]
-            == [2, 3, 5, 2])
+    assert [len(s.blocks) for s in plan.stages] == [2, 3, 5, 2]
+    # two blocks a coupling (F the first's branch, G the second's), an odd last one on its own
+    assert ([len(m.blocks) for m in stage_modules] == [len(s.couplings) for s in plan.stages]
+            == [1, 2, 3, 1])
+    assert plan.stages[1].couplings == [("layer2.1", "layer2.2"), ("layer2.3", "layer2.3")]
     text = str(plan)
-    for expected in ["layer1.0", "projection shortcut", "reversible", "checkpointed", "stem",
+    for expected in ["layer1.0", "projection shortcut", "reversible (F)", "reversible (G)",
+                     "checkpointed", "stem",
                      "head", "layer3.1..layer3.5", f"{plan.params_before:,}",
                      f"{plan.params_after:,}"]:
         assert expected in text

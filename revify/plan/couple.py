@@ -1,0 +1,119 @@
+"""Step 3b of the pipeline, with couple="auto": couple blocks in pairs unless that costs memory.
+
+A stage of n residual blocks can make its couplings two ways (revify.plan.plan.Options.couple):
+
+- "pairs": blocks 2k and 2k+1 make one coupling, F the first's branch and G the second's. The
+  stage runs n branches, as the original does: as many layers and kernel launches (ResNet-50,
+  batch 2: 880 ops that can launch a kernel a training step against 1,277; the original's 461).
+- "each": every block makes a coupling of its own, F and G both its branch: 2n branches.
+
+Both keep each stage's parameter count (width="match"). A "pairs" branch is wider, since one
+branch per block carries what two carried: a basic block's internal width doubles, a
+bottleneck's grows by about a fifth. Where a checkpointed unit sets the step's peak (the stem
+and downsampling blocks of an ImageNet ResNet, at full resolution) that changes nothing; where a
+reversible stage's backward sets it (a CIFAR ResNet of basic blocks) the peak grows with the
+branch (ResNet-20: 1.25x).
+
+So "auto" makes both plans, projects a training step of each (revify.memory.projection, every
+unit recomputing) and takes "pairs" unless:
+
+- their activations peak more than SLACK higher (gradients created during the step: activations
+  alone, which grow with the batch);
+- their gradients in flight, one branch's, a whole block's parameters, make the step peak more
+  than IN_FLIGHT higher with gradients allocated before it. That happens only at example inputs
+  so small that the gradients outweigh the activations (ResNet-50 at batch 2, 32x32: 1.9x; at
+  batch 2, 224x224: 1.04x; at batch 16, 112x112 on: equal), where the schedule would also size
+  the units it stores by that surplus, which their activations then outgrow at the batch
+  trained at: the plan made at such an input keeps the least memory and says so;
+- they do not fit a budget the user gave;
+- they miss width="match"'s parameter promise by more (a branch with no internal width to
+  scale: two narrow copies keep more of its parameters than one).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+from torch import fx
+
+from revify.graph.blocks import ResidualBlock, module_path
+from revify.memory.projection import fake_model, project
+from revify.plan.plan import Options, Plan, make_plan
+from revify.rewrite import rewrite
+
+SLACK = 0.01      # activation bytes "pairs" may add over "each" and still be taken
+IN_FLIGHT = 0.10  # what their larger gradients in flight may add to the step's peak
+
+
+def couple(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options,
+           example_inputs: tuple) -> tuple[fx.GraphModule, Plan]:
+    """Plan and rewrite `gm` (consumed) with options.couple resolved: the rewritten net and its
+    plan, whose options say "pairs" or "each" and whose `coupling` says why."""
+    if options.couple != "auto":
+        plan = make_plan(gm, blocks, options)
+        return rewrite(gm, plan), plan
+    plans = {c: make_plan(gm, blocks, replace(options, couple=c)) for c in ("pairs", "each")}
+    if not _pairs_blocks(plans["pairs"]):  # nothing to choose: the couplings are the same
+        return rewrite(gm, plans["pairs"]), plans["pairs"]
+    spare = copy.deepcopy(gm)
+    nets = {"pairs": rewrite(gm, plans["pairs"]), "each": rewrite(spare, plans["each"])}
+    chosen, why = _choose(plans, _peaks(nets, example_inputs), options.budget)
+    plans[chosen].coupling = f"couple='auto' chose '{chosen}': {why}"
+    return nets[chosen], plans[chosen]
+
+
+def _pairs_blocks(plan: Plan) -> bool:
+    """Whether any coupling is two blocks that only couple="pairs" puts together."""
+    return any(f != g and module_path(f) != module_path(g)
+               for stage in plan.stages for f, g in stage.couplings)
+
+
+def _peaks(nets: dict[str, fx.GraphModule], example_inputs: tuple) -> dict:
+    """{(couple, grads): the peak of a training step of that coupling's net as rewritten (every
+    unit recomputing)}, gradients in the regime `grads`: "fresh" counts activations,
+    "accumulate" the gradients in flight too, as the schedule's budget does. None where the
+    step reads a value (data-dependent control flow): no shapes price it."""
+    peaks = {}
+    for couple, net in nets.items():
+        for grads in ("fresh", "accumulate"):
+            try:
+                peaks[couple, grads] = project(fake_model(net), example_inputs,
+                                               grads).peak_activations
+            except Exception:
+                peaks[couple, grads] = None
+    return peaks
+
+
+def _choose(plans: dict[str, Plan], peaks: dict, budget: int | None) -> tuple[str, str]:
+    held, least = peaks["pairs", "accumulate"], peaks["each", "accumulate"]
+    pairs, each = peaks["pairs", "fresh"], peaks["each", "fresh"]
+    if None in (held, least, pairs, each):
+        return "each", ("the step cannot be projected on shapes alone, and one coupling per "
+                        "block has the narrower branches")
+    if pairs > each * (1 + SLACK):
+        return "each", (f"with pairs of blocks the step's activations would peak at "
+                        f"{_size(pairs)}, with one coupling per block at {_size(each)}")
+    if held > least * (1 + IN_FLIGHT):
+        return "each", (f"at this example input a pair's gradients in flight (a whole block's) "
+                        f"would make the step peak at {_size(held)} instead of {_size(least)}; "
+                        f"pass example_inputs at the batch and size you train at")
+    if budget is not None and held > budget:
+        return "each", (f"with pairs of blocks the step would need {_size(held)} with every "
+                        f"unit recomputing, over the budget of {_size(budget)}")
+    if _unmatched(plans["pairs"]) > _unmatched(plans["each"]):
+        names = ", ".join(s.name for s in plans["pairs"].unmatched())
+        return "each", (f"pairs of blocks would leave {names} further outside width='match''s "
+                        f"parameter promise")
+    couplings = {c: sum(len(s.couplings) for s in plan.stages) for c, plan in plans.items()}
+    return "pairs", (f"{couplings['pairs']} couplings of two blocks' branches instead of "
+                     f"{couplings['each']} of one, the step peaking at {_size(held)} "
+                     f"({_size(least)} with one coupling per block)")
+
+
+def _unmatched(plan: Plan) -> int:
+    """Parameters the stages outside width="match"'s promise miss it by."""
+    return sum(abs(s.params_after - s.params_before) for s in plan.unmatched())
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.0f} KiB"
