@@ -17,14 +17,15 @@ branch (ResNet-20: 1.25x).
 So "auto" makes both plans, projects a training step of each (revify.memory.projection, every
 unit recomputing) and takes "pairs" unless:
 
-- their activations peak more than SLACK higher (gradients created during the step: activations
-  alone, which grow with the batch);
-- their gradients in flight, one branch's, a whole block's parameters, make the step peak more
-  than IN_FLIGHT higher with gradients allocated before it. That happens only at example inputs
-  so small that the gradients outweigh the activations (ResNet-50 at batch 2, 32x32: 1.9x; at
-  batch 2, 224x224: 1.04x; at batch 16, 112x112 on: equal), where the schedule would also size
-  the units it stores by that surplus, which their activations then outgrow at the batch
-  trained at: the plan made at such an input keeps the least memory and says so;
+- the step peaks more than IN_FLIGHT higher with gradients allocated before it (as the
+  schedule's budget counts it). Besides wider activations, a pair branch's gradients in flight
+  are a whole block's parameters: at example inputs so small that they outweigh the activations
+  (ResNet-50 at batch 2, 32x32: 1.9x; batch 2, 224x224: 1.04x; batch 16, 112x112 on: equal)
+  the schedule would also size the units it stores by that surplus, which their activations
+  then outgrow at the batch trained at: a plan made at such an input keeps the least memory and
+  says so;
+- their activations peak more than SLACK higher (gradients created during the step:
+  activations alone, which grow with the batch);
 - they do not fit a budget the user gave;
 - they miss width="match"'s parameter promise by more (a branch with no internal width to
   scale: two narrow copies keep more of its parameters than one).
@@ -57,7 +58,7 @@ def couple(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options,
         return rewrite(gm, plans["pairs"]), plans["pairs"]
     spare = copy.deepcopy(gm)
     nets = {"pairs": rewrite(gm, plans["pairs"]), "each": rewrite(spare, plans["each"])}
-    chosen, why = _choose(plans, _peaks(nets, example_inputs), options.budget)
+    chosen, why = _choose(plans, nets, example_inputs, options.budget)
     plans[chosen].coupling = f"couple='auto' chose '{chosen}': {why}"
     return nets[chosen], plans[chosen]
 
@@ -68,46 +69,47 @@ def _pairs_blocks(plan: Plan) -> bool:
                for stage in plan.stages for f, g in stage.couplings)
 
 
-def _peaks(nets: dict[str, fx.GraphModule], example_inputs: tuple) -> dict:
-    """{(couple, grads): the peak of a training step of that coupling's net as rewritten (every
-    unit recomputing)}, gradients in the regime `grads`: "fresh" counts activations,
-    "accumulate" the gradients in flight too, as the schedule's budget does. None where the
-    step reads a value (data-dependent control flow): no shapes price it."""
-    peaks = {}
-    for couple, net in nets.items():
-        for grads in ("fresh", "accumulate"):
-            try:
-                peaks[couple, grads] = project(fake_model(net), example_inputs,
-                                               grads).peak_activations
-            except Exception:
-                peaks[couple, grads] = None
-    return peaks
+def _peak(net: fx.GraphModule, example_inputs: tuple, grads: str) -> int | None:
+    """The peak of a training step of `net` as rewritten (every unit recomputing), gradients in
+    the regime `grads`: "fresh" counts activations, "accumulate" the gradients in flight too, as
+    the schedule's budget does. None where the step reads a value (data-dependent control
+    flow): no shapes price it."""
+    try:
+        return project(fake_model(net), example_inputs, grads).peak_activations
+    except Exception:
+        return None
 
 
-def _choose(plans: dict[str, Plan], peaks: dict, budget: int | None) -> tuple[str, str]:
-    held, least = peaks["pairs", "accumulate"], peaks["each", "accumulate"]
-    pairs, each = peaks["pairs", "fresh"], peaks["each", "fresh"]
-    if None in (held, least, pairs, each):
+def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule], example_inputs: tuple,
+            budget: int | None) -> tuple[str, str]:
+    """("pairs" or "each", why). The step's peak with gradients allocated first: where pairs
+    fail it (tiny example inputs, and stages of basic blocks that set the peak) the
+    activations-only projections are not needed."""
+    peak = {c: _peak(net, example_inputs, "accumulate") for c, net in nets.items()}
+    if None in peak.values():
         return "each", ("the step cannot be projected on shapes alone, and one coupling per "
                         "block has the narrower branches")
-    if pairs > each * (1 + SLACK):
+    if peak["pairs"] > peak["each"] * (1 + IN_FLIGHT):
+        return "each", (f"with pairs of blocks the step would peak at {_size(peak['pairs'])} "
+                        f"instead of {_size(peak['each'])} with gradients allocated (their "
+                        f"branches are wider, and each holds a whole block's gradients in "
+                        f"flight); give example_inputs at the batch and size you train at")
+    activations = {c: _peak(net, example_inputs, "fresh") for c, net in nets.items()}
+    if activations["pairs"] > activations["each"] * (1 + SLACK):
         return "each", (f"with pairs of blocks the step's activations would peak at "
-                        f"{_size(pairs)}, with one coupling per block at {_size(each)}")
-    if held > least * (1 + IN_FLIGHT):
-        return "each", (f"at this example input a pair's gradients in flight (a whole block's) "
-                        f"would make the step peak at {_size(held)} instead of {_size(least)}; "
-                        f"pass example_inputs at the batch and size you train at")
-    if budget is not None and held > budget:
-        return "each", (f"with pairs of blocks the step would need {_size(held)} with every "
-                        f"unit recomputing, over the budget of {_size(budget)}")
+                        f"{_size(activations['pairs'])}, with one coupling per block at "
+                        f"{_size(activations['each'])}")
+    if budget is not None and peak["pairs"] > budget:
+        return "each", (f"with pairs of blocks the step would need {_size(peak['pairs'])} with "
+                        f"every unit recomputing, over the budget of {_size(budget)}")
     if _unmatched(plans["pairs"]) > _unmatched(plans["each"]):
         names = ", ".join(s.name for s in plans["pairs"].unmatched())
         return "each", (f"pairs of blocks would leave {names} further outside width='match''s "
                         f"parameter promise")
     couplings = {c: sum(len(s.couplings) for s in plan.stages) for c, plan in plans.items()}
     return "pairs", (f"{couplings['pairs']} couplings of two blocks' branches instead of "
-                     f"{couplings['each']} of one, the step peaking at {_size(held)} "
-                     f"({_size(least)} with one coupling per block)")
+                     f"{couplings['each']} of one, the step peaking at {_size(peak['pairs'])} "
+                     f"({_size(peak['each'])} with one coupling per block)")
 
 
 def _unmatched(plan: Plan) -> int:
