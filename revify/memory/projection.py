@@ -359,10 +359,12 @@ def _cut(tracker: ProjectionTracker, marked: _Interpreter, start: tuple[int, int
     return Stretches(inner, kept, size, saves_output, saves_input, flops, peaks, max(timeline))
 
 
-def project_peak(model: nn.Module, example: torch.Tensor, grads: str = "fresh") -> int:
-    """The peak bytes of one training step of `model` on an input shaped like `example`,
-    projected on fake tensors (nothing is allocated): "fresh" all but parameter gradients,
-    "accumulate" all but the gradients that exist before the step (see GRAD_REGIMES). The
+def project_peak(model: nn.Module, example: torch.Tensor | tuple, grads: str = "fresh") -> int:
+    """The peak bytes of one training step of `model` on an input shaped like `example` (or
+    inputs, a tuple), projected on fake tensors (nothing is allocated): "fresh" all but
+    parameter gradients, "accumulate" all but the gradients that exist before the step (see
+    GRAD_REGIMES). The
     input is not counted (as in revify.memory.measure.measure_step); the backward starts from a
     dense output gradient, as revify.plan.schedule's projections do."""
-    return project(fake_model(model), (example,), grads).peak_activations
+    inputs = example if isinstance(example, tuple) else (example,)
+    return project(fake_model(model), inputs, grads).peak_activations

@@ -38,7 +38,7 @@ from dataclasses import replace
 from torch import fx
 
 from revify.graph.blocks import ResidualBlock, module_path
-from revify.memory.projection import fake_model, project
+from revify.memory.projection import project_peak
 from revify.plan.plan import Options, Plan, make_plan
 from revify.rewrite import rewrite
 
@@ -75,7 +75,7 @@ def _peak(net: fx.GraphModule, example_inputs: tuple, grads: str) -> int | None:
     the schedule's budget does. None where the step reads a value (data-dependent control
     flow): no shapes price it."""
     try:
-        return project(fake_model(net), example_inputs, grads).peak_activations
+        return project_peak(net, example_inputs, grads)
     except Exception:
         return None
 
