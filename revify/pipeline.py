@@ -121,11 +121,11 @@ def build(model: nn.Module, example_inputs=None, options: Options | None = None,
     blocks = find_blocks(gm)
     if not blocks:
         raise NoResidualBlocks(_no_blocks_message(model, gm.meta["opaque"]))
-    net, plan = couple(gm, blocks, options, example_inputs)  # make_plan, then rewrite
+    net, plan, least = couple(gm, blocks, options, example_inputs)  # make_plan, then rewrite
     if plan.unmatched():
         warnings.warn(f"revify: {unmatched_note(plan)}", UserWarning, stacklevel=3)
     if options.schedules:  # the plan is not edited for it: the schedule goes beside it, once
-        plan.schedule = schedule(net, plan, example_inputs)
+        plan.schedule = schedule(net, plan, example_inputs, least)
         apply_schedule(net, plan)
     # the user's options: couple="auto" is resolved again on load (as width="match" is), and a
     # revify that resolves it otherwise fails the strict weight load instead of differing

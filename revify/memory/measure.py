@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 
 _BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -60,13 +59,11 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                self._known(t)  # storages from before (parameters, buffers): never counted
+        for t in _tensors(args, kwargs.values()):
+            self._known(t)  # storages from before (parameters, buffers): never counted
         out = func(*args, **kwargs)
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
+        for t in _tensors((out,)):
+            self._track(t)
         return out
 
     def _known(self, t: torch.Tensor) -> None:
@@ -105,6 +102,19 @@ class LiveTensorTracker(TorchDispatchMode):
         """The peak had the given (still live) tensors' storages never been counted."""
         keys = {t.untyped_storage()._cdata for t in tensors if t is not None}
         return _peak(self.events, skip={self.live[k][0] for k in keys if k in self.live})
+
+
+def _tensors(*groups) -> list[torch.Tensor]:
+    """The tensors among the values of `groups`, one level of lists and tuples in (what ops
+    take and return): torch.utils._pytree.tree_leaves, without its cost on every op."""
+    found = []
+    for group in groups:
+        for value in group:
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif isinstance(value, (list, tuple)):
+                found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
 
 
 # How a step finds parameter gradients. "fresh": none (zero_grad(set_to_none=True)); each is

@@ -30,7 +30,12 @@ from revify.memory.measure import LiveTensorTracker, prepare_grads
 class ProjectionTracker(LiveTensorTracker):
     """A LiveTensorTracker for projected steps (fake or meta tensors, counted at the bytes they
     stand for) that also counts the FLOPs of every op, by FlopCounterMode's formulas, and
-    attributes births and FLOPs to `label`, whatever the step says is running."""
+    attributes births and FLOPs to `label`, whatever the step says is running.
+
+    It also tells the gradients in flight apart: the births the backward adds into one of
+    `grads` (storages of `.grad` that exist before the step), so a step with gradients allocated
+    also gives the peak of its activations alone (what grows with the batch; the gradients in
+    flight are a parameter's size whatever the batch)."""
 
     def __init__(self):
         super().__init__(count_meta=True)
@@ -38,8 +43,12 @@ class ProjectionTracker(LiveTensorTracker):
         self.label: Hashable = None
         self.born_in: dict[int, Hashable] = {}     # birth id -> label
         self.flops: dict[Hashable, int] = defaultdict(int)
+        self.grads: set[int] = set()                # storage addresses of `.grad`
+        self.in_flight: set[int] = set()            # births added into them
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.add_.Tensor and args[0].untyped_storage()._cdata in self.grads:
+            self.in_flight.add(self.birth(args[1]))  # AccumulateGrad: `.grad += new`
         out = super().__torch_dispatch__(func, types, args, kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:
@@ -129,6 +138,8 @@ class Stretches:
     flops: list[int]   # per unit: FLOPs of its forward and backward stretches
     peaks: list[int]   # per unit: the most bytes live during its forward or its backward
     peak: int          # the step's
+    activation_peaks: list[int]  # the same without the gradients in flight (ProjectionTracker)
+    activation_peak: int
 
     def held(self, k: int) -> int:
         """What unit k keeps between forward and backward in this projection."""
@@ -150,8 +161,8 @@ class Projection:
     """One projected training step. Bytes are what the step allocates (parameters, gradients
     allocated before it and uncounted inputs aside)."""
     peak: int               # the most bytes live at once
-    peak_activations: int   # the same, the parameter gradients alive at the end left out
-                            # (grads="accumulate": equal to `peak`, they were there before)
+    peak_activations: int   # the same, the parameter gradients left out: those alive at the
+                            # end (grads="fresh"), those in flight to `.grad` ("accumulate")
     held: int               # bytes live when the backward begins: what the forward leaves it
     flops: int              # forward and backward, recomputation included
     grad_bytes: int         # the parameter gradients after the step
@@ -197,11 +208,14 @@ def project(fake: FakeModel, inputs: tuple, grads: str = "fresh", *, loss: str =
             handle.remove()
     kept = [p.grad for p in fake.module.parameters() if p.grad is not None]
     timeline = _timeline(tracker.events)
+    bare = _timeline(tracker.events, skip=tracker.in_flight)
     return Projection(
-        peak=tracker.peak, peak_activations=tracker.peak_without(kept), held=held,
+        peak=tracker.peak, held=held,
+        peak_activations=max(bare, default=0) if grads == "accumulate"
+        else tracker.peak_without(kept),
         flops=tracker.total_flops, grad_bytes=sum(g.untyped_storage().nbytes() for g in kept),
         timeline=timeline,
-        units=None if units is None else _cut(tracker, interpreter, start, timeline),
+        units=None if units is None else _cut(tracker, interpreter, start, timeline, bare),
         labels=None if labels is None else Labelled(
             held_by_label, {k: v - forward_flops.get(k, 0) for k, v in tracker.flops.items()
                             if k is not None}, interpreter.shapes))
@@ -213,6 +227,8 @@ def _step(fake: FakeModel, inputs: tuple, grads: str, loss: str, count_inputs: b
     live then, and the FLOPs and bytes held by label then."""
     with fake.mode:
         prepare_grads(fake.module, grads)
+        tracker.grads = {p.grad.untyped_storage()._cdata for p in fake.module.parameters()
+                         if p.grad is not None}
         before = None if count_inputs else _make_inputs(inputs, loss)
         with tracker:
             args, target = before or _make_inputs(inputs, loss)
@@ -265,10 +281,12 @@ def _label_hooks(tracker: ProjectionTracker, label_modules) -> list:
     return handles
 
 
-def _timeline(events: list[tuple[int, int]]) -> list[int]:
+def _timeline(events: list[tuple[int, int]], skip=frozenset()) -> list[int]:
+    """Bytes live after every event, the births in `skip` left out (their events count 0)."""
     current, out = 0, []
-    for _, delta in events:
-        current += delta
+    for birth, delta in events:
+        if birth not in skip:
+            current += delta
         out.append(current)
     return out
 
@@ -331,8 +349,9 @@ class _Interpreter(fx.Interpreter):
 
 
 def _cut(tracker: ProjectionTracker, marked: _Interpreter, start: tuple[int, int],
-         timeline: list[int]) -> Stretches:
-    """The step's timeline cut into each unit's forward and backward stretches.
+         timeline: list[int], bare: list[int]) -> Stretches:
+    """The step's timeline (and `bare`, the same without the gradients in flight) cut into each
+    unit's forward and backward stretches.
 
     Unit k's forward runs from its start to the next unit's (the last one's to the start of
     the backward); its backward from its mark to the previous unit's (the last one's from the
@@ -340,7 +359,6 @@ def _cut(tracker: ProjectionTracker, marked: _Interpreter, start: tuple[int, int
     """
     fwd, bwd, births, saved = marked.fwd, marked.bwd, marked.births, marked.saved
     events, n = tracker.events, len(fwd)
-    timeline = [0] + timeline  # timeline[i]: bytes live after i events
     end = tracker.here()
     forward = [(fwd[k], fwd[k + 1] if k + 1 < n else start) for k in range(n)]
     backward = [(bwd[k] if k + 1 < n else start, bwd[k - 1] if k else end) for k in range(n)]
@@ -351,12 +369,17 @@ def _cut(tracker: ProjectionTracker, marked: _Interpreter, start: tuple[int, int
                  and birth != births[k])
              for k, (a, b) in enumerate(forward)]
     flops = [(fb[1] - fa[1]) + (bb[1] - ba[1]) for (fa, fb), (ba, bb) in zip(forward, backward)]
-    peaks = [max(max(timeline[fa[0]:fb[0] + 1]), max(timeline[ba[0]:bb[0] + 1]))
-             for (fa, fb), (ba, bb) in zip(forward, backward)]
+
+    def peaks(timeline: list[int]) -> list[int]:
+        timeline = [0] + timeline  # timeline[i]: bytes live after i events
+        return [max(max(timeline[fa[0]:fb[0] + 1]), max(timeline[ba[0]:bb[0] + 1]))
+                for (fa, fb), (ba, bb) in zip(forward, backward)]
+
     saves_output = [births[k] is not None and births[k] in saved[k] for k in range(n)]
     saves_input = [k > 0 and births[k - 1] is not None and births[k - 1] in saved[k]
                    for k in range(n)]
-    return Stretches(inner, kept, size, saves_output, saves_input, flops, peaks, max(timeline))
+    return Stretches(inner, kept, size, saves_output, saves_input, flops, peaks(timeline),
+                     max(timeline, default=0), peaks(bare), max(bare, default=0))
 
 
 def project_peak(model: nn.Module, example: torch.Tensor | tuple, grads: str = "fresh") -> int:
@@ -367,4 +390,5 @@ def project_peak(model: nn.Module, example: torch.Tensor | tuple, grads: str = "
     input is not counted (as in revify.memory.measure.measure_step); the backward starts from a
     dense output gradient, as revify.plan.schedule's projections do."""
     inputs = example if isinstance(example, tuple) else (example,)
-    return project(fake_model(model), inputs, grads).peak_activations
+    step = project(fake_model(model), inputs, grads)
+    return step.peak if grads == "accumulate" else step.peak_activations

@@ -17,15 +17,15 @@ branch (ResNet-20: 1.25x).
 So "auto" makes both plans, projects a training step of each (revify.memory.projection, every
 unit recomputing) and takes "pairs" unless:
 
-- the step peaks more than IN_FLIGHT higher with gradients allocated before it (as the
-  schedule's budget counts it). Besides wider activations, a pair branch's gradients in flight
-  are a whole block's parameters: at example inputs so small that they outweigh the activations
-  (ResNet-50 at batch 2, 32x32: 1.9x; batch 2, 224x224: 1.04x; batch 16, 112x112 on: equal)
-  the schedule would also size the units it stores by that surplus, which their activations
-  then outgrow at the batch trained at: a plan made at such an input keeps the least memory and
-  says so;
 - their activations peak more than SLACK higher (gradients created during the step:
   activations alone, which grow with the batch);
+- with gradients allocated before the step (as from the second micro-batch of gradient
+  accumulation, or under DDP), the step's memory rises more than IN_FLIGHT. Besides wider
+  activations, a pair branch's gradients in flight are a whole block's parameters: a constant
+  of the model's, whatever the batch, so it is weighed against what the model holds anyway (its
+  parameters and their gradients; optimizer state comes on top, so the device's rise is less).
+  ResNet-50 at batch 2, 32x32, where they outweigh the activations ten to one: 9.5 against
+  19 MiB of step peak, over 188 MiB of parameters and gradients: +4%;
 - they do not fit a budget the user gave;
 - they miss width="match"'s parameter promise by more (a branch with no internal width to
   scale: two narrow copies keep more of its parameters than one).
@@ -38,29 +38,34 @@ from dataclasses import replace
 from torch import fx
 
 from revify.graph.blocks import ResidualBlock, module_path
-from revify.memory.projection import project_peak
+from revify.memory.projection import Projection, Stretches, fake_model, project
 from revify.plan.plan import Options, Plan, make_plan
+from revify.plan.schedule import least_step
 from revify.rewrite import rewrite
 
 SLACK = 0.01      # activation bytes "pairs" may add over "each" and still be taken
-IN_FLIGHT = 0.10  # what their larger gradients in flight may add to the step's peak
+IN_FLIGHT = 0.05  # what they may add to the step's memory with gradients allocated
 
 
 def couple(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options,
-           example_inputs: tuple) -> tuple[fx.GraphModule, Plan]:
-    """Plan and rewrite `gm` (consumed) with options.couple resolved: the rewritten net and its
-    plan, whose options say "pairs" or "each" and whose `coupling` says why."""
+           example_inputs: tuple) -> tuple[fx.GraphModule, Plan, Stretches | None]:
+    """Plan and rewrite `gm` (consumed) with options.couple resolved: the rewritten net, its
+    plan, whose options say "pairs" or "each" and whose `coupling` says why, and the least step
+    of the net if the choice projected it (revify.plan.schedule.least_step, which the schedule
+    starts from; else None)."""
     if options.couple != "auto":
         plan = make_plan(gm, blocks, options)
-        return rewrite(gm, plan), plan
+        return rewrite(gm, plan), plan, None
     plans = {c: make_plan(gm, blocks, replace(options, couple=c)) for c in ("pairs", "each")}
     if not _pairs_blocks(plans["pairs"]):  # nothing to choose: the couplings are the same
-        return rewrite(gm, plans["pairs"]), plans["pairs"]
+        return rewrite(gm, plans["pairs"]), plans["pairs"], None
     spare = copy.deepcopy(gm)
     nets = {"pairs": rewrite(gm, plans["pairs"]), "each": rewrite(spare, plans["each"])}
-    chosen, why = _choose(plans, nets, example_inputs, options.budget)
+    steps = {c: _least(nets[c], plans[c], example_inputs) for c in nets}
+    chosen, why = _choose(plans, nets, steps, options.budget)
     plans[chosen].coupling = f"couple='auto' chose '{chosen}': {why}"
-    return nets[chosen], plans[chosen]
+    least = steps[chosen]
+    return nets[chosen], plans[chosen], least if isinstance(least, Stretches) else None
 
 
 def _pairs_blocks(plan: Plan) -> bool:
@@ -69,36 +74,36 @@ def _pairs_blocks(plan: Plan) -> bool:
                for stage in plan.stages for f, g in stage.couplings)
 
 
-def _peak(net: fx.GraphModule, example_inputs: tuple, grads: str) -> int | None:
-    """The peak of a training step of `net` as rewritten (every unit recomputing), gradients in
-    the regime `grads`: "fresh" counts activations, "accumulate" the gradients in flight too, as
-    the schedule's budget does. None where the step reads a value (data-dependent control
+def _least(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Stretches | Projection | None:
+    """A training step of `net` as rewritten (every unit recomputing), gradients allocated
+    before it: as the schedule prices it where it can, else as one call. Both give the step's
+    peak and its activations' alone. None where the step reads a value (data-dependent control
     flow): no shapes price it."""
     try:
-        return project_peak(net, example_inputs, grads)
+        return least_step(net, plan, example_inputs) or \
+            project(fake_model(net), example_inputs, "accumulate")
     except Exception:
         return None
 
 
-def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule], example_inputs: tuple,
+def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule], steps: dict,
             budget: int | None) -> tuple[str, str]:
-    """("pairs" or "each", why). The step's peak with gradients allocated first: where pairs
-    fail it (tiny example inputs, and stages of basic blocks that set the peak) the
-    activations-only projections are not needed."""
-    peak = {c: _peak(net, example_inputs, "accumulate") for c, net in nets.items()}
-    if None in peak.values():
+    """("pairs" or "each", why), from each net's least step (`_least`)."""
+    if None in steps.values():
         return "each", ("the step cannot be projected on shapes alone, and one coupling per "
                         "block has the narrower branches")
-    if peak["pairs"] > peak["each"] * (1 + IN_FLIGHT):
-        return "each", (f"with pairs of blocks the step would peak at {_size(peak['pairs'])} "
-                        f"instead of {_size(peak['each'])} with gradients allocated (their "
-                        f"branches are wider, and each holds a whole block's gradients in "
-                        f"flight); give example_inputs at the batch and size you train at")
-    activations = {c: _peak(net, example_inputs, "fresh") for c, net in nets.items()}
+    peak = {c: step.peak for c, step in steps.items()}
+    activations = {c: _activations(step) for c, step in steps.items()}
     if activations["pairs"] > activations["each"] * (1 + SLACK):
         return "each", (f"with pairs of blocks the step's activations would peak at "
                         f"{_size(activations['pairs'])}, with one coupling per block at "
                         f"{_size(activations['each'])}")
+    fixed = 2 * sum(p.numel() * p.element_size() for p in nets["each"].parameters())
+    if peak["pairs"] + fixed > (peak["each"] + fixed) * (1 + IN_FLIGHT):
+        return "each", (f"with gradients allocated before the step, pairs of blocks would peak "
+                        f"at {_size(peak['pairs'])} instead of {_size(peak['each'])} (each pair "
+                        f"branch holds a whole block's gradients in flight): with the "
+                        f"{_size(fixed)} of parameters and gradients, over {IN_FLIGHT:.0%} more")
     if budget is not None and peak["pairs"] > budget:
         return "each", (f"with pairs of blocks the step would need {_size(peak['pairs'])} with "
                         f"every unit recomputing, over the budget of {_size(budget)}")
@@ -107,14 +112,24 @@ def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule], example_inp
         return "each", (f"pairs of blocks would leave {names} further outside width='match''s "
                         f"parameter promise")
     couplings = {c: sum(len(s.couplings) for s in plan.stages) for c, plan in plans.items()}
-    return "pairs", (f"{couplings['pairs']} couplings of two blocks' branches instead of "
-                     f"{couplings['each']} of one, the step peaking at {_size(peak['pairs'])} "
-                     f"({_size(peak['each'])} with one coupling per block)")
+    return "pairs", (f"{_count(couplings['pairs'], 'coupling')} of two blocks' branches "
+                     f"instead of {couplings['each']} of one; the step's activations peak at "
+                     f"{_size(activations['pairs'])} ({_size(activations['each'])} with one "
+                     f"coupling per block), with gradients allocated before it at "
+                     f"{_size(peak['pairs'])} ({_size(peak['each'])})")
+
+
+def _activations(step: Stretches | Projection) -> int:
+    return step.activation_peak if isinstance(step, Stretches) else step.peak_activations
 
 
 def _unmatched(plan: Plan) -> int:
     """Parameters the stages outside width="match"'s promise miss it by."""
     return sum(abs(s.params_after - s.params_before) for s in plan.unmatched())
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _size(nbytes: int) -> str:

@@ -159,6 +159,9 @@ class Schedule:
                                                # in flight included: revify.plan.schedule)
     peak_recompute: int                        # the peak with every unit recomputing
     peak: int                                  # the peak with the units as `units` says
+    activation_budget: int = 0                 # the same for the activations alone, without
+                                               # the gradients in flight (0: unbounded, a
+                                               # budget the user gave)
     units: dict[str, UnitSchedule] = field(default_factory=dict)  # unit -> how it runs, for
                                                # every outlined unit, in order
     stored: dict[str, int] = field(default_factory=dict)  # STORED unit -> bytes it keeps

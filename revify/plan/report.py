@@ -101,7 +101,9 @@ def format_schedule(schedule) -> str:
         return f"schedule: every unit recomputes ({schedule.skipped})."
     head = (f"schedule (a training step at the example input, projected): every unit recomputing "
             f"peaks at {_mib(schedule.peak_recompute)} MiB of activations; budget "
-            f"{_mib(schedule.budget)} MiB")
+            f"{_mib(schedule.budget)} MiB"
+            + (f", {_mib(schedule.activation_budget)} MiB of them without the gradients in "
+               f"flight (what grows with the batch)" if schedule.activation_budget else ""))
     if not schedule.stored and not schedule.plain and not schedule.kept:
         return f"{head}. No unit's activations fit under it: every unit recomputes."
     parts = []

@@ -46,6 +46,13 @@ allocated before it, as from the second micro-batch of gradient accumulation on 
 `.grad`. That is what a step adds to parameters, gradients and optimizer state in that regime, and
 at least the activations in the other (gradients created during the step), so a budget holds in
 both.
+
+The default budget also holds the activations alone (the same projections, the gradients in
+flight left out) within 1% of their least. The gradients in flight are a parameter's size
+whatever the batch, activations grow with it: at a small example input the gradients in flight
+set the peak, and units stored under that headroom would outgrow it at the batch trained at
+(ResNet-50 planned at batch 2, 32x32 and trained at 16, 112x112: 92 MiB instead of 61). Bound
+by both, a plan made at one input keeps its peak at larger ones.
 """
 from __future__ import annotations
 
@@ -124,6 +131,17 @@ class projector:
         return costs
 
 
+class Budget(NamedTuple):
+    """What a choice may peak at: the step (gradients in flight included) and, for the default
+    budget, its activations alone (None: unbounded; see the module docstring)."""
+    step: int
+    activations: int | None = None
+
+    def holds(self, run: Stretches) -> bool:
+        return run.peak <= self.step and (self.activations is None
+                                          or run.activation_peak <= self.activations)
+
+
 class _Pricing:
     """The peak of any choice of modes (one per unit), from one projection per mode (see the
     module docstring). `stages[k]`: whether unit k is a reversible stage."""
@@ -146,23 +164,30 @@ class _Pricing:
         theirs = every.saves_input[k + 1] if modes[k + 1] == STORED else not self.stages[k + 1]
         return run.inner[k] + (run.size[k] if ours or theirs else 0)
 
-    def peak(self, modes: list[Mode], extra: list[int] | None = None) -> int:
+    def peak(self, modes: list[Mode], extra: list[int] | None = None,
+             bare: bool = False) -> int:
         """Each unit's stretches in its own mode's projection, shifted by what the units before
         it keep in their chosen modes instead of that projection's; `extra[k]`: bytes unit k
         keeps on top of its mode (some of its kept layers' outputs), counted from its forward
-        to its backward, its own stretches whole (an upper bound: its rerun consumes them)."""
+        to its backward, its own stretches whole (an upper bound: its rerun consumes them).
+        bare: the activations alone, without the gradients in flight."""
         extra = extra or [0] * len(modes)
         peak = 0
         for k, mode in enumerate(modes):
             own = self.runs[mode]
             shift = sum(self.held(modes, v) - own.held(v) + extra[v] for v in range(k))
-            peak = max(peak, own.peaks[k] + shift + extra[k])
+            peaks = own.activation_peaks if bare else own.peaks
+            peak = max(peak, peaks[k] + shift + extra[k])
         return peak
+
+    def fits(self, modes: list[Mode], budget: Budget, extra: list[int] | None = None) -> bool:
+        return self.peak(modes, extra) <= budget.step and (
+            budget.activations is None or self.peak(modes, extra, bare=True) <= budget.activations)
 
     def saved_flops(self, k: int, mode: Mode) -> int:
         return self.runs[LEAN].flops[k] - self.runs[mode].flops[k]
 
-    def choose(self, budget: int) -> list[Mode]:
+    def choose(self, budget: Budget) -> list[Mode]:
         """Modes by recompute FLOPs saved per byte added (a plain rerun adds none between
         forward and backward, only to its own stretch: those come first), each taken if it saves
         more than the unit's mode so far and the priced peak fits."""
@@ -183,12 +208,12 @@ class _Pricing:
             if self.saved_flops(k, mode) <= self.saved_flops(k, modes[k]):
                 continue
             before, modes[k] = modes[k], mode
-            if self.peak(modes) > budget:
+            if not self.fits(modes, budget):
                 modes[k] = before
         return modes
 
     def choose_layers(self, modes: list[Mode], costs: list[dict[str, tuple[int, int]]],
-                      budget: int) -> list[tuple[int, str, int, int]]:
+                      budget: Budget) -> list[tuple[int, str, int, int]]:
         """In the units that recompute without keeping, the kept layers (unit, name, bytes,
         FLOPs) whose outputs still fit, by FLOPs saved per byte: what the budget leaves after
         the units' modes, in the pieces a whole unit's keeping is too large for."""
@@ -197,7 +222,7 @@ class _Pricing:
         extra, chosen = [0] * len(modes), []
         for k, name, nbytes, flops in sorted(options, key=lambda o: -o[3] / max(o[2], 1)):
             extra[k] += nbytes
-            if self.peak(modes, extra) > budget:
+            if not self.fits(modes, budget, extra):
                 extra[k] -= nbytes
             else:
                 chosen.append((k, name, nbytes, flops))
@@ -222,15 +247,31 @@ def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
     return None
 
 
-def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule:
+def _units(net: fx.GraphModule, plan: Plan) -> list[fx.Node] | str:
+    """The nodes of `net`'s units, or why the schedule cannot price them."""
+    nodes = [node for _, node in unit_nodes(net, plan) or []]
+    why = "no unit to store" if not nodes else _chain(net, nodes)
+    return nodes if why is None else why
+
+
+def least_step(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Stretches | None:
+    """A training step of `net` as rewritten (every unit LEAN), projected as the schedule prices
+    it, which `schedule` can start from; None where it cannot price the units."""
+    nodes = _units(net, plan)
+    if isinstance(nodes, str):
+        return None
+    return projector(net, nodes, example_inputs)([LEAN] * len(nodes))
+
+
+def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple,
+             lean: Stretches | None = None) -> Schedule:
     """How each unit of `net` (rewritten from `plan`) runs within `plan.options.budget`: the
     units that store their activations, rerun plainly or keep kept layers' outputs. Neither
-    `net` nor `plan` is changed (revify.rewrite.apply_schedule executes the choice)."""
-    pairs = unit_nodes(net, plan)
-    nodes = [node for _, node in pairs or []]
-    why = "no unit to store" if not nodes else _chain(net, nodes)
-    if why is not None:
-        return _skip(plan, why)
+    `net` nor `plan` is changed (revify.rewrite.apply_schedule executes the choice). lean:
+    `least_step` of the same net and inputs, if already projected."""
+    nodes = _units(net, plan)
+    if isinstance(nodes, str):
+        return _skip(plan, nodes)
     project = projector(net, nodes, example_inputs)
     n = len(nodes)
     stages = [isinstance(net.get_submodule(node.target), ReversibleStage) for node in nodes]
@@ -241,33 +282,36 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Schedule
     keeping = [r._replace(keep=True) for r in reruns] if any(map(kept, units)) else []
     modes = reruns + [STORED] + keeping
     try:
-        pricing = _Pricing({mode: project([mode] * n) for mode in modes}, stages)
+        pricing = _Pricing({mode: lean if mode == LEAN and lean else project([mode] * n)
+                            for mode in modes}, stages)
         costs = project.kept_costs() if any(map(kept, units)) else None
     except Exception as exc:  # a value the step reads (data-dependent control flow): no shapes
         # alone can price it, and every unit recomputing is always right
         return _skip(plan, f"the step cannot be projected on shapes alone: {type(exc).__name__}")
-    least = pricing.runs[LEAN].peak
-    budget = plan.options.budget or int(least * (1 + SLACK))
-    if budget < least:
+    lean = pricing.runs[LEAN]
+    least = lean.peak
+    budget = Budget(plan.options.budget) if plan.options.budget else \
+        Budget(int(least * (1 + SLACK)), int(lean.activation_peak * (1 + SLACK)))
+    if budget.step < least:
         raise ValueError(f"a training step at the example input {_shapes(example_inputs)} needs "
                          f"{least:,} bytes of activations with every unit recomputing; the "
-                         f"budget of {budget:,} bytes is below that.")
+                         f"budget of {budget.step:,} bytes is below that.")
     chosen = pricing.choose(budget)
     pieces = pricing.choose_layers(chosen, costs, budget) if costs else []
-    peak = project(*_with(chosen, pieces)).peak if chosen != [LEAN] * n or pieces else least
-    while peak > budget:  # the pricing was off (it is exact on the models tested): give back
-        if pieces:
+    run = project(*_with(chosen, pieces)) if chosen != [LEAN] * n or pieces else lean
+    while not budget.holds(run):  # the pricing was off (it is exact on the models tested):
+        if pieces:                # give back
             pieces.pop()
         else:
             chosen[max(k for k in range(n) if chosen[k] != LEAN)] = LEAN
-        peak = project(*_with(chosen, pieces)).peak
-    segments = [seg for seg, _ in pairs]
+        run = project(*_with(chosen, pieces))
+    segments = [seg for seg, _ in unit_nodes(net, plan)]
     kept_bytes = {k: pricing.held(chosen, k) - pricing.held(_without_keep(chosen, k), k)
                   for k in range(n) if chosen[k].keep}
     for k, _, nbytes, _ in pieces:
         kept_bytes[k] = kept_bytes.get(k, 0) + nbytes
     return Schedule(
-        budget, least, peak,
+        budget.step, least, run.peak, budget.activations or 0,
         units=dict(zip([seg.name for seg in segments], project.schedules(*_with(chosen, pieces)))),
         stored={seg.name: pricing.held(chosen, k) for k, seg in enumerate(segments)
                 if chosen[k] == STORED},

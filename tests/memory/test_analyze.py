@@ -45,13 +45,19 @@ def test_projection_matches_a_real_training_step(name):
         for key, measured in result.measured[strategy].items():
             projected = getattr(result.strategies[strategy], key)
             assert abs(projected / measured - 1) <= 0.05, (strategy, key, projected, measured)
-    # Gradients allocated before the step (what revify's schedule prices): revify adds one
-    # branch's gradients in flight at a time, and stays under checkpointing even at this small
-    # batch, where one layer's gradient can outweigh the activations (the schedule then stores
-    # units under that peak: wide_resnet50_2's activations alone peak above checkpointing's;
-    # couple="auto" keeps one coupling per block here, whose branches hold half as much).
+    # Activations alone (gradients fresh): revify under checkpointing, under the original.
+    activations = {s: result.measured[s]["peak_activation_bytes"] for s in STRATEGIES}
+    assert activations["revify"] <= activations["checkpoint"] < activations["original"]
+    # Gradients allocated before the step: revify holds one branch's gradients in flight at a
+    # time, checkpointing one layer's. At this small batch they outweigh the activations, so
+    # revify may exceed checkpointing there, by no more than its widest branch's parameters (a
+    # whole block's, with couplings of two blocks): a constant, whatever the batch.
     accumulated = {s: result.measured[s]["accumulate_peak_bytes"] for s in STRATEGIES}
-    assert accumulated["revify"] <= accumulated["checkpoint"] < accumulated["original"]
+    widest = max(sum(p.numel() * p.element_size() for p in block.parameters())
+                 for layer in (model.layer1, model.layer2, model.layer3, model.layer4)
+                 for block in layer)
+    assert accumulated["revify"] <= accumulated["checkpoint"] + widest
+    assert accumulated["checkpoint"] < accumulated["original"]
 
 
 @pytest.mark.parametrize("grads", ["accumulate", "fresh"])

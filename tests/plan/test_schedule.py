@@ -16,6 +16,7 @@ from conftest import revified_torchvision
 from revify.runtime.checkpoint import Checkpointed
 from revify.runtime.keep import Kept
 from revify.memory.measure import measure_step
+from revify.memory.projection import project_peak
 from revify.runtime.modes import UnitMode, UnitSchedule
 from revify.plan.plan import Options
 from revify.pipeline import build
@@ -139,6 +140,25 @@ def test_a_larger_budget_stores_more_and_holds(resnet18):
     assert len(rev.revify_plan.schedule.stored) > len(least.stored)
     assert least.peak < rev.revify_plan.schedule.peak <= budget
     assert _peak(rev, x, y) <= budget
+
+
+def test_a_plan_made_at_a_small_input_keeps_its_peak_at_a_larger_one():
+    """At batch 2, 32x32 the gradients in flight set the step's peak; the default budget also
+    bounds the activations alone, so what it stores still fits at batch 8, 112x112. A budget of
+    the step's bytes alone (what a user's budget is) stores units that outgrow it there."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=10)
+    small, large = torch.empty(2, 3, 32, 32), torch.empty(8, 3, 112, 112)
+    default = revify.transform(model, small)
+    schedule = default.revify_plan.schedule
+    assert schedule.activation_budget < schedule.budget  # gradients in flight set the peak
+    assert "without the gradients in flight" in str(default.revify_plan)
+    step_only = revify.transform(model, small, budget=schedule.budget)
+    least = build(model, small, Options(schedule="recompute_all"))
+    at_large = {name: project_peak(rev.net, large)
+                for name, rev in (("default", default), ("step only", step_only), ("least", least))}
+    assert at_large["default"] <= 1.02 * at_large["least"] < 1.1 * at_large["least"] \
+        < at_large["step only"]
 
 
 def test_impossible_budgets_are_refused(resnet18):
