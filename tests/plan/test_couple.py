@@ -54,7 +54,7 @@ def test_pairs_that_raise_the_activation_peak_give_way_to_one_coupling_per_block
     assert _couplings(pairs) == [2] and _couplings(each) == _couplings(auto) == [4]
     plan = auto.revify_plan
     assert plan.options.couple == "each" and auto.revify_recipe["transform"]["couple"] == "auto"
-    assert "would peak at" in plan.coupling and plan.coupling in str(plan)
+    assert "activations would peak at" in plan.coupling and plan.coupling in str(plan)
     # the reason holds, projected and measured: a basic block's pair branch is twice as wide
     assert project_peak(pairs.net, x) > 1.01 * project_peak(each.net, x)
     assert (measure_step(pairs, x, y).peak_activation_bytes
