@@ -208,7 +208,7 @@ def project(fake: FakeModel, inputs: tuple, grads: str = "fresh", *, loss: str =
             handle.remove()
     kept = [p.grad for p in fake.module.parameters() if p.grad is not None]
     timeline = _timeline(tracker.events)
-    bare = _timeline(tracker.events, skip=tracker.in_flight)
+    bare = _timeline(tracker.events, skip=tracker.in_flight) if tracker.in_flight else timeline
     return Projection(
         peak=tracker.peak, held=held,
         peak_activations=max(bare, default=0) if grads == "accumulate"

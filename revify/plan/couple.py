@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import replace
+from typing import NamedTuple
 
 from torch import fx
 
 from revify.graph.blocks import ResidualBlock, module_path
-from revify.memory.projection import Projection, Stretches, fake_model, project
+from revify.memory.projection import Stretches, fake_model, project
 from revify.plan.plan import Options, Plan, make_plan
 from revify.plan.schedule import least_step
 from revify.rewrite import rewrite
@@ -64,8 +65,8 @@ def couple(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options,
     steps = {c: _least(nets[c], plans[c], example_inputs) for c in nets}
     chosen, why = _choose(plans, nets, steps, options.budget)
     plans[chosen].coupling = f"couple='auto' chose '{chosen}': {why}"
-    least = steps[chosen]
-    return nets[chosen], plans[chosen], least if isinstance(least, Stretches) else None
+    least = steps[chosen]  # None: the step could not be projected
+    return nets[chosen], plans[chosen], least.lean if least else None
 
 
 def _pairs_blocks(plan: Plan) -> bool:
@@ -74,27 +75,35 @@ def _pairs_blocks(plan: Plan) -> bool:
                for stage in plan.stages for f, g in stage.couplings)
 
 
-def _least(net: fx.GraphModule, plan: Plan,
-           example_inputs: tuple) -> Stretches | Projection | None:
-    """A training step of `net` as rewritten (every unit recomputing), gradients allocated
-    before it: as the schedule prices it where it can, else as one call. Both give the step's
-    peak and its activations' alone. None where the step reads a value (data-dependent control
-    flow): no shapes price it."""
+class _Least(NamedTuple):
+    """A training step of a net as rewritten (every unit recomputing), gradients allocated
+    before it."""
+    peak: int                   # the step's
+    activations: int            # its activations' alone
+    lean: Stretches | None      # its units' stretches, where the schedule can price them
+
+
+def _least(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> _Least | None:
+    """`net`'s least step: projected as the schedule prices it where it can, else as one call.
+    None where the step reads a value (data-dependent control flow): no shapes price it."""
     try:
-        return least_step(net, plan, example_inputs) or \
-            project(fake_model(net), example_inputs, "accumulate")
+        lean = least_step(net, plan, example_inputs)
+        if lean is not None:
+            return _Least(lean.peak, lean.activation_peak, lean)
+        step = project(fake_model(net), example_inputs, "accumulate")
+        return _Least(step.peak, step.peak_activations, None)
     except Exception:
         return None
 
 
-def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule], steps: dict,
-            budget: int | None) -> tuple[str, str]:
+def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule],
+            steps: dict[str, _Least | None], budget: int | None) -> tuple[str, str]:
     """("pairs" or "each", why), from each net's least step (`_least`)."""
     if None in steps.values():
         return "each", ("the step cannot be projected on shapes alone, and one coupling per "
                         "block has the narrower branches")
     peak = {c: step.peak for c, step in steps.items()}
-    activations = {c: _activations(step) for c, step in steps.items()}
+    activations = {c: step.activations for c, step in steps.items()}
     if activations["pairs"] > activations["each"] * (1 + SLACK):
         return "each", (f"with pairs of blocks the step's activations would peak at "
                         f"{_size(activations['pairs'])}, with one coupling per block at "
@@ -118,10 +127,6 @@ def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule], steps: dict
                      f"{_size(activations['pairs'])} ({_size(activations['each'])} with one "
                      f"coupling per block), with gradients allocated before it at "
                      f"{_size(peak['pairs'])} ({_size(peak['each'])})")
-
-
-def _activations(step: Stretches | Projection) -> int:
-    return step.activation_peak if isinstance(step, Stretches) else step.peak_activations
 
 
 def _unmatched(plan: Plan) -> int:

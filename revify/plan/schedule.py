@@ -137,9 +137,9 @@ class Budget(NamedTuple):
     step: int
     activations: int | None = None
 
-    def holds(self, run: Stretches) -> bool:
-        return run.peak <= self.step and (self.activations is None
-                                          or run.activation_peak <= self.activations)
+    def allows(self, peak: int, activation_peak: int) -> bool:
+        return peak <= self.step and (self.activations is None
+                                      or activation_peak <= self.activations)
 
 
 class _Pricing:
@@ -181,8 +181,7 @@ class _Pricing:
         return peak
 
     def fits(self, modes: list[Mode], budget: Budget, extra: list[int] | None = None) -> bool:
-        return self.peak(modes, extra) <= budget.step and (
-            budget.activations is None or self.peak(modes, extra, bare=True) <= budget.activations)
+        return budget.allows(self.peak(modes, extra), self.peak(modes, extra, bare=True))
 
     def saved_flops(self, k: int, mode: Mode) -> int:
         return self.runs[LEAN].flops[k] - self.runs[mode].flops[k]
@@ -247,20 +246,21 @@ def _chain(net: fx.GraphModule, units: list[fx.Node]) -> str | None:
     return None
 
 
-def _units(net: fx.GraphModule, plan: Plan) -> list[fx.Node] | str:
-    """The nodes of `net`'s units, or why the schedule cannot price them."""
-    nodes = [node for _, node in unit_nodes(net, plan) or []]
-    why = "no unit to store" if not nodes else _chain(net, nodes)
-    return nodes if why is None else why
+def _units(net: fx.GraphModule, plan: Plan) -> list | str:
+    """`net`'s units, (segment, node) each (revify.rewrite.unit_nodes), or why the schedule
+    cannot price them."""
+    units = unit_nodes(net, plan) or []
+    why = "no unit to store" if not units else _chain(net, [node for _, node in units])
+    return units if why is None else why
 
 
 def least_step(net: fx.GraphModule, plan: Plan, example_inputs: tuple) -> Stretches | None:
     """A training step of `net` as rewritten (every unit LEAN), projected as the schedule prices
     it, which `schedule` can start from; None where it cannot price the units."""
-    nodes = _units(net, plan)
-    if isinstance(nodes, str):
+    units = _units(net, plan)
+    if isinstance(units, str):
         return None
-    return projector(net, nodes, example_inputs)([LEAN] * len(nodes))
+    return projector(net, [node for _, node in units], example_inputs)([LEAN] * len(units))
 
 
 def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple,
@@ -269,9 +269,10 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple,
     units that store their activations, rerun plainly or keep kept layers' outputs. Neither
     `net` nor `plan` is changed (revify.rewrite.apply_schedule executes the choice). lean:
     `least_step` of the same net and inputs, if already projected."""
-    nodes = _units(net, plan)
-    if isinstance(nodes, str):
-        return _skip(plan, nodes)
+    pairs = _units(net, plan)
+    if isinstance(pairs, str):
+        return _skip(plan, pairs)
+    segments, nodes = [seg for seg, _ in pairs], [node for _, node in pairs]
     project = projector(net, nodes, example_inputs)
     n = len(nodes)
     stages = [isinstance(net.get_submodule(node.target), ReversibleStage) for node in nodes]
@@ -299,13 +300,13 @@ def schedule(net: fx.GraphModule, plan: Plan, example_inputs: tuple,
     chosen = pricing.choose(budget)
     pieces = pricing.choose_layers(chosen, costs, budget) if costs else []
     run = project(*_with(chosen, pieces)) if chosen != [LEAN] * n or pieces else lean
-    while not budget.holds(run):  # the pricing was off (it is exact on the models tested):
-        if pieces:                # give back
+    # the pricing was off (it is exact on the models tested): give back
+    while not budget.allows(run.peak, run.activation_peak):
+        if pieces:
             pieces.pop()
         else:
             chosen[max(k for k in range(n) if chosen[k] != LEAN)] = LEAN
         run = project(*_with(chosen, pieces))
-    segments = [seg for seg, _ in unit_nodes(net, plan)]
     kept_bytes = {k: pricing.held(chosen, k) - pricing.held(_without_keep(chosen, k), k)
                   for k in range(n) if chosen[k].keep}
     for k, _, nbytes, _ in pieces:
