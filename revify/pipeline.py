@@ -70,10 +70,10 @@ def transform(model: nn.Module, example_inputs=None, *, input_size: Iterable[int
     width: "match" picks the branches' internal widths so every stage keeps its parameter count
         within 10%; a number scales the original internal widths instead.
     couple: "pairs" makes two consecutive blocks of a stage one coupling (F the first's branch,
-        G the second's: as many layers as the original); "each" makes every block a coupling of
-        its own (its branch built twice at narrower widths: twice the layers); "auto" takes
-        "pairs" unless it makes the step's activations peak higher (revify.plan.couple; the
-        plan says which and why).
+        G the second's; an odd last one F alone: as many layers as the original); "each" makes
+        every block a coupling of its own (its branch built twice at narrower widths: twice the
+        layers); "auto" takes "pairs" unless it makes the step's activations peak higher
+        (revify.plan.couple; the plan says which and why).
     budget: the peak activation memory (bytes, or a size such as '2GiB') a training step at the
         example input may reach, gradients in flight to already allocated `.grad` included
         (gradient accumulation, DDP); default: the peak with every unit recomputing and 1%.

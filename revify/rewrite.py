@@ -166,7 +166,7 @@ def _replace_stage(gm: fx.GraphModule, plan: Plan, stage: StagePlan) -> None:
     block_plans = [plan.block(name) for name in stage.blocks]
     half = stage.channels // 2
     couplings = [CouplingBlock(_lean_branch(gm, plan.block(f), 0),
-                               _lean_branch(gm, plan.block(g), half))
+                               _lean_branch(gm, plan.block(g), half) if g else None)
                  for f, g in stage.couplings]
     module = ReversibleStage(couplings, stage.dim, plan.options.reconstruction == "exact",
                              stage.anchor_every, stage.channels)

@@ -235,7 +235,7 @@ def test_bad_input_gets_one_line_and_an_exit_code(capsys, tmp_path, args, code, 
     try:
         got, out, err = run(capsys, *[a.format(**paths) for a in args])
     except SystemExit as exc:  # argparse's own errors
-        got, (out, err) = exc.code, capsys.readouterr()
+        got, (_, err) = exc.code, capsys.readouterr()
     assert (got, message in err) == (code, True), err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == before  # no output, partial or whole

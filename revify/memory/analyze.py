@@ -374,15 +374,22 @@ def _label_modules(net: fx.GraphModule, labels: dict,
             continue
         row, block = labels[node.name]
         unit = net.get_submodule(node.target)
-        watched = [(unit.module, (row, block))] if isinstance(unit, Checkpointed) else [
-            (fn, (row, name))
-            for name, coupling in zip(report_plan.segments[row].blocks, unit.blocks)
-            for fn in (coupling.f, coupling.g)]
+        watched = [(unit.module, (row, block))] if isinstance(unit, Checkpointed) else \
+            _branch_labels(unit, report_plan, row)
         # a layer checkpointed inside a unit (revify.plan.lean) reruns later, in the unit's backward
         watched += [(inner.module, label) for module, label in watched
                     for inner in module.modules() if isinstance(inner, Checkpointed)]
         modules += watched
     return modules
+
+
+def _branch_labels(stage: nn.Module, report_plan, row: int) -> list[tuple[nn.Module, tuple]]:
+    """A reversible stage's branches, each under the label of the block it was built from (a
+    coupling of two blocks: F the first's, G the second's)."""
+    name = report_plan.segments[row].name
+    couplings = next(s.couplings for s in report_plan.stages if s.name == name)
+    return [(branch, (row, blocks[k])) for blocks, coupling in zip(couplings, stage.blocks)
+            for k, branch in coupling.branches]
 
 
 # ----------------------------------------------------------------------------- analysis

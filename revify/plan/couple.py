@@ -2,9 +2,10 @@
 
 A stage of n residual blocks can make its couplings two ways (revify.plan.plan.Options.couple):
 
-- "pairs": blocks 2k and 2k+1 make one coupling, F the first's branch and G the second's. The
-  stage runs n branches, as the original does: as many layers and kernel launches (ResNet-50,
-  batch 2: 880 ops that can launch a kernel a training step against 1,277; the original's 461).
+- "pairs": blocks 2k and 2k+1 make one coupling, F the first's branch and G the second's, and
+  an odd last block is F alone (y2 = x2). The stage runs n branches, as the original does: as
+  many layers and kernel launches (ResNet-50, batch 2, 32x32: 836 ops that can launch a kernel
+  a training step against 1,311; the original's 461).
 - "each": every block makes a coupling of its own, F and G both its branch: 2n branches.
 
 Both keep each stage's parameter count (width="match"). A "pairs" branch is wider, since one
@@ -41,6 +42,7 @@ from torch import fx
 from revify.graph.blocks import ResidualBlock, module_path
 from revify.memory.projection import Stretches, fake_model, project
 from revify.plan.plan import Options, Plan, make_plan
+from revify.plan.report import size
 from revify.plan.schedule import least_step
 from revify.rewrite import rewrite
 
@@ -58,7 +60,7 @@ def couple(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options,
         plan = make_plan(gm, blocks, options)
         return rewrite(gm, plan), plan, None
     plans = {c: make_plan(gm, blocks, replace(options, couple=c)) for c in ("pairs", "each")}
-    if not _pairs_blocks(plans["pairs"]):  # nothing to choose: the couplings are the same
+    if not _paired(plans["pairs"]):  # nothing to choose: the couplings are the same
         return rewrite(gm, plans["pairs"]), plans["pairs"], None
     spare = copy.deepcopy(gm)
     nets = {"pairs": rewrite(gm, plans["pairs"]), "each": rewrite(spare, plans["each"])}
@@ -69,9 +71,9 @@ def couple(gm: fx.GraphModule, blocks: list[ResidualBlock], options: Options,
     return nets[chosen], plans[chosen], least.lean if least else None
 
 
-def _pairs_blocks(plan: Plan) -> bool:
-    """Whether any coupling is two blocks that only couple="pairs" puts together."""
-    return any(f != g and module_path(f) != module_path(g)
+def _paired(plan: Plan) -> int:
+    """How many couplings are two blocks (F one's branch, G the other's)."""
+    return sum(g is not None and f != g and module_path(f) != module_path(g)
                for stage in plan.stages for f, g in stage.couplings)
 
 
@@ -106,27 +108,32 @@ def _choose(plans: dict[str, Plan], nets: dict[str, fx.GraphModule],
     activations = {c: step.activations for c, step in steps.items()}
     if activations["pairs"] > activations["each"] * (1 + SLACK):
         return "each", (f"with pairs of blocks the step's activations would peak at "
-                        f"{_size(activations['pairs'])}, with one coupling per block at "
-                        f"{_size(activations['each'])}")
+                        f"{size(activations['pairs'])}, with one coupling per block at "
+                        f"{size(activations['each'])}")
     fixed = 2 * sum(p.numel() * p.element_size() for p in nets["each"].parameters())
     if peak["pairs"] + fixed > (peak["each"] + fixed) * (1 + IN_FLIGHT):
         return "each", (f"with gradients allocated before the step, pairs of blocks would peak "
-                        f"at {_size(peak['pairs'])} instead of {_size(peak['each'])} (each pair "
+                        f"at {size(peak['pairs'])} instead of {size(peak['each'])} (each pair "
                         f"branch holds a whole block's gradients in flight): with the "
-                        f"{_size(fixed)} of parameters and gradients, over {IN_FLIGHT:.0%} more")
+                        f"{size(fixed)} of parameters and gradients, over {IN_FLIGHT:.0%} more")
     if budget is not None and peak["pairs"] > budget:
-        return "each", (f"with pairs of blocks the step would need {_size(peak['pairs'])} with "
-                        f"every unit recomputing, over the budget of {_size(budget)}")
+        return "each", (f"with pairs of blocks the step would need {size(peak['pairs'])} with "
+                        f"every unit recomputing, over the budget of {size(budget)}")
     if _unmatched(plans["pairs"]) > _unmatched(plans["each"]):
         names = ", ".join(s.name for s in plans["pairs"].unmatched())
         return "each", (f"pairs of blocks would leave {names} further outside width='match''s "
                         f"parameter promise")
-    couplings = {c: sum(len(s.couplings) for s in plan.stages) for c, plan in plans.items()}
-    return "pairs", (f"{_count(couplings['pairs'], 'coupling')} of two blocks' branches "
-                     f"instead of {couplings['each']} of one; the step's activations peak at "
-                     f"{_size(activations['pairs'])} ({_size(activations['each'])} with one "
+    couplings = [c for stage in plans["pairs"].stages for c in stage.couplings]
+    paired, alone = _paired(plans["pairs"]), sum(g is None for _, g in couplings)
+    single = len(couplings) - paired - alone
+    each = sum(len(s.couplings) for s in plans["each"].stages)
+    return "pairs", (f"{_count(paired, 'coupling')} of two blocks"
+                     + (f", {alone} of one block as F alone" if alone else "")
+                     + (f", {single} of one block as F and G" if single else "")
+                     + f" instead of {each} of one block as F and G; the step's activations "
+                     f"peak at {size(activations['pairs'])} ({size(activations['each'])} with one "
                      f"coupling per block), with gradients allocated before it at "
-                     f"{_size(peak['pairs'])} ({_size(peak['each'])})")
+                     f"{size(peak['pairs'])} ({size(peak['each'])})")
 
 
 def _unmatched(plan: Plan) -> int:
@@ -136,7 +143,3 @@ def _unmatched(plan: Plan) -> int:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.0f} KiB"

@@ -31,10 +31,10 @@ class Options:
     the tests) set the others through `revify.pipeline.build`."""
     width: float | Literal["match"] = "match"   # internal width multiplier, or match parameters
     # How a stage's blocks make couplings. "pairs": two consecutive blocks make one, F the
-    # first's branch and G the second's: a stage runs as many branches (layers, kernel
-    # launches) as the original. "each": every block is F and G of its own coupling, its branch
-    # built twice at narrower widths. "auto": pairs unless they cost activation memory
-    # (revify.plan.couple); make_plan takes "pairs" or "each".
+    # first's branch and G the second's, an odd last block F alone: a stage runs as many
+    # branches (layers, kernel launches) as the original. "each": every block is F and G of its
+    # own coupling, its branch built twice at narrower widths. "auto": pairs unless they cost
+    # activation memory (revify.plan.couple); make_plan takes "pairs" or "each".
     couple: Literal["auto", "pairs", "each"] = "auto"
     # The layers outside reversible stages (stem, head, blocks that cannot be inverted): their
     # activations recomputed in the backward (activation checkpointing), or stored as usual.
@@ -125,9 +125,10 @@ class StagePlan:
     width: float                               # internal widths relative to the original
     dim: int = 1                               # the dim split into halves
     anchor_every: int | None = None            # the stream is kept at every k-th block input
-    # (F, G) of each coupling, as block names: (b, b) when a block's branch gives both; a
-    # transformer's attention and MLP blocks pair up as (attention, MLP), as in Reversible ViT.
-    couplings: list[tuple[str, str]] = field(default_factory=list)
+    # (F, G) of each coupling, as block names: (b, b) when a block's branch gives both, (b, None)
+    # when it is F alone (G none: y2 = x2); a transformer's attention and MLP blocks pair up as
+    # (attention, MLP), as in Reversible ViT.
+    couplings: list[tuple[str, str | None]] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
 
@@ -398,12 +399,14 @@ def _chain(gm, candidates: list[BlockPlan]) -> list[list[BlockPlan]]:
     return runs
 
 
-def _couplings(run: list[BlockPlan], couple: str) -> list[tuple[BlockPlan, BlockPlan]]:
+def _couplings(run: list[BlockPlan], couple: str) -> list[tuple[BlockPlan, BlockPlan | None]]:
     """(F, G) per coupling. Two residual blocks of one module (a transformer block's attention
     and MLP) make one coupling, F = the first and G = the second, as in Reversible ViT; with
     couple="pairs" so do any two consecutive blocks (a RevNet's F and G are two residual
-    functions, so a stage keeps the original's depth in them), and an odd last block is F and G
-    of its own, as every block is with couple="each"."""
+    functions, so a stage keeps the original's depth in them), and an odd last block is F alone
+    (y1 = x1 + F(x2), y2 = x2: NICE's additive coupling), so that the stage runs one branch per
+    block, as the original does. A block with no other in its stage is F and G of its own, as
+    every block is with couple="each": alone, it would leave half the stream unchanged."""
     pairs, k = [], 0
     while k < len(run):
         if k + 1 < len(run) and (couple == "pairs"
@@ -411,7 +414,7 @@ def _couplings(run: list[BlockPlan], couple: str) -> list[tuple[BlockPlan, Block
             pairs.append((run[k], run[k + 1]))
             k += 2
         else:
-            pairs.append((run[k], run[k]))
+            pairs.append((run[k], None if couple == "pairs" and len(run) > 1 else run[k]))
             k += 1
     return pairs
 
@@ -425,7 +428,7 @@ def _solve_width(gm, run: list[BlockPlan], analyses, options: Options) -> float:
 
     def params_at(scale: float) -> int:
         return sum(_resized_params(gm, bp, analyses[bp.name].widths(half, scale), cache)
-                   for pair in _couplings(run, options.couple) for bp in pair)
+                   for pair in _couplings(run, options.couple) for bp in pair if bp)
 
     target = sum(bp.params_before for bp in run)
     lo, hi = math.log(1 / 16), math.log(16)
@@ -461,7 +464,7 @@ def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -
         name = run[0].name if len(run) == 1 else f"{run[0].name}..{run[-1].name}"
         stages.append(StagePlan(name=name, blocks=[bp.name for bp in run], entry=run[0].block.entry,
                                 output=run[-1].block.add, channels=2 * half, width=width, dim=dim,
-                                couplings=[(f.name, g.name) for f, g in couplings],
+                                couplings=[(f.name, g and g.name) for f, g in couplings],
                                 anchor_every=options.anchors_for(name),
                                 params_before=sum(bp.params_before for bp in run),
                                 params_after=sum(bp.params_after for bp in run)))

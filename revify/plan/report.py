@@ -15,10 +15,12 @@ def _delta(before: int, after: int) -> str:
 
 
 def format_plan(plan, fmt: str = "simple") -> str:
-    roles = {}  # paired blocks (attention + MLP) say which half of the coupling they became
+    roles = {}  # paired blocks say which half of the coupling they became
     for stage in plan.stages:
         for f, g in stage.couplings:
-            if f != g:
+            if g is None:
+                roles[f] = " (F alone)"
+            elif f != g:
                 roles[f], roles[g] = " (F)", " (G)"
     blocks = [[b.name, _shape(b.shape), b.action + roles.get(b.name, ""),
                "" if b.stage is None else plan.stages[b.stage].name,
@@ -81,17 +83,18 @@ def _scheduled(unit: str, schedule) -> list[str]:
         return []
     notes = []
     if unit in schedule.stored:
-        notes.append(f"keeps {_mib(schedule.stored[unit])} MiB: fits under the peak")
+        notes.append(f"keeps {size(schedule.stored[unit])}: fits under the peak")
     if unit in schedule.plain:
         notes.append("nests no layer: fits under the peak")
     if unit in schedule.kept:
-        notes.append(f"keeps {_mib(schedule.kept[unit])} MiB of layer outputs for the rerun: "
+        notes.append(f"keeps {size(schedule.kept[unit])} of layer outputs for the rerun: "
                      f"fits under the peak")
     return notes
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:,.1f}"
+def size(nbytes: int) -> str:
+    """A byte count as the plan prints it: MiB, or KiB below one MiB."""
+    return f"{nbytes / 2**20:,.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:,.0f} KiB"
 
 
 def format_schedule(schedule) -> str:
@@ -100,22 +103,22 @@ def format_schedule(schedule) -> str:
     if schedule.skipped:
         return f"schedule: every unit recomputes ({schedule.skipped})."
     head = (f"schedule (a training step at the example input, projected): every unit recomputing "
-            f"peaks at {_mib(schedule.peak_recompute)} MiB of activations; budget "
-            f"{_mib(schedule.budget)} MiB"
-            + (f", {_mib(schedule.activation_budget)} MiB of them without the gradients in "
+            f"peaks at {size(schedule.peak_recompute)} of activations; budget "
+            f"{size(schedule.budget)}"
+            + (f", {size(schedule.activation_budget)} of them without the gradients in "
                f"flight (what grows with the batch)" if schedule.activation_budget else ""))
     if not schedule.stored and not schedule.plain and not schedule.kept:
         return f"{head}. No unit's activations fit under it: every unit recomputes."
     parts = []
     if schedule.stored:
         parts.append(f"Stored instead of recomputed: {', '.join(schedule.stored)} (keeping "
-                     f"{_mib(sum(schedule.stored.values()))} MiB between forward and backward).")
+                     f"{size(sum(schedule.stored.values()))} between forward and backward).")
     if schedule.plain:
         parts.append(f"Recomputed without nested layers: {', '.join(schedule.plain)}.")
     if schedule.kept:
         parts.append(f"Keeping their dearest layers' outputs for the rerun: "
-                     f"{', '.join(schedule.kept)} ({_mib(sum(schedule.kept.values()))} MiB).")
-    return (f"{head}. {' '.join(parts)} The peak is {_mib(schedule.peak)} MiB and the backward "
+                     f"{', '.join(schedule.kept)} ({size(sum(schedule.kept.values()))}).")
+    return (f"{head}. {' '.join(parts)} The peak is {size(schedule.peak)} and the backward "
             f"recomputes {schedule.flops_saved / 1e9:,.2f} GFLOP less.")
 
 
@@ -137,7 +140,7 @@ def carried_weights(rev) -> dict[str, int]:
         "sliced_tensors": sum(id(t) in in_blocks for t in tensors),
         "sliced_values": sum(t.numel() for t in tensors if id(t) in in_blocks),
         "carried_values": sum(branch.meta.get("carried_values", 0)
-                              for b in coupled for branch in (b.f, b.g)),
+                              for b in coupled for _, branch in b.branches),
     }
 
 

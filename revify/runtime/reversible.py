@@ -64,13 +64,19 @@ FLOOR_BITS = 8         # a channel's magnitude counts as at least 2^-8 of the la
 
 
 class CouplingBlock(nn.Module):
-    """One reversible block: F and G are the original branch rebuilt at half the channels."""
+    """One reversible block: F and G are the original branch rebuilt at half the channels. G
+    may be None (y2 = x2): a coupling of one branch, F alone."""
 
-    def __init__(self, f: nn.Module, g: nn.Module):
+    def __init__(self, f: nn.Module, g: nn.Module | None = None):
         super().__init__()
         self.f, self.g = f, g
         # per branch, whether its rerun must replay the RNG state its forward drew from
-        self.random = (draws_random(f), draws_random(g))
+        self.random = (draws_random(f), g is not None and draws_random(g))
+
+    @property
+    def branches(self) -> list[tuple[int, nn.Module]]:
+        """(the half it adds to, branch) per branch, in the order the forward runs them."""
+        return [(0, self.f)] if self.g is None else [(0, self.f), (1, self.g)]
 
 
 def stream_dtype(dtype: torch.dtype, exact: bool) -> torch.dtype:
@@ -408,15 +414,17 @@ class ReversibleStage(nn.Module):
         for i, block in enumerate(self.blocks):
             if anchors is not None and self.anchored(i):
                 anchors[i] = stream()
-            for k, branch in ((0, block.f), (1, block.g)):
+            for k, branch in block.branches:
                 f = branch(_branch_input(h[1 - k], dtype, fmt))
                 h[k], values[k] = _plain_add(h[k], values[k], f, grid, k)
                 if check:
                     sizes[k].append(magnitude(value(k), grid.dims))
         output = torch.cat(h, dim)
         exit = output.detach() if values[0] is None else stream()
-        # as Grid.outgrown reads them: both halves' magnitudes (here the largest over the stage)
-        most = [torch.stack(sizes[0] + sizes[1]).unflatten(0, (2, -1)).amax(1)] if check else []
+        # as Grid.outgrown reads them: both halves' magnitudes (here the largest over the stage;
+        # a half no branch added to keeps its entry's)
+        most = [torch.stack([torch.stack(s or [magnitude(value(k), grid.dims)]).amax(0)
+                             for k, s in enumerate(sizes)])] if check else []
         return Coupled(output, exit, entry, grid), most
 
     def inverse(self, coupled: Coupled, anchors: dict | None = None) -> torch.Tensor:
@@ -424,16 +432,14 @@ class ReversibleStage(nn.Module):
         blocks backwards, restarting from `anchors` (see `couple`) where the backward would."""
         anchors, grid = anchors or {}, coupled.grid
         dtype, fmt = coupled.output.dtype, layout(coupled.stream)
-        y1, y2 = coupled.stream.chunk(2, self.dim)
+        y = list(coupled.stream.chunk(2, self.dim))
         for i in reversed(range(len(self.blocks))):
-            block = self.blocks[i]
-            g = block.g(_branch_input(y1, dtype, fmt))
-            y2 = y2 - (grid.snap(g, 1) if grid is not None else g)
-            f = block.f(_branch_input(y2, dtype, fmt))
-            y1 = y1 - (grid.snap(f, 0) if grid is not None else f)
+            for k, branch in reversed(self.blocks[i].branches):
+                value = branch(_branch_input(y[1 - k], dtype, fmt))
+                y[k] = y[k] - (grid.snap(value, k) if grid is not None else value)
             if i in anchors:
-                y1, y2 = anchors[i].to(y1.dtype).chunk(2, self.dim)
-        return torch.cat([y1, y2], self.dim)
+                y = list(anchors[i].to(y[0].dtype).chunk(2, self.dim))
+        return torch.cat(y, self.dim)
 
 
 def _plain_add(h, v, f, grid, half):
@@ -459,30 +465,32 @@ def _run_reversible(stage, x):
     `.grad` already allocated, as under gradient accumulation or DDP's buckets, a single stage
     node would hold every gradient of the stage twice at its end)."""
     branches = branch_params(stage)  # here: dynamo must not trace the slots' lookups
-    if not x.requires_grad and not any(p.requires_grad for f, g in branches for p in f + g):
+    if not x.requires_grad and not any(p.requires_grad for block in branches
+                                       for params in block for p in params):
         return stage.couple(x).output  # nothing to backpropagate
     run = _Run(stage, x.dtype)
     a = list(_Enter.apply(run, x))
-    for i, params in enumerate(branches):
-        for k in (0, 1):
-            a[k] = _Branch.apply(run, i, k, a[k], a[1 - k], *params[k])
+    for i, block in enumerate(branches):
+        for k, params in enumerate(block):  # F adds to half 0, G to half 1
+            a[k] = _Branch.apply(run, i, k, a[k], a[1 - k], *params)
     return _Exit.apply(run, *a)
 
 
 _branch_slots: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def branch_params(stage: ReversibleStage) -> list[tuple[list, list]]:
-    """Per block, the parameters of F and of G, read through their slots
+def branch_params(stage: ReversibleStage) -> list[list[list]]:
+    """Per block, the parameters of F and of G (if any), read through their slots
     (revify.runtime.modes.Slots: no module walk each step). When they are other objects than
     last time (moved with overwrite, loaded with assign=True, sharded) a module sharded inside
     the stage is refused."""
     cached = _branch_slots.get(stage)
     if cached is None:
-        cached = _branch_slots[stage] = [[slots(b.f), slots(b.g)] for b in stage.blocks], [None]
+        cached = _branch_slots[stage] = [[slots(branch) for _, branch in b.branches]
+                                         for b in stage.blocks], [None]
     branch_slots, last = cached
-    params = [(f.parameters(), g.parameters()) for f, g in branch_slots]
-    flat = [p for f, g in params for p in f + g]
+    params = [[s.parameters() for s in block] for block in branch_slots]
+    flat = [p for block in params for ps in block for p in ps]
     if last[0] is None or len(flat) != len(last[0]) or \
             not all(map(operator.is_, flat, [ref() for ref in last[0]])):
         _refuse_fsdp_inside(stage)
@@ -738,7 +746,7 @@ def _forward_once(run: _Run, stage: ReversibleStage, x, grid: Grid | None):
         if stage.anchored(i):
             run.anchors[i] = pair.clone()
         rngs, tapes = [], []
-        for k, branch in ((0, block.f), (1, block.g)):
+        for k, branch in block.branches:
             rngs.append(capture_rng(device) if block.training and block.random[k] else None)
             tapes.append(Tape() if stage.schedule.kept else None)
             with recording(tapes[-1]) if stage.schedule.kept else NOTHING:

@@ -66,6 +66,30 @@ def test_pairs_that_raise_the_activation_peak_give_way_to_one_coupling_per_block
     grads_match_plain_autograd(pairs, 16)
 
 
+def test_the_odd_block_of_a_stage_of_pairs_is_f_alone():
+    """couple="pairs" on a stage of three blocks: the first two make a coupling, the third is F
+    alone (y1 = x1 + F(x2), y2 = x2), so the stage runs three branches, as the original runs
+    three blocks; gradients are plain autograd's and the inverse is exact. A stage of one block
+    keeps it as F and G: alone it would leave half the stream untouched."""
+    torch.manual_seed(0)
+    model, x = FullResolution(blocks=3), torch.randn(4, 3, 8, 8)
+    rev = revify.transform(model, x, couple="pairs")
+    assert rev.revify_plan.stages[0].couplings == [("layer.0", "layer.1"), ("layer.2", None)]
+    assert "reversible (F alone)" in str(rev.revify_plan)
+    stage = next(m for m in rev.modules() if isinstance(m, ReversibleStage))
+    assert [len(block.branches) for block in stage.blocks] == [2, 1]
+    convs = lambda m: sum(isinstance(layer, nn.Conv2d) for layer in m.modules())
+    assert convs(stage) == convs(model.layer)
+    assert abs(rev.revify_plan.stages[0].params_after / sum(
+        p.numel() for p in model.layer.parameters()) - 1) <= 0.1
+    grads_match_plain_autograd(rev, 8)
+    with torch.no_grad():
+        coupled = stage.eval().couple(torch.randn(4, 16, 8, 8), record=True)
+        assert torch.equal(stage.inverse(coupled), coupled.entry)
+    one = revify.transform(FullResolution(blocks=1), x, couple="pairs").revify_plan.stages[0]
+    assert one.couplings == [("layer.0", "layer.0")]
+
+
 def test_resnet50_takes_pairs_where_a_checkpointed_unit_sets_the_peak():
     """ResNet-50 at batch 2, 224x224: the peak is the stem's and the downsampling blocks', so
     pairs leave it where it is."""

@@ -70,15 +70,14 @@ def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
     assert [sum(p.numel() for p in m.parameters()) for m in stage_modules] == \
         [s.params_after for s in plan.stages]
     assert [len(s.blocks) for s in plan.stages] == [2, 3, 5, 2]
-    # two blocks a coupling (F the first's branch, G the second's), an odd last one on its own
+    # two blocks a coupling (F the first's branch, G the second's), an odd last one F alone
     assert ([len(m.blocks) for m in stage_modules] == [len(s.couplings) for s in plan.stages]
             == [1, 2, 3, 1])
-    assert plan.stages[1].couplings == [("layer2.1", "layer2.2"), ("layer2.3", "layer2.3")]
+    assert plan.stages[1].couplings == [("layer2.1", "layer2.2"), ("layer2.3", None)]
     text = str(plan)
     for expected in ["layer1.0", "projection shortcut", "reversible (F)", "reversible (G)",
-                     "checkpointed", "stem",
-                     "head", "layer3.1..layer3.5", f"{plan.params_before:,}",
-                     f"{plan.params_after:,}"]:
+                     "reversible (F alone)", "checkpointed", "stem", "head", "layer3.1..layer3.5",
+                     f"{plan.params_before:,}", f"{plan.params_after:,}"]:
         assert expected in text
 
 

@@ -87,27 +87,27 @@ def test_batch_counts_of_a_forward_are_added_in_one_op_and_a_layer_called_twice_
 
 def test_a_revified_step_makes_a_few_times_the_original_s_python_calls():
     """On a GPU a step is short and each Python call between kernels shows: a revified ResNet
-    step (forward, rerun; blocks coupled in pairs, so as many branches as the original's)
-    stays within 3.6x the original's calls and 2x its ops and its ops that can launch a kernel
-    (1.9x; 1.7x with gradients already allocated, as in gradient accumulation and DDP), and it
-    reads nothing back to the host (exact counts: no clock). The same revified net under plain
-    autograd, nothing recomputed, launches 1.4x the original's: most of the rest is the rerun.
-    With one coupling per block (couple="each") it is 2.8x, 2.5x and 4.3x the calls."""
+    step (forward, rerun; blocks coupled in pairs, the odd one F alone, so one branch per block
+    as the original) stays within 3.5x the original's calls and 1.9x its ops and its ops that
+    can launch a kernel (3.4x, 1.8x and 1.8x; 1.6x with gradients already allocated, as in
+    gradient accumulation and DDP), and it reads nothing back to the host (exact counts: no
+    clock). The same revified net under plain autograd, nothing recomputed, launches 1.3x the
+    original's: most of the rest is the rerun. With one coupling per block (couple="each") it
+    is 2.8x, 2.8x and 4.7x the calls."""
     torch.manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     original = torchvision.models.resnet50(num_classes=10)
-    # pairs: at this input couple="auto" takes one coupling per block (revify.plan.couple)
     rev = revify.transform(torchvision.models.resnet50(num_classes=10), x, couple="pairs")
     for model in (original, rev):
         F.cross_entropy(model(x), y).backward()  # one step first: the grids settle
     base, counts = count_step(original, x, y), count_step(rev, x, y)
-    # 3.2x under torch 2.14 (each: 4.3x, 4.7x under 2.11: torch's own Python differs)
-    assert counts.python_calls <= 3.6 * base.python_calls
-    assert counts.ops <= 2 * base.ops
-    assert counts.kernel_ops <= 2 * base.kernel_ops
+    # torch's own Python differs between versions: 3.4x under 2.14
+    assert counts.python_calls <= 3.5 * base.python_calls
+    assert counts.ops <= 1.9 * base.ops
+    assert counts.kernel_ops <= 1.9 * base.kernel_ops
     assert counts.syncs == 0
     with _OpCounter() as kept_grads, torch.autograd.set_multithreading_enabled(False):
         F.cross_entropy(rev(x), y).backward()  # .grad exists: accumulated into
     with _OpCounter() as kept_base, torch.autograd.set_multithreading_enabled(False):
         F.cross_entropy(original(x), y).backward()
-    assert kept_grads.kernel_ops <= 1.8 * kept_base.kernel_ops
+    assert kept_grads.kernel_ops <= 1.7 * kept_base.kernel_ops

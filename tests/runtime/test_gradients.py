@@ -40,15 +40,16 @@ def test_gradients_match_float64_finite_differences(name):
     assert_directional_derivatives(rev, x, y)
 
 
-def test_full_jacobian_matches_float64_finite_differences():
+@pytest.mark.parametrize("depth, couple", [(2, "auto"), (3, "pairs")])  # 3: a pair, F alone
+def test_full_jacobian_matches_float64_finite_differences(depth, couple):
     """Every entry of d(output)/d(input and parameters) of a tiny revified net, float64.
 
     (torch.autograd.gradcheck backpropagates twice through one graph; a reversible stage frees
     its state after one backward, so each analytic row here comes from a fresh forward.)
     """
     torch.manual_seed(0)
-    rev = smoothed(revify.transform(TinyResNet(depth=2, c=4),
-                                    input_size=(3, 6, 6))).double().train()
+    rev = smoothed(revify.transform(TinyResNet(depth=depth, c=4), input_size=(3, 6, 6),
+                                    couple=couple)).double().train()
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     first_stage = next(m for m in rev.modules()
                        if isinstance(m, revify.runtime.reversible.ReversibleStage))
