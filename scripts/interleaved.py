@@ -6,12 +6,13 @@ import random
 import statistics
 
 import torch
-import torchvision
+
+from revify.models import create_model
 
 
 def arguments(doc: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--model", default="resnet50", help="a torchvision model name")
+    p.add_argument("--model", default="resnet50", help="a model name (torchvision, timm or package.module:factory)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--steps", type=int, default=9)
@@ -19,11 +20,12 @@ def arguments(doc: str) -> argparse.Namespace:
 
 
 def model_and_batch(args: argparse.Namespace):
-    """The torchvision factory of `args.model` and a random batch for it (seeded)."""
+    """A factory of `args.model` (random weights, 1000 classes) and a random batch for it
+    (seeded)."""
     torch.manual_seed(0)
     x = torch.randn(args.batch_size, 3, args.size, args.size)
     y = torch.randint(0, 1000, (args.batch_size,))
-    return getattr(torchvision.models, args.model), x, y
+    return lambda: create_model(args.model, num_classes=1000), x, y
 
 
 def medians(runs: dict, steps: int) -> dict:

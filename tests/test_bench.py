@@ -1,6 +1,7 @@
 """The side-by-side baselines: timm-style block checkpointing, torch.compile with an activation
 memory budget, and the profiler-based measurement the compiled rows need."""
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,11 +170,14 @@ def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
     ("keep_ablation.py", ["original", "keeping", "keeping nothing"]),
 ])
 def test_timing_scripts_run_every_configuration(script, rows):
-    """The README's timing scripts (tiny sizes, two steps): every configuration gets a row."""
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, str(root / "scripts" / script), "--model", "resnet18",
-                           "--batch-size", "2", "--size", "32", "--steps", "2"],
-                          capture_output=True, text=True, timeout=300)
+    """The README's timing scripts (the suite's small net, two steps): every configuration
+    gets a row."""
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, str(tests.parent / "scripts" / script), "--model",
+                           "conftest:TinyResNet", "--batch-size", "2", "--size", "16", "--steps",
+                           "2"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(tests), os.environ.get("PYTHONPATH")]))})
     assert done.returncode == 0, done.stderr
     names = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
     assert set(rows) <= names

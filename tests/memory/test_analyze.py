@@ -34,7 +34,9 @@ def analysis(tiny):
 
 
 # ----------------------------------------------------------------------------- projections
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "wide_resnet50_2"])
+# basic blocks, and bottlenecks: ResNet-50's blocks at twice their width (scripts/coverage.py
+# --memory measures ResNet-50 itself against its projection)
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
 def test_projection_matches_a_real_training_step(name):
     """Both gradient regimes (fresh, and allocated before the step), projected and measured."""
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Block, TinyResNet, revified_tiny, step_grads, worst_rel_err
+from conftest import Block, TinyResNet, resnet_step, revified_tiny, step_grads, worst_rel_err
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -152,11 +152,7 @@ def test_exact_reconstruction_costs_no_memory_over_native():
     """The stream on a float32 grid is rebuilt to the bit with nothing stored beside the stage
     output (no wider dtype, no remainder): exact holds what native holds after the forward,
     peaks within a few small per-channel tensors of it, and only native drifts."""
-    from conftest import step_grads, worst_rel_err
-    torch.manual_seed(0)
-    model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=10).train()
-    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
-    exact = revify.transform(model, input_size=(3, 64, 64)).train()
+    model, x, y, exact = resnet_step(Bottleneck, [3, 4, 6, 3])  # ResNet-50, shared: conftest
     native = build(model, None, Options(reconstruction="native"), input_size=(3, 64, 64)).train()
     assert "native reconstruction" in str(native.revify_plan)
     native_step, exact_step = measure_step(native, x, y), measure_step(exact, x, y)
