@@ -85,7 +85,7 @@ def test_revify_at_timms_peak_spends_that_memory_and_no_more():
     at the bench's batch (a dense output gradient there: the loss's 128 KiB of log-softmax
     aside, the very step)."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet50(num_classes=10).train()
+    model = torchvision.models.resnet18(num_classes=10).train()
     x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
     rows = ("original", "checkpoint-timm", "revify", "revify-at-timm-peak")
     # one coupling per block: at this small input a pair's gradients in flight (a whole

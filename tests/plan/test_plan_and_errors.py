@@ -82,9 +82,9 @@ def test_plan_keeps_parameters_within_ten_percent_and_says_what_it_built():
 
 
 def test_width_option_scales_internal_channels():
-    model = torchvision.models.resnet50()
-    half = revify.transform(model, input_size=(3, 64, 64), width=0.5).revify_plan
-    full = revify.transform(model, input_size=(3, 64, 64), width=1.0).revify_plan
+    model = torchvision.models.resnet18()
+    half = revify.transform(model, input_size=(3, 32, 32), width=0.5).revify_plan
+    full = revify.transform(model, input_size=(3, 32, 32), width=1.0).revify_plan
     for a, b in zip(half.stages, full.stages):
         assert a.width == 0.5 and b.width == 1.0 and a.params_after < b.params_after
 
