@@ -18,6 +18,7 @@ from revify.memory.measure import measure_step, measure_step_profiled
 from revify.memory.projection import project_peak
 from revify.plan.plan import Options
 from revify.pipeline import build
+from conftest import TinyResNet
 
 # The min-cut partitioner inductor uses, without inductor's C++ compile (a minute per model on
 # 2 cores): the budget is the partitioner's, so it applies just the same.
@@ -32,7 +33,7 @@ def _resnet18(size=64, batch=2):
 
 def test_timm_style_row_checkpoints_the_blocks_and_stores_stem_and_head():
     model, x, y = _resnet18()
-    models = strategies(model, (3, 64, 64))
+    models = strategies(model, (3, 64, 64), rows=("original", "checkpoint", "checkpoint-timm"))
     timm_style = models["checkpoint-timm"]
     wrapped = [n for n, m in timm_style.named_modules() if isinstance(m, BlockCheckpointed)]
     assert wrapped == [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)]
@@ -114,10 +115,12 @@ def test_profiled_memory_agrees_with_the_live_tensor_tracker(strategy):
 
 
 def test_compiled_rows_follow_their_budget_and_report_it_by_profile():
-    model, x, y = _resnet18(size=32)
+    # the suite's small net: each budget compiles the whole step, forward and backward
+    torch.manual_seed(0)
+    model = TinyResNet().train()
     models = {"original": model, "compile-budget-0": Compiled(model, 0.0, PARTITIONED),
               "compile-budget-1": Compiled(model, 1.0, PARTITIONED)}
-    rows = {r.name: r for r in run_bench(models, 2, (3, 32, 32), steps=1)}
+    rows = {r.name: r for r in run_bench(models, 2, (3, 16, 16), steps=1)}
     assert rows.keys() == models.keys()
     original, zero, one = rows.values()
     assert original.memory_method == "live tensors" and original.compile_seconds is None
@@ -148,9 +151,8 @@ def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
     from revify import bench
     from revify.cli import main
     monkeypatch.setattr(bench, "COMPILE_BACKEND", PARTITIONED)
-    # the command's wiring of --compile, on the suite's small net (the compiled rows themselves
-    # are checked on ResNet-18 above): every row is transformed, compiled or run, so a ResNet-18
-    # here cost several times as much for the same check
+    # the command's wiring of --compile (the compiled rows themselves are checked above), on the
+    # suite's small net: every row is transformed, compiled or run
     assert main(["bench", "conftest:TinyResNet", "--input-size", "3", "16", "16", "--batch-size",
                  "2", "--steps", "1", "--compile"]) == 0
     out, err = capsys.readouterr()

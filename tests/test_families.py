@@ -58,9 +58,10 @@ def test_timm_family_converts_and_matches_exact_autograd(family):
 # `unzero_init`) the original ecaresnet26t misses its own finite differences by 10% there. At
 # 64x64 (2x2 in the last stage) originals and revified models meet them (ecaresnet26t: to 1e-11
 # at eps 1e-5); skresnet18 misses them by 8e-5 even smoothed, so it is checked against exact
-# autograd only.
+# autograd only; so is gcresnet33ts, whose global-context branch is timm's modules rebuilt at
+# half width (no autograd Function of revify's own for finite differences to catch).
 @pytest.mark.parametrize("name,size", [("ecaresnet26t", 64), ("seresnet18", 64),
-                                       ("gcresnet33ts", 64), ("resnetv2_50", 64)])
+                                       ("resnetv2_50", 64)])
 def test_timm_gradients_match_float64_finite_differences(name, size):
     torch.manual_seed(0)
     kwargs = {model: kwargs for model, _, kwargs in FAMILIES.values()}.get(name, {})
