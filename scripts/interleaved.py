@@ -12,7 +12,8 @@ from revify.models import create_model
 
 def arguments(doc: str) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
-    p.add_argument("--model", default="resnet50", help="a model name (torchvision, timm or package.module:factory)")
+    p.add_argument("--model", default="resnet50",
+                   help="a model name (torchvision, timm or package.module:factory)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--steps", type=int, default=9)

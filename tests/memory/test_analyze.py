@@ -35,7 +35,7 @@ def analysis(tiny):
 
 # ----------------------------------------------------------------------------- projections
 # basic blocks, and bottlenecks: Wide ResNet-50-2 is ResNet-50's graph, its branches twice as
-# wide (a ResNet-50 case ran the same ops at other sizes)
+# wide (a ResNet-50 case would run the same ops at other sizes)
 @pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
 def test_projection_matches_a_real_training_step(name):
     """Both gradient regimes (fresh, and allocated before the step), projected and measured."""

@@ -61,7 +61,6 @@ def test_doubling_blocks_leaves_revified_peak_nearly_unchanged():
 SHORT, DEEP = [3, 1, 1, 1], [5, 1, 1, 1]
 
 
-
 def test_doubling_bottleneck_blocks_leaves_revified_peak_nearly_unchanged():
     (orig_short, rev_short), (orig_deep, rev_deep) = (_peaks(Bottleneck, k) for k in (SHORT, DEEP))
     grown = _growth(orig_short, orig_deep, "peak_activation_bytes")  # two more blocks stored
