@@ -59,7 +59,12 @@ def _note(text: str) -> None:
 
 
 def _revify(**overrides):
-    return lambda model, example, options: build_with(model, example, options | overrides)
+    """A revify row: the "revify" row's network (its coupling, which `strategies` pins once that
+    row is built), with `overrides` changing how it runs."""
+    def build(model, example, options):
+        return build_with(model, example, options | overrides)
+    build.same_network = True
+    return build
 
 
 def _revify_at_timm_peak(model, example, options):
@@ -119,14 +124,20 @@ def strategies(model: nn.Module, input_size, rows=DEFAULT_ROWS, note=_note, batc
     submodule for the timm-style rows).
     """
     example = torch.empty(batch_size, *input_size)
-    models = {}
+    models, pinned = {}, {}
     for name, build in ROWS.items():
         if name not in rows:
             continue
         try:
-            models[name] = build(model, example, options)
+            models[name] = build(model, example,
+                                 options | (pinned if getattr(build, "same_network", False) else {}))
         except RowLeftOut as exc:
             note(f"{name} left out: {exc}")
+        if name == "revify":
+            # The other revify rows run the coupling this row chose: they then compare ways of
+            # running one network (and couple="auto" is not projected again for each). The
+            # budget row keeps "auto": the coupling is part of what a budget chooses.
+            pinned = {"couple": models[name].revify_plan.options.couple}
     return models
 
 

@@ -221,3 +221,16 @@ def test_bench_rows_report_the_counts_and_a_steady_revify_step_reads_nothing_bac
     assert original.syncs == 0 and original.ops > 0 and original.python_calls > 0
     assert stages > 0 and rev.syncs == 0  # the grids' checks are read a step later
     assert rev.ops > original.ops
+
+
+def test_revify_rows_run_the_network_the_revify_row_coupled():
+    """couple="auto" is resolved once, by the "revify" row: the rows that run it another way
+    take its coupling rather than choosing again (the budget row still chooses its own)."""
+    torch.manual_seed(0)
+    rows = ("revify", "revify-recompute", "revify-stored")
+    models = strategies(TinyResNet(depth=2), (3, 16, 16), rows, batch_size=2)
+    chosen = models["revify"].revify_plan
+    assert chosen.coupling.startswith("couple='auto' chose")  # the row did choose
+    for name in rows[1:]:
+        plan = models[name].revify_plan
+        assert plan.options.couple == chosen.options.couple and plan.coupling == ""

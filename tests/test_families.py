@@ -5,11 +5,13 @@ float64 finite differences, and the resize rules checked layer by layer. The ful
 is `scripts/coverage.py` (docs/coverage.md), not part of the tests.
 """
 import copy
+import warnings
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from conftest import (assert_directional_derivatives, grads_match_plain_autograd, smoothed,
                       step_grads, worst_rel_err)
 from torch import nn
@@ -113,6 +115,39 @@ def test_subclass_with_extra_tensors_is_not_resized_by_its_base_rule():
     class Attention(timm.layers.Attention):  # a subclass of a rule that lists no tensors
         pass
     assert resizer_for(Attention(16, num_heads=2)) is None
+
+
+@pytest.mark.parametrize("make", [lambda c: nn.GroupNorm(32, c),
+                                  lambda c: timm.layers.evo_norm.EvoNorm2dS0(c, groups=32)],
+                         ids=["GroupNorm", "EvoNorm2dS0"])
+def test_group_norms_keep_their_group_count_where_it_divides_else_their_group_width(make):
+    from revify.plan.resize import rebuild
+    groups = lambda m: getattr(m, "num_groups", getattr(m, "groups", None))
+    assert groups(rebuild(make(256), 128, 128)) == 32  # 32 groups of 4
+    assert groups(rebuild(make(64), 48, 48)) == 24     # 24 groups of 2, as in the original
+    assert resizer_for(make(64)).divisor(make(64)) == 2
+    assert resizer_for(nn.GroupNorm(1, 64)).divisor(nn.GroupNorm(1, 64)) == 1
+    assert rebuild(nn.GroupNorm(1, 64), 40, 40).num_groups == 1  # over all channels, any width
+
+
+def test_group_norm_bottlenecks_match_parameters_and_the_plan_prints_the_widths_built():
+    """GroupNorm(32) over a 64-channel bottleneck: keeping 32 groups would allow its half-width
+    branch 32 or 64 channels (-50% or +50% of the stage's parameters)."""
+    model = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [3, 1, 1, 1],
+                                             norm_layer=lambda c: nn.GroupNorm(32, c))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # width="match" warns where it misses
+        rev = revify.transform(model, input_size=(3, 32, 32), couple="each")
+    plan = rev.revify_plan
+    stage = plan.stages[0]
+    assert stage.blocks == ["layer1.1", "layer1.2"]
+    assert abs(stage.params_after / stage.params_before - 1) <= 0.10
+    f = rev.get_submodule("net.layer1_1__layer1_2.blocks.0.f")
+    norm, out = f.bn1, f.bn3
+    assert norm.num_channels % 32 and norm.num_channels == 2 * norm.num_groups  # groups of 2
+    assert (out.num_channels, out.num_groups) == (128, 32)  # the half stream: the count kept
+    assert stage.width == norm.num_channels / 64  # the width built, not the multiplier searched
+    assert f"{stage.width:.3g}" in str(plan).split("reversible stage")[1].splitlines()[2]
 
 
 def test_features_only_backbone_keeps_every_tap():

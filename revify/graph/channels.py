@@ -67,6 +67,13 @@ class BranchChannels:
                        for name, (cls, width) in self.group_widths.items()})
         return widths
 
+    def internal(self, widths: dict[str, int]) -> tuple[int, int]:
+        """(channels, of the original's) of the branch's internal layers at `widths` (of
+        `self.widths`), one count per class: what a width of the branch means."""
+        new = {cls: widths[name] for name, cls in self.node_class.items()}
+        inside = [cls for cls in self.sizes if cls != self.stream]
+        return sum(new[cls] for cls in inside), sum(self.sizes[cls] for cls in inside)
+
 
 def _rounded(width: float, divisor: int) -> int:
     """`width` rounded to a multiple of `divisor`, and of the alignment where their common

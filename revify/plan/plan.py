@@ -122,7 +122,7 @@ class StagePlan:
     entry: str                                 # node feeding the stage
     output: str                                # node whose value the stage replaces (last add)
     channels: int                              # stream channels C (each half holds C/2)
-    width: float                               # internal widths relative to the original
+    width: float                               # internal widths built, relative to the original
     dim: int = 1                               # the dim split into halves
     anchor_every: int | None = None            # the stream is kept at every k-th block input
     # (F, G) of each coupling, as block names: (b, b) when a block's branch gives both, (b, None)
@@ -441,6 +441,13 @@ def _solve_width(gm, run: list[BlockPlan], analyses, options: Options) -> float:
     return min(candidates, key=lambda s: abs(params_at(s) - target))
 
 
+def _ratio(counts: list[tuple[int, int]], default: float) -> float:
+    """sum(new) / sum(old) of (new, old) counts; `default` where there are none (a branch with
+    no internal layer: its width is the stream's)."""
+    old = sum(o for _, o in counts)
+    return sum(n for n, _ in counts) / old if old else default
+
+
 def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -> list[StagePlan]:
     stages = []
     candidates = [bp for bp in block_plans if bp.name in analyses]
@@ -450,12 +457,13 @@ def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -
         half = run[0].shape[dim] // 2
         couplings = _couplings(run, options.couple)
         copies = {bp.name: sum(pair.count(bp) for pair in couplings) for bp in run}
-        index = len(stages)
+        index, inside = len(stages), []
         for k, bp in enumerate(run):
             bp.action, bp.stage = "reversible", index
             bp.pre_op = run[k - 1].block.post_op if k else None
             analysis = analyses[bp.name]
             bp.channels = analysis.widths(half, width)
+            inside.append(analysis.internal(bp.channels))
             bp.stream = [n for n, c in analysis.node_class.items() if c == analysis.stream]
             if bp.pre_op:
                 bp.channels[bp.pre_op] = half
@@ -463,7 +471,8 @@ def _plan_stages(gm, block_plans: list[BlockPlan], analyses, options: Options) -
             bp.params_after = copies[bp.name] * _resized_params(gm, bp, bp.channels)
         name = run[0].name if len(run) == 1 else f"{run[0].name}..{run[-1].name}"
         stages.append(StagePlan(name=name, blocks=[bp.name for bp in run], entry=run[0].block.entry,
-                                output=run[-1].block.add, channels=2 * half, width=width, dim=dim,
+                                output=run[-1].block.add, channels=2 * half, dim=dim,
+                                width=_ratio(inside, default=width),
                                 couplings=[(f.name, g and g.name) for f, g in couplings],
                                 anchor_every=options.anchors_for(name),
                                 params_before=sum(bp.params_before for bp in run),

@@ -27,7 +27,7 @@ def format_plan(plan, fmt: str = "simple") -> str:
                f"{b.params_before:,}", f"{b.params_after:,}", b.reason or _branch(plan, b)]
               for b in plan.blocks]
     stages = [[s.name, len(s.blocks), len(s.couplings), s.channels,
-               f"{s.channels // 2} + {s.channels // 2}", f"{s.width:g}", f"{s.params_before:,}",
+               f"{s.channels // 2} + {s.channels // 2}", f"{s.width:.3g}", f"{s.params_before:,}",
                f"{s.params_after:,}", _delta(s.params_before, s.params_after)] for s in plan.stages]
     segments = [[s.name, s.kind, plan.runs_as(s), ", ".join(s.blocks) or "-",
                  "; ".join(_scheduled(s.name, plan.schedule) +

@@ -182,10 +182,28 @@ def _resize_batchnorm(m, cin, cout, device=None):
     return clone_with(m, dict(num_features=cin), per_channel, device)
 
 
-@register_resizer(nn.GroupNorm, ties=lambda m: True, divisor=lambda m: m.num_groups,
-                  channels_in=lambda m: m.num_channels, tensors={"weight", "bias"})
+def group_divisor(channels: int, groups: int) -> int:
+    """What a layer normalising `channels` in `groups` groups needs its channels to be multiples
+    of at another width: its group width (`regrouped` then finds a group count). One group
+    normalises over all channels at any width. Keeping the group count alone would round a
+    narrow layer coarsely: GroupNorm(32, 64) could be rebuilt at 32 or 64 channels, not 48."""
+    return 1 if groups == 1 else channels // groups
+
+
+def regrouped(channels: int, old_channels: int, groups: int) -> int:
+    """The group count of such a layer rebuilt at `channels`: its own where it divides them
+    (GroupNorm(32, 256) at 128: 32 groups of 4), else as many as keep its group width
+    (GroupNorm(32, 64) at 48: 24 groups of 2)."""
+    return groups if channels % groups == 0 else channels // (old_channels // groups)
+
+
+@register_resizer(nn.GroupNorm, ties=lambda m: True, channels_in=lambda m: m.num_channels,
+                  divisor=lambda m: group_divisor(m.num_channels, m.num_groups),
+                  tensors={"weight", "bias"})
 def _resize_groupnorm(m, cin, cout, device=None):
-    return clone_with(m, dict(num_channels=cin), dict(weight=(cin,), bias=(cin,)), device)
+    return clone_with(m, dict(num_channels=cin,
+                              num_groups=regrouped(cin, m.num_channels, m.num_groups)),
+                      dict(weight=(cin,), bias=(cin,)), device)
 
 
 def layer_norm_channels(m) -> int:

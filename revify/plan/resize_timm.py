@@ -11,8 +11,8 @@ import copy
 
 from torch import nn
 
-from revify.plan.resize import (copy_unchanged, layer_norm_channels, rebuild, register_resizer,
-                                resize_layer_norm, shallow_copy)
+from revify.plan.resize import (copy_unchanged, group_divisor, layer_norm_channels, rebuild,
+                                regrouped, register_resizer, resize_layer_norm, shallow_copy)
 
 try:
     import timm.layers as L
@@ -67,9 +67,11 @@ if L is not None:
 
     @register_resizer(*[getattr(evo_norm, f"EvoNorm2d{v}")
                         for v in ("S0", "S0a", "S1", "S1a", "S2", "S2a")],
-                      ties=lambda m: True, channels_in=_per_channel, divisor=lambda m: m.groups)
+                      ties=lambda m: True, channels_in=_per_channel,
+                      divisor=lambda m: group_divisor(_per_channel(m), m.groups))
     def _resize_evonorm_s(m, cin, cout, device=None):
-        return type(m)(cin, groups=m.groups, apply_act=m.apply_act, eps=m.eps, device=device)
+        groups = regrouped(cin, _per_channel(m), m.groups)
+        return type(m)(cin, groups=groups, apply_act=m.apply_act, eps=m.eps, device=device)
 
     @register_resizer(*[getattr(evo_norm, f"EvoNorm2d{v}") for v in ("B0", "B1", "B2")],
                       ties=lambda m: True, channels_in=_per_channel)
