@@ -1,16 +1,42 @@
-"""Every example runs (in its short smoke mode)."""
+"""Every example runs (in its short smoke mode).
+
+They run in-process as `python examples/NAME.py ...` runs them (runpy, under __main__, the
+arguments in sys.argv): a subprocess each would spend more on importing torch than on the run.
+The DDP example runs under torchrun, its processes its own.
+"""
 import math
 import os
 import pathlib
+import runpy
 import subprocess
 import sys
+from types import SimpleNamespace
+
+import pytest
 
 EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
 
-def test_quickstart_smoke():
-    result = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py"), "--smoke"],
-                            capture_output=True, text=True, timeout=600)
+@pytest.fixture
+def example(monkeypatch, capsys):
+    """example(name, *args): the script run as `python examples/name args`; its exit code,
+    stdout and stderr (as subprocess.run gives them)."""
+    def run(name: str, *args: str) -> SimpleNamespace:
+        path = EXAMPLES / name
+        monkeypatch.setattr(sys, "argv", [str(path), *args])
+        monkeypatch.syspath_prepend(str(EXAMPLES))
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (exc.code is not None)
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run
+
+
+def test_quickstart_smoke(example):
+    result = example("quickstart.py", "--smoke")
     assert result.returncode == 0, result.stderr
     assert "revify plan for ResNet" in result.stdout and "step 1: loss" in result.stdout
     # both regimes: gradients created during the step, and allocated before it
@@ -21,22 +47,12 @@ def test_quickstart_smoke():
         assert 0 < ratio < 1, line
 
 
-# One thread per process: on shared cores two-thread kernels stall waiting for each other (a
-# 0.2 s step of train_cifar's smoke run took 7 s on two busy cores).
-ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1"}
-
-
-def run_example(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600,
-                          env=ONE_THREAD)
-
-
 def epoch_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("epoch ")]
 
 
-def test_train_cifar_smoke():
-    result = run_example(str(EXAMPLES / "train_cifar.py"), "--synthetic", "--smoke")
+def test_train_cifar_smoke(example):
+    result = example("train_cifar.py", "--synthetic", "--smoke")
     assert result.returncode == 0, result.stderr
     assert "7 reversible in 3 stages" in result.stdout  # resnet20 was revified
     epochs = epoch_lines(result.stdout)
@@ -47,16 +63,20 @@ def test_train_cifar_smoke():
         assert math.isfinite(train_loss) and math.isfinite(test_loss), line
 
 
-def test_train_cifar_without_data_is_one_line_usage_error():
-    result = run_example(str(EXAMPLES / "train_cifar.py"), "--epochs", "1")
+def test_train_cifar_without_data_is_one_line_usage_error(example):
+    result = example("train_cifar.py", "--epochs", "1")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1, result.stderr
     assert "--data PATH" in result.stderr and "--synthetic" in result.stderr
 
 
 def test_train_ddp_smoke_two_processes():
-    result = run_example("-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                         str(EXAMPLES / "train_ddp.py"), "--synthetic", "--smoke")
+    # One thread per process: on two cores, two-thread kernels of two processes stall waiting
+    # for each other.
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             "--standalone", str(EXAMPLES / "train_ddp.py"), "--synthetic",
+                             "--smoke"], capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "DDP over 2 processes (gloo)" in result.stdout
     epochs = epoch_lines(result.stdout)
@@ -67,8 +87,8 @@ def test_train_ddp_smoke_two_processes():
     assert "parameters in sync across 2 ranks: max |difference| 0\n" in result.stdout
 
 
-def test_memory_budget_smoke():
-    result = run_example(str(EXAMPLES / "memory_budget.py"), "--smoke")
+def test_memory_budget_smoke(example):
+    result = example("memory_budget.py", "--smoke")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
             if line.split() and line.split()[0] in ("original", "checkpoint", "revify")}
