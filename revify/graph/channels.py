@@ -68,8 +68,8 @@ class BranchChannels:
         return widths
 
     def internal(self, widths: dict[str, int]) -> tuple[int, int]:
-        """(channels, of the original's) of the branch's internal layers at `widths` (of
-        `self.widths`), one count per class: what a width of the branch means."""
+        """(new, original) channel counts of the branch's internal layers (all but the
+        stream's) at `widths` (from `self.widths`), one count per channel class."""
         new = {cls: widths[name] for name, cls in self.node_class.items()}
         inside = [cls for cls in self.sizes if cls != self.stream]
         return sum(new[cls] for cls in inside), sum(self.sizes[cls] for cls in inside)
