@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import copy
+import runpy
+import sys
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,3 +232,22 @@ class TinyResNet(nn.Module):
 def data():
     torch.manual_seed(0)
     return torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+
+
+@pytest.fixture
+def run_script(monkeypatch, capsys):
+    """run_script(path, *args): the script run in this process as `python path args` runs it
+    (under __main__, its folder first on sys.path, the arguments in sys.argv), which spares a
+    subprocess its import of torch; its exit code, stdout and stderr, as subprocess.run gives
+    them."""
+    def run(path, *args: str) -> SimpleNamespace:
+        monkeypatch.setattr(sys, "argv", [str(path), *args])
+        monkeypatch.syspath_prepend(str(path.parent))
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run

@@ -1,8 +1,6 @@
 """The side-by-side baselines: timm-style block checkpointing, torch.compile with an activation
 memory budget, and the profiler-based measurement the compiled rows need."""
 import math
-import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -170,15 +168,13 @@ def test_bench_command_adds_the_compiled_rows_with_compile(monkeypatch, capsys):
                            "forward without autograd", "nothing recomputed + that"]),
     ("keep_ablation.py", ["original", "keeping", "keeping nothing"]),
 ])
-def test_timing_scripts_run_every_configuration(script, rows, monkeypatch, capsys):
+def test_timing_scripts_run_every_configuration(script, rows, run_script):
     """The README's timing scripts (the suite's small net, two steps): every configuration
-    gets a row. Run in-process, as `python scripts/...` runs them."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / script
-    monkeypatch.setattr(sys, "argv", [str(path), "--model", "conftest:TinyResNet",
-                                      "--batch-size", "2", "--size", "16", "--steps", "2"])
-    monkeypatch.syspath_prepend(str(path.parent))  # as python puts a script's folder first
-    runpy.run_path(str(path), run_name="__main__")
-    names = {line.split("  ")[0].strip() for line in capsys.readouterr().out.splitlines()}
+    gets a row. Run in-process, as `python scripts/...` runs them (conftest.run_script)."""
+    done = run_script(Path(__file__).resolve().parents[1] / "scripts" / script, "--model",
+                      "conftest:TinyResNet", "--batch-size", "2", "--size", "16", "--steps", "2")
+    assert done.returncode == 0, done.stderr
+    names = {line.split("  ")[0].strip() for line in done.stdout.splitlines()}
     assert set(rows) <= names
 
 

@@ -1,16 +1,14 @@
 """Every example runs (in its short smoke mode).
 
-They run in-process as `python examples/NAME.py ...` runs them (runpy, under __main__, the
-arguments in sys.argv): a subprocess each would spend more on importing torch than on the run.
+They run in-process as `python examples/NAME.py ...` runs them (conftest.run_script): a
+subprocess each would spend more on importing torch than on the run.
 The DDP example runs under torchrun, its processes its own.
 """
 import math
 import os
 import pathlib
-import runpy
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -18,21 +16,10 @@ EXAMPLES = pathlib.Path(__file__).parents[1] / "examples"
 
 
 @pytest.fixture
-def example(monkeypatch, capsys):
-    """example(name, *args): the script run as `python examples/name args`; its exit code,
-    stdout and stderr (as subprocess.run gives them)."""
-    def run(name: str, *args: str) -> SimpleNamespace:
-        path = EXAMPLES / name
-        monkeypatch.setattr(sys, "argv", [str(path), *args])
-        monkeypatch.syspath_prepend(str(EXAMPLES))
-        try:
-            runpy.run_path(str(path), run_name="__main__")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (exc.code is not None)
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
+def example(run_script):
+    """example(name, *args): examples/name run as `python examples/name args`
+    (conftest.run_script)."""
+    return lambda name, *args: run_script(EXAMPLES / name, *args)
 
 
 def test_quickstart_smoke(example):
